@@ -1,0 +1,10 @@
+//! `entitled`: an entitlement decision sidecar.
+//!
+//! Data flows one way: policy files → [`policy::raw`] → compiled [`policy::Snapshot`]
+//! → [`engine`] decision → response. The engine is pure and synchronous; usage state
+//! lives behind [`usage`], time comes in as a parameter ([`time`]).
+
+pub mod engine;
+pub mod policy;
+pub mod time;
+pub mod usage;
