@@ -21,6 +21,9 @@ pub struct Issue {
     pub message: String,
     /// For "defined twice": where the first definition is.
     pub first: Option<Place>,
+    /// A reference to a name that is not defined. When a file failed to parse, such
+    /// issues are left out: the definition is probably in the broken file.
+    pub unresolved: bool,
 }
 
 /// A place in a file: the file's index, the NDJSON record's line (if any), a path
@@ -46,7 +49,11 @@ struct Issues(Vec<Issue>);
 
 impl Issues {
     fn push(&mut self, at: Place, message: impl Into<String>) {
-        self.0.push(Issue { at, message: message.into(), first: None });
+        self.0.push(Issue { at, message: message.into(), first: None, unresolved: false });
+    }
+
+    fn unresolved(&mut self, at: Place, message: impl Into<String>) {
+        self.0.push(Issue { at, message: message.into(), first: None, unresolved: true });
     }
 }
 
@@ -109,6 +116,7 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
                 issues.0.push(Issue {
                     at,
                     message: format!("feature `{name}` is defined twice"),
+                    unresolved: false,
                     first: Some(feature_at[id as usize].clone()),
                 });
                 continue;
@@ -142,7 +150,8 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
                         message: format!(
                             "`{name}` is defined twice (plans and groups share one namespace)"
                         ),
-                        first: Some(key_place(first.file, seg_path(&[first.section, first.name]))),
+                        unresolved: false,
+                    first: Some(key_place(first.file, seg_path(&[first.section, first.name]))),
                     });
                     continue;
                 }
@@ -160,7 +169,7 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
         for (fname, g) in b.raw.grants.iter() {
             let path = || seg_path(&[b.section, b.name, "grants", fname]);
             let Some(&fid) = feature_index.get(fname) else {
-                issues.push(key_place(b.file, path()), unknown_feature(fname, &feature_index));
+                issues.unresolved(key_place(b.file, path()), unknown_feature(fname, &feature_index));
                 continue;
             };
             match compile_grant(&features[fid as usize], g) {
@@ -209,7 +218,7 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
             for (i, inc) in b.raw.includes.iter().enumerate() {
                 let at = || place(b.file, vec![k(b.section), k(b.name), k("includes"), Seg::Index(i)]);
                 let Some(&child) = self.index.get(inc.as_str()) else {
-                    self.issues.push(at(), format!("unknown plan or group `{inc}` in `includes`"));
+                    self.issues.unresolved(at(), format!("unknown plan or group `{inc}` in `includes`"));
                     continue;
                 };
                 if self.state[child as usize] == State::Visiting {
@@ -625,7 +634,8 @@ impl CustomerCompiler<'_> {
             self.issues.0.push(Issue {
                 at: at.place(&[k("id")]),
                 message: format!("customer `{}` is defined twice", c.id),
-                first: Some(self.origins[first as usize].place(&[k("id")])),
+                unresolved: false,
+                    first: Some(self.origins[first as usize].place(&[k("id")])),
             });
             return;
         }
@@ -747,7 +757,7 @@ impl CustomerCompiler<'_> {
                 None
             }
             None => {
-                self.issues.push(at.place(&with("plan")), format!("unknown plan `{}`", s.plan));
+                self.issues.unresolved(at.place(&with("plan")), format!("unknown plan `{}`", s.plan));
                 None
             }
         };
@@ -788,7 +798,7 @@ impl CustomerCompiler<'_> {
             Some(&f) => Some(f),
             None => {
                 let msg = unknown_feature(name, self.feature_index);
-                self.issues.push(at.place(path), msg);
+                self.issues.unresolved(at.place(path), msg);
                 None
             }
         }
@@ -922,7 +932,7 @@ fn compile_route(
     };
     let mut feature = |name: &str, path: Vec<Seg>, kinds: &[Kind]| -> Option<FeatureId> {
         let Some(&f) = index.get(name) else {
-            issues.push(place(file, path), unknown_feature(name, index));
+            issues.unresolved(place(file, path), unknown_feature(name, index));
             return None;
         };
         let kind = features[f as usize].kind;

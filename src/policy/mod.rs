@@ -75,7 +75,10 @@ pub fn load_texts(found: &[FoundFile], texts: &[String], limits: &Limits) -> Res
     match compile::compile(&units, version, files) {
         Ok(snapshot) if diagnostics.is_empty() => Ok(snapshot),
         Ok(_) => Err(LoadError { diagnostics }),
-        Err(issues) => {
+        Err(mut issues) => {
+            if !diagnostics.is_empty() {
+                issues.retain(|i| !i.unresolved);
+            }
             diagnostics.extend(locate(found, texts, limits, issues));
             Err(LoadError { diagnostics })
         }

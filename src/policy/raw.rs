@@ -89,6 +89,8 @@ pub struct Feature {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bundle {
+    /// Display name (`Pro`), for people; decisions use the key.
+    pub name: Option<String>,
     pub description: Option<String>,
     #[serde(default)]
     pub includes: Vec<String>,

@@ -269,6 +269,10 @@ fn is_blank_yaml(text: &str) -> bool {
 /// serde-saphyr writes "line L column C: message"; the location is printed by us.
 fn clean_yaml_message(msg: &str) -> String {
     let msg = msg.strip_prefix("error: ").unwrap_or(msg);
+    let msg = match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(", column ") => &msg[..i],
+        _ => msg,
+    };
     if let Some(rest) = msg.strip_prefix("line ") {
         if let Some(i) = rest.find(": ") {
             let head = &rest[..i];
@@ -490,7 +494,7 @@ mod tests {
         let json = "{\"customers\": [\n {\"id\": \"x\", \"subscriptions\": [{\"plan\": \"nope\"}]}\n]}";
         let mut loc = Locator::new(json, Format::Json, &limits);
         let p: Vec<Seg> = vec!["customers".into(), 0.into(), "subscriptions".into(), 0.into(), "plan".into()];
-        assert_eq!(loc.locate(None, &p, false), (2, 47));
+        assert_eq!(loc.locate(None, &p, false), (2, 41));
     }
 
     #[test]
