@@ -74,13 +74,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Err(e) => {
                 for d in &e.diagnostics {
-                    eprintln!("{}: {}", dir.join(&d.file).display().to_string().replace("/./", "/") + &format!(":{}:{}", d.line, d.column), d.message);
+                    eprintln!(
+                        "{}: {}",
+                        dir.join(&d.file).display().to_string().replace("/./", "/")
+                            + &format!(":{}:{}", d.line, d.column),
+                        d.message
+                    );
                 }
                 eprintln!("{} error(s)", e.diagnostics.len());
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Check { dir, customer, feature, at, context, amount, json } => {
+        Command::Check {
+            dir,
+            customer,
+            feature,
+            at,
+            context,
+            amount,
+            json,
+        } => {
             let snap = match policy::load_dir(&dir, &Limits::default()) {
                 Ok(s) => s,
                 Err(e) => {
@@ -88,14 +101,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            let at = at.map(|s| Timestamp::parse(&s).map_err(anyhow::Error::msg)).transpose().context("--at")?;
+            let at = at
+                .map(|s| Timestamp::parse(&s).map_err(anyhow::Error::msg))
+                .transpose()
+                .context("--at")?;
             let pairs: Vec<(String, String)> = context
                 .iter()
-                .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
                 .collect::<Option<_>>()
                 .context("--context expects key=value")?;
-            let ctx: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let req = Request { customer: &customer, feature: &feature, amount, context: &ctx, at, holder: None };
+            let ctx: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let req = Request {
+                customer: &customer,
+                feature: &feature,
+                amount,
+                context: &ctx,
+                at,
+                holder: None,
+            };
             let now = Timestamp::now();
             let store = MemoryStore::new();
             let decision = usage::decide(&snap, &store, Op::Check, &req, now)?;
@@ -115,7 +144,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("rule: {rule}");
                 }
             }
-            Ok(if decision.allowed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if decision.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

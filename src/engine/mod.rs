@@ -62,7 +62,14 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     pub fn new(customer: &'a str, feature: &'a str) -> Self {
-        Request { customer, feature, amount: 1, context: &[], at: None, holder: None }
+        Request {
+            customer,
+            feature,
+            amount: 1,
+            context: &[],
+            at: None,
+            holder: None,
+        }
     }
 }
 
@@ -70,7 +77,11 @@ impl<'a> Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     #[error("`{op}` does not apply to `{feature}`, a {kind} feature")]
-    WrongKind { op: &'static str, feature: String, kind: &'static str },
+    WrongKind {
+        op: &'static str,
+        feature: String,
+        kind: &'static str,
+    },
     #[error("`amount` must be at least 1")]
     ZeroAmount,
     #[error("`holder` is required for seat operations")]
@@ -81,6 +92,10 @@ pub enum RequestError {
 
 /// The outcome of evaluating a request.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a step lives on the stack for one request; boxing would allocate on every usage decision"
+)]
 pub enum Step<'a> {
     Done(Decision<'a>),
     Usage(Pending<'a>),
@@ -107,13 +122,30 @@ struct UpgradeCtx<'a> {
 impl<'a> Pending<'a> {
     /// Completes the decision with the store's answer to [`Pending::op`].
     pub fn finish(self, outcome: UsageOutcome) -> Decision<'a> {
-        let Pending { op, decision: mut d, warn_units, now, ctx } = self;
+        let Pending {
+            op,
+            decision: mut d,
+            warn_units,
+            now,
+            ctx,
+        } = self;
         let limit = d.limit;
         match outcome {
-            UsageOutcome::Quota { admitted, used, used_before } => {
+            UsageOutcome::Quota {
+                admitted,
+                used,
+                used_before,
+            } => {
                 d.used = Some(used);
                 d.remaining = limit.map(|l| remaining(l, used));
-                if let (Some(Limit::Finite(l)), UsageOp::Quota { mode: QuotaMode::Consume { .. }, .. }) = (limit, op) {
+                if let (
+                    Some(Limit::Finite(l)),
+                    UsageOp::Quota {
+                        mode: QuotaMode::Consume { .. },
+                        ..
+                    },
+                ) = (limit, op)
+                {
                     if admitted && used > l {
                         d.overage = Some(used - used_before.max(l));
                     }
@@ -128,7 +160,12 @@ impl<'a> Pending<'a> {
                     d.deny(Reason::QuotaExhausted);
                 }
             }
-            UsageOutcome::Rate { admitted, remaining: r, reset_after_us, retry_after_us } => {
+            UsageOutcome::Rate {
+                admitted,
+                remaining: r,
+                reset_after_us,
+                retry_after_us,
+            } => {
                 d.remaining = Some(Limit::Finite(r));
                 d.resets_at = Some(now.saturating_add(reset_after_us));
                 if !admitted {
@@ -231,7 +268,9 @@ fn for_each_candidate<'a>(
 ) {
     let in_scope = |scope: u32| scope == NONE || snap.scope(scope).is_none_or(|s| s.matches(ctx));
     for (i, s) in c.subs.iter().enumerate() {
-        let Some(g) = snap.bundle_grant(s.plan, feature) else { continue };
+        let Some(g) = snap.bundle_grant(s.plan, feature) else {
+            continue;
+        };
         let mut st = status(s.starts, s.ends, s.grace_ends, t);
         if st.usable() && !in_scope(s.scope) {
             st = Status::OutOfScope;
@@ -339,7 +378,9 @@ impl<'a> Selector<'a> {
     }
 
     fn more_generous(&self, a: &Candidate<'a>, b: &Candidate<'a>) -> bool {
-        a.value.cmp_generosity(a.quantity, b.value, b.quantity, self.feature) == Ordering::Greater
+        a.value
+            .cmp_generosity(a.quantity, b.value, b.quantity, self.feature)
+            == Ordering::Greater
     }
 
     fn offer(&mut self, c: Candidate<'a>) {
@@ -353,7 +394,11 @@ impl<'a> Selector<'a> {
             return;
         }
         if let Origin::Override(_) = c.origin {
-            if self.best_override.as_ref().is_none_or(|b| self.more_generous(&c, b)) {
+            if self
+                .best_override
+                .as_ref()
+                .is_none_or(|b| self.more_generous(&c, b))
+            {
                 self.best_override = Some(c);
             }
             return;
@@ -376,7 +421,9 @@ impl<'a> Selector<'a> {
                 self.sum = Some(match (self.sum, l) {
                     (None, l) => l,
                     (Some(Limit::Unlimited), _) | (_, Limit::Unlimited) => Limit::Unlimited,
-                    (Some(Limit::Finite(a)), Limit::Finite(b)) => Limit::Finite(a.saturating_add(b)),
+                    (Some(Limit::Finite(a)), Limit::Finite(b)) => {
+                        Limit::Finite(a.saturating_add(b))
+                    }
                 });
             }
         }
@@ -414,7 +461,13 @@ impl<'a> Selector<'a> {
     }
 }
 
-fn source<'a>(snap: &'a Snapshot, c: &CustomerView<'a>, w: &Candidate<'a>, rule: Rule, summed: u32) -> Source<'a> {
+fn source<'a>(
+    snap: &'a Snapshot,
+    c: &CustomerView<'a>,
+    w: &Candidate<'a>,
+    rule: Rule,
+    summed: u32,
+) -> Source<'a> {
     let mut s = Source {
         kind: SourceType::Subscription,
         plan: w.plan,
@@ -443,7 +496,12 @@ fn source<'a>(snap: &'a Snapshot, c: &CustomerView<'a>, w: &Candidate<'a>, rule:
 
 /// Evaluates a request. Fails only for requests that are malformed for the feature
 /// (an operation its kind does not support); every other outcome is a decision.
-pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestamp) -> Result<Step<'a>, RequestError> {
+pub fn evaluate<'a>(
+    snap: &'a Snapshot,
+    op: Op,
+    req: &Request<'a>,
+    now: Timestamp,
+) -> Result<Step<'a>, RequestError> {
     if req.amount == 0 {
         return Err(RequestError::ZeroAmount);
     }
@@ -452,7 +510,12 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
     }
     let version = &*snap.version;
     let Some(fid) = snap.feature_id(req.feature) else {
-        return Ok(Step::Done(Decision::new(false, Reason::UnknownFeature, req.feature, version)));
+        return Ok(Step::Done(Decision::new(
+            false,
+            Reason::UnknownFeature,
+            req.feature,
+            version,
+        )));
     };
     let feature = snap.feature(fid);
     let kind = feature.kind;
@@ -462,7 +525,11 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
         Op::SeatAcquire | Op::SeatRelease => kind == Kind::Seats,
     };
     if !fits {
-        return Err(RequestError::WrongKind { op: op.as_str(), feature: feature.name.to_string(), kind: kind.as_str() });
+        return Err(RequestError::WrongKind {
+            op: op.as_str(),
+            feature: feature.name.to_string(),
+            kind: kind.as_str(),
+        });
     }
     if matches!(op, Op::SeatAcquire | Op::SeatRelease) && req.holder.is_none() {
         return Err(RequestError::MissingHolder);
@@ -476,7 +543,12 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
     let t = req.at.unwrap_or(now);
     let mut sel = Selector::new(feature);
     for_each_candidate(snap, &c, fid, t, req.context, |cand| sel.offer(cand));
-    let uctx = UpgradeCtx { snap, customer: Some(c), feature: fid, t };
+    let uctx = UpgradeCtx {
+        snap,
+        customer: Some(c),
+        feature: fid,
+        t,
+    };
 
     let Some((w, rule, limit)) = sel.winner() else {
         d.deny(sel.absent_reason());
@@ -494,7 +566,10 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
     }
     d.allowed = true;
     d.reason = Reason::Granted;
-    let key = UsageKey { customer: c.id, feature: name };
+    let key = UsageKey {
+        customer: c.id,
+        feature: name,
+    };
     match w.value {
         GrantValue::Flag(_) | GrantValue::Revoked => Ok(Step::Done(d)),
         GrantValue::Value(v) => {
@@ -511,11 +586,26 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
                 _ => None,
             };
             let mode = match op {
-                Op::Consume => QuotaMode::Consume { allow_overage: q.overage == Overage::Allow },
+                Op::Consume => QuotaMode::Consume {
+                    allow_overage: q.overage == Overage::Allow,
+                },
                 _ => QuotaMode::Check,
             };
-            let op = UsageOp::Quota { key, window_start: win.start, window_end: win.end, limit, amount: req.amount, mode };
-            Ok(Step::Usage(Pending { op, decision: d, warn_units, now: t, ctx: uctx }))
+            let op = UsageOp::Quota {
+                key,
+                window_start: win.start,
+                window_end: win.end,
+                limit,
+                amount: req.amount,
+                mode,
+            };
+            Ok(Step::Usage(Pending {
+                op,
+                decision: d,
+                warn_units,
+                now: t,
+                ctx: uctx,
+            }))
         }
         GrantValue::Rate(r) => {
             d.limit = Some(Limit::Finite(r.limit));
@@ -530,7 +620,13 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
                 amount: req.amount,
                 consume: op == Op::Consume,
             };
-            Ok(Step::Usage(Pending { op, decision: d, warn_units: None, now, ctx: uctx }))
+            Ok(Step::Usage(Pending {
+                op,
+                decision: d,
+                warn_units: None,
+                now,
+                ctx: uctx,
+            }))
         }
         GrantValue::Seats(_) => {
             let limit = limit.unwrap_or(Limit::Unlimited);
@@ -543,8 +639,19 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
                 Op::SeatRelease => SeatAction::Release,
                 _ => SeatAction::Check,
             };
-            let op = UsageOp::Seat { key, limit, holder: req.holder, action };
-            Ok(Step::Usage(Pending { op, decision: d, warn_units: None, now, ctx: uctx }))
+            let op = UsageOp::Seat {
+                key,
+                limit,
+                holder: req.holder,
+                action,
+            };
+            Ok(Step::Usage(Pending {
+                op,
+                decision: d,
+                warn_units: None,
+                now,
+                ctx: uctx,
+            }))
         }
     }
 }
@@ -554,14 +661,22 @@ pub fn evaluate<'a>(snap: &'a Snapshot, op: Op, req: &Request<'a>, now: Timestam
 /// has active. Computed on denials only.
 fn upgrades<'a>(ctx: UpgradeCtx<'a>, current: Option<Limit>) -> Vec<&'a str> {
     let snap = ctx.snap;
-    let Some(list) = snap.upgrades.get(ctx.feature as usize) else { return Vec::new() };
+    let Some(list) = snap.upgrades.get(ctx.feature as usize) else {
+        return Vec::new();
+    };
     let held = |plan: u32| {
-        ctx.customer.is_some_and(|c| c.subs.iter().any(|s| s.plan == plan && s.starts <= ctx.t && ctx.t < s.grace_ends))
+        ctx.customer.is_some_and(|c| {
+            c.subs
+                .iter()
+                .any(|s| s.plan == plan && s.starts <= ctx.t && ctx.t < s.grace_ends)
+        })
     };
     list.iter()
         .filter(|(plan, _)| !held(*plan))
         .filter(|(_, g)| {
-            let Some(bg) = snap.grants.get(*g as usize) else { return false };
+            let Some(bg) = snap.grants.get(*g as usize) else {
+                return false;
+            };
             match (current, bg.value.scaled_limit(1)) {
                 (Some(Limit::Finite(cur)), Some(Limit::Finite(n))) => n > cur,
                 (Some(Limit::Finite(_)), Some(Limit::Unlimited)) => true,
@@ -592,8 +707,14 @@ pub struct Explanation {
 /// Explains the precedence for a request, using the same walk as [`evaluate`].
 pub fn explain(snap: &Snapshot, req: &Request<'_>, now: Timestamp) -> Explanation {
     let mut considered = Vec::new();
-    let (Some(fid), Some(c)) = (snap.feature_id(req.feature), snap.customers.get(req.customer)) else {
-        return Explanation { considered, rule: None };
+    let (Some(fid), Some(c)) = (
+        snap.feature_id(req.feature),
+        snap.customers.get(req.customer),
+    ) else {
+        return Explanation {
+            considered,
+            rule: None,
+        };
     };
     let feature = snap.feature(fid);
     let t = req.at.unwrap_or(now);
@@ -609,7 +730,12 @@ pub fn explain(snap: &Snapshot, req: &Request<'_>, now: Timestamp) -> Explanatio
             Origin::Subscription(i) => {
                 let s = &c.subs[i as usize];
                 let via = cand.via.map(|v| v.join(" > ")).unwrap_or_default();
-                let mut text = format!("subscription `{}` ({} .. {})", cand.plan.unwrap_or("?"), fmt_t(s.starts), fmt_t(s.ends));
+                let mut text = format!(
+                    "subscription `{}` ({} .. {})",
+                    cand.plan.unwrap_or("?"),
+                    fmt_t(s.starts),
+                    fmt_t(s.ends)
+                );
                 if via.contains('>') {
                     text.push_str(&format!(" via {via}"));
                 }
@@ -622,20 +748,44 @@ pub fn explain(snap: &Snapshot, req: &Request<'_>, now: Timestamp) -> Explanatio
                 text
             }
             Origin::Grant(_) => match cand.priority {
-                Some(p) => format!("customer grant, priority {p} ({} .. {})", fmt_t(cand.starts), fmt_t(cand.ends)),
-                None => format!("customer grant ({} .. {})", fmt_t(cand.starts), fmt_t(cand.ends)),
+                Some(p) => format!(
+                    "customer grant, priority {p} ({} .. {})",
+                    fmt_t(cand.starts),
+                    fmt_t(cand.ends)
+                ),
+                None => format!(
+                    "customer grant ({} .. {})",
+                    fmt_t(cand.starts),
+                    fmt_t(cand.ends)
+                ),
             },
             Origin::Override(i) => {
                 let o = &c.overrides[i as usize];
-                format!("override until {}, approved by {}: {}", fmt_t(o.expires), o.approved_by, o.reason)
+                format!(
+                    "override until {}, approved by {}: {}",
+                    fmt_t(o.expires),
+                    o.approved_by,
+                    o.reason
+                )
             }
         };
         let won = winner.as_ref().is_some_and(|(w, rule, _)| {
-            w.origin == cand.origin || (*rule == Rule::Sum && cand.status.usable() && !matches!(cand.origin, Origin::Override(_)))
+            w.origin == cand.origin
+                || (*rule == Rule::Sum
+                    && cand.status.usable()
+                    && !matches!(cand.origin, Origin::Override(_)))
         });
-        considered.push(ExplainedGrant { source, grant: describe(cand.value), status: cand.status.as_str(), won });
+        considered.push(ExplainedGrant {
+            source,
+            grant: describe(cand.value),
+            status: cand.status.as_str(),
+            won,
+        });
     }
-    Explanation { considered, rule: winner.map(|(_, r, _)| r.as_str()) }
+    Explanation {
+        considered,
+        rule: winner.map(|(_, r, _)| r.as_str()),
+    }
 }
 
 fn fmt_t(t: Timestamp) -> String {
@@ -656,7 +806,12 @@ pub fn describe(g: &GrantValue) -> String {
         GrantValue::Flag(b) => b.to_string(),
         GrantValue::Revoked => "false (revoked)".into(),
         GrantValue::Quota(q) => format!("{} per {}", lim(&q.limit), q.period.name()),
-        GrantValue::Rate(r) => format!("{} per {}, burst {}", r.limit, crate::policy::units::format_duration(r.per_us), r.burst),
+        GrantValue::Rate(r) => format!(
+            "{} per {}, burst {}",
+            r.limit,
+            crate::policy::units::format_duration(r.per_us),
+            r.burst
+        ),
         GrantValue::Seats(l) => format!("{} seats", lim(l)),
         GrantValue::Value(v) => match &v.repr {
             crate::policy::ValueRepr::Str(s) => s.to_string(),

@@ -39,10 +39,17 @@ const MONDAY: i64 = 4 * DAY;
 /// The window of `period` that contains `t`, anchored at `anchor`.
 pub fn window(period: Period, reset: Reset, anchor: Timestamp, t: Timestamp) -> Window {
     // Records without a start date are anchored at the epoch.
-    let anchor = if anchor == Timestamp::MIN { Timestamp(0) } else { anchor };
+    let anchor = if anchor == Timestamp::MIN {
+        Timestamp(0)
+    } else {
+        anchor
+    };
     let calendar = reset == Reset::Calendar;
     match period {
-        Period::Never => Window { start: anchor.min(t), end: Timestamp::MAX },
+        Period::Never => Window {
+            start: anchor.min(t),
+            end: Timestamp::MAX,
+        },
         Period::Hour => fixed(if calendar { 0 } else { anchor.0 }, HOUR, t),
         Period::Day => fixed(if calendar { 0 } else { anchor.0 }, DAY, t),
         Period::Week => fixed(if calendar { MONDAY } else { anchor.0 }, 7 * DAY, t),
@@ -56,7 +63,10 @@ fn fixed(base: i64, len: i64, t: Timestamp) -> Window {
     let n = (t.0 as i128 - base as i128).div_euclid(len as i128);
     let start = base as i128 + n * len as i128;
     let clamp = |v: i128| Timestamp(v.clamp(i64::MIN as i128, i64::MAX as i128) as i64);
-    Window { start: clamp(start), end: clamp(start + len as i128) }
+    Window {
+        start: clamp(start),
+        end: clamp(start + len as i128),
+    }
 }
 
 fn to_dt(t: Timestamp) -> Option<DateTime> {
@@ -70,22 +80,35 @@ fn to_ts(dt: DateTime) -> Option<Timestamp> {
 /// The anchor moved by `n` steps of `step` months, day clamped to the month's end.
 fn add_months(anchor: DateTime, n: i64) -> Option<Timestamp> {
     let months = i32::try_from(n).ok()?;
-    to_ts(anchor.checked_add(jiff::Span::new().try_months(months).ok()?).ok()?)
+    to_ts(
+        anchor
+            .checked_add(jiff::Span::new().try_months(months).ok()?)
+            .ok()?,
+    )
 }
 
 fn months(anchor: Timestamp, t: Timestamp, step: i64, calendar: bool) -> Window {
     // Outside jiff's range (years beyond ±9999) there are no months to speak of:
     // one window covering all time.
-    let all = Window { start: Timestamp::MIN, end: Timestamp::MAX };
+    let all = Window {
+        start: Timestamp::MIN,
+        end: Timestamp::MAX,
+    };
     let Some(tdt) = to_dt(t) else { return all };
     let base = if calendar {
         let m = if step == 12 { 1 } else { tdt.month() };
-        DateTime::constant(0, 1, 1, 0, 0, 0, 0).with().year(tdt.year()).month(m).build().ok()
+        DateTime::constant(0, 1, 1, 0, 0, 0, 0)
+            .with()
+            .year(tdt.year())
+            .month(m)
+            .build()
+            .ok()
     } else {
         to_dt(anchor)
     };
     let Some(base) = base else { return all };
-    let elapsed = (tdt.year() as i64 - base.year() as i64) * 12 + (tdt.month() as i64 - base.month() as i64);
+    let elapsed =
+        (tdt.year() as i64 - base.year() as i64) * 12 + (tdt.month() as i64 - base.month() as i64);
     let mut n = elapsed.div_euclid(step);
     // The n-th anniversary may still be ahead of t within its month (day or time of
     // day later than t's): then t is in the previous window.
@@ -98,7 +121,10 @@ fn months(anchor: Timestamp, t: Timestamp, step: i64, calendar: bool) -> Window 
     }
     match (add_months(base, n * step), add_months(base, (n + 1) * step)) {
         (Some(start), Some(end)) => Window { start, end },
-        (Some(start), None) => Window { start, end: Timestamp::MAX },
+        (Some(start), None) => Window {
+            start,
+            end: Timestamp::MAX,
+        },
         _ => all,
     }
 }
@@ -119,41 +145,98 @@ mod tests {
     #[test]
     fn monthly_anniversary_clamps_to_month_end() {
         let a = "2026-01-31";
-        assert_eq!(w(Period::Month, Reset::Anniversary, a, "2026-02-15"), ("2026-01-31T00:00:00Z".into(), "2026-02-28T00:00:00Z".into()));
-        assert_eq!(w(Period::Month, Reset::Anniversary, a, "2026-03-01"), ("2026-02-28T00:00:00Z".into(), "2026-03-31T00:00:00Z".into()));
-        assert_eq!(w(Period::Month, Reset::Anniversary, a, "2026-03-31"), ("2026-03-31T00:00:00Z".into(), "2026-04-30T00:00:00Z".into()));
+        assert_eq!(
+            w(Period::Month, Reset::Anniversary, a, "2026-02-15"),
+            ("2026-01-31T00:00:00Z".into(), "2026-02-28T00:00:00Z".into())
+        );
+        assert_eq!(
+            w(Period::Month, Reset::Anniversary, a, "2026-03-01"),
+            ("2026-02-28T00:00:00Z".into(), "2026-03-31T00:00:00Z".into())
+        );
+        assert_eq!(
+            w(Period::Month, Reset::Anniversary, a, "2026-03-31"),
+            ("2026-03-31T00:00:00Z".into(), "2026-04-30T00:00:00Z".into())
+        );
         // Leap year.
-        assert_eq!(w(Period::Month, Reset::Anniversary, "2028-01-30", "2028-02-29T12:00:00Z"), ("2028-02-29T00:00:00Z".into(), "2028-03-30T00:00:00Z".into()));
+        assert_eq!(
+            w(
+                Period::Month,
+                Reset::Anniversary,
+                "2028-01-30",
+                "2028-02-29T12:00:00Z"
+            ),
+            ("2028-02-29T00:00:00Z".into(), "2028-03-30T00:00:00Z".into())
+        );
     }
 
     #[test]
     fn anniversary_respects_time_of_day() {
         let a = "2026-01-15T10:00:00Z";
-        assert_eq!(w(Period::Month, Reset::Anniversary, a, "2026-02-15T09:59:59Z").0, "2026-01-15T10:00:00Z");
-        assert_eq!(w(Period::Month, Reset::Anniversary, a, "2026-02-15T10:00:00Z").0, "2026-02-15T10:00:00Z");
+        assert_eq!(
+            w(Period::Month, Reset::Anniversary, a, "2026-02-15T09:59:59Z").0,
+            "2026-01-15T10:00:00Z"
+        );
+        assert_eq!(
+            w(Period::Month, Reset::Anniversary, a, "2026-02-15T10:00:00Z").0,
+            "2026-02-15T10:00:00Z"
+        );
     }
 
     #[test]
     fn calendar_windows() {
         let a = "2026-01-15";
-        assert_eq!(w(Period::Month, Reset::Calendar, a, "2026-12-15T13:00:00Z"), ("2026-12-01T00:00:00Z".into(), "2027-01-01T00:00:00Z".into()));
-        assert_eq!(w(Period::Year, Reset::Calendar, a, "2026-12-15"), ("2026-01-01T00:00:00Z".into(), "2027-01-01T00:00:00Z".into()));
-        assert_eq!(w(Period::Day, Reset::Calendar, a, "2026-12-15T13:00:00Z"), ("2026-12-15T00:00:00Z".into(), "2026-12-16T00:00:00Z".into()));
-        assert_eq!(w(Period::Hour, Reset::Calendar, a, "2026-12-15T13:20:00Z"), ("2026-12-15T13:00:00Z".into(), "2026-12-15T14:00:00Z".into()));
+        assert_eq!(
+            w(Period::Month, Reset::Calendar, a, "2026-12-15T13:00:00Z"),
+            ("2026-12-01T00:00:00Z".into(), "2027-01-01T00:00:00Z".into())
+        );
+        assert_eq!(
+            w(Period::Year, Reset::Calendar, a, "2026-12-15"),
+            ("2026-01-01T00:00:00Z".into(), "2027-01-01T00:00:00Z".into())
+        );
+        assert_eq!(
+            w(Period::Day, Reset::Calendar, a, "2026-12-15T13:00:00Z"),
+            ("2026-12-15T00:00:00Z".into(), "2026-12-16T00:00:00Z".into())
+        );
+        assert_eq!(
+            w(Period::Hour, Reset::Calendar, a, "2026-12-15T13:20:00Z"),
+            ("2026-12-15T13:00:00Z".into(), "2026-12-15T14:00:00Z".into())
+        );
         // 2026-12-02 is a Wednesday; its ISO week starts Monday 2026-11-30.
-        assert_eq!(w(Period::Week, Reset::Calendar, a, "2026-12-02"), ("2026-11-30T00:00:00Z".into(), "2026-12-07T00:00:00Z".into()));
+        assert_eq!(
+            w(Period::Week, Reset::Calendar, a, "2026-12-02"),
+            ("2026-11-30T00:00:00Z".into(), "2026-12-07T00:00:00Z".into())
+        );
     }
 
     #[test]
     fn yearly_anniversary_and_leap_day() {
-        assert_eq!(w(Period::Year, Reset::Anniversary, "2024-02-29", "2025-03-01"), ("2025-02-28T00:00:00Z".into(), "2026-02-28T00:00:00Z".into()));
-        assert_eq!(w(Period::Year, Reset::Anniversary, "2024-02-29", "2028-02-29"), ("2028-02-29T00:00:00Z".into(), "2029-02-28T00:00:00Z".into()));
+        assert_eq!(
+            w(Period::Year, Reset::Anniversary, "2024-02-29", "2025-03-01"),
+            ("2025-02-28T00:00:00Z".into(), "2026-02-28T00:00:00Z".into())
+        );
+        assert_eq!(
+            w(Period::Year, Reset::Anniversary, "2024-02-29", "2028-02-29"),
+            ("2028-02-29T00:00:00Z".into(), "2029-02-28T00:00:00Z".into())
+        );
     }
 
     #[test]
     fn fixed_and_never() {
-        assert_eq!(w(Period::Fixed(14 * DAY), Reset::Anniversary, "2026-01-01", "2026-01-20"), ("2026-01-15T00:00:00Z".into(), "2026-01-29T00:00:00Z".into()));
-        let n = window(Period::Never, Reset::Anniversary, ts("2026-01-01"), ts("2030-01-01"));
+        assert_eq!(
+            w(
+                Period::Fixed(14 * DAY),
+                Reset::Anniversary,
+                "2026-01-01",
+                "2026-01-20"
+            ),
+            ("2026-01-15T00:00:00Z".into(), "2026-01-29T00:00:00Z".into())
+        );
+        let n = window(
+            Period::Never,
+            Reset::Anniversary,
+            ts("2026-01-01"),
+            ts("2030-01-01"),
+        );
         assert_eq!(n.resets_at(), None);
         assert!(n.contains(ts("2030-01-01")));
     }

@@ -49,20 +49,40 @@ struct Issues(Vec<Issue>);
 
 impl Issues {
     fn push(&mut self, at: Place, message: impl Into<String>) {
-        self.0.push(Issue { at, message: message.into(), first: None, unresolved: false });
+        self.0.push(Issue {
+            at,
+            message: message.into(),
+            first: None,
+            unresolved: false,
+        });
     }
 
     fn unresolved(&mut self, at: Place, message: impl Into<String>) {
-        self.0.push(Issue { at, message: message.into(), first: None, unresolved: true });
+        self.0.push(Issue {
+            at,
+            message: message.into(),
+            first: None,
+            unresolved: true,
+        });
     }
 }
 
 fn place(file: usize, path: Vec<Seg>) -> Place {
-    Place { file, line: None, path, key: false }
+    Place {
+        file,
+        line: None,
+        path,
+        key: false,
+    }
 }
 
 fn key_place(file: usize, path: Vec<Seg>) -> Place {
-    Place { file, line: None, path, key: true }
+    Place {
+        file,
+        line: None,
+        path,
+        key: true,
+    }
 }
 
 fn seg_path(parts: &[&str]) -> Vec<Seg> {
@@ -82,9 +102,19 @@ impl CustAt {
             Origin::Document { index } => {
                 let mut path = vec![Seg::Key("customers".into()), Seg::Index(index)];
                 path.extend_from_slice(rest);
-                Place { file: self.file, line: None, path, key: false }
+                Place {
+                    file: self.file,
+                    line: None,
+                    path,
+                    key: false,
+                }
             }
-            Origin::Line { line } => Place { file: self.file, line: Some(line), path: rest.to_vec(), key: false },
+            Origin::Line { line } => Place {
+                file: self.file,
+                line: Some(line),
+                path: rest.to_vec(),
+                key: false,
+            },
         }
     }
 }
@@ -94,7 +124,11 @@ fn k(s: &str) -> Seg {
 }
 
 /// Compiles parsed files into a snapshot. `version` is the content hash.
-pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Result<Snapshot, Vec<Issue>> {
+pub fn compile(
+    units: &[Unit],
+    version: Box<str>,
+    files: Vec<SourceInfo>,
+) -> Result<Snapshot, Vec<Issue>> {
     let mut issues = Issues::default();
     let docs: Vec<(usize, &raw::Document)> = units
         .iter()
@@ -151,12 +185,21 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
                             "`{name}` is defined twice (plans and groups share one namespace)"
                         ),
                         unresolved: false,
-                    first: Some(key_place(first.file, seg_path(&[first.section, first.name]))),
+                        first: Some(key_place(
+                            first.file,
+                            seg_path(&[first.section, first.name]),
+                        )),
                     });
                     continue;
                 }
                 bundle_index.insert(name.into(), raw_bundles.len() as BundleId);
-                raw_bundles.push(RawBundle { name, is_plan, raw: b, file, section });
+                raw_bundles.push(RawBundle {
+                    name,
+                    is_plan,
+                    raw: b,
+                    file,
+                    section,
+                });
             }
         }
     }
@@ -169,7 +212,10 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
         for (fname, g) in b.raw.grants.iter() {
             let path = || seg_path(&[b.section, b.name, "grants", fname]);
             let Some(&fid) = feature_index.get(fname) else {
-                issues.unresolved(key_place(b.file, path()), unknown_feature(fname, &feature_index));
+                issues.unresolved(
+                    key_place(b.file, path()),
+                    unknown_feature(fname, &feature_index),
+                );
                 continue;
             };
             match compile_grant(&features[fid as usize], g) {
@@ -216,17 +262,26 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
             let b = &self.raw[id as usize];
             let mut flat: Flat = vec![None; self.features.len()];
             for (i, inc) in b.raw.includes.iter().enumerate() {
-                let at = || place(b.file, vec![k(b.section), k(b.name), k("includes"), Seg::Index(i)]);
+                let at = || {
+                    place(
+                        b.file,
+                        vec![k(b.section), k(b.name), k("includes"), Seg::Index(i)],
+                    )
+                };
                 let Some(&child) = self.index.get(inc.as_str()) else {
-                    self.issues.unresolved(at(), format!("unknown plan or group `{inc}` in `includes`"));
+                    self.issues
+                        .unresolved(at(), format!("unknown plan or group `{inc}` in `includes`"));
                     continue;
                 };
                 if self.state[child as usize] == State::Visiting {
                     let start = self.stack.iter().position(|&s| s == child).unwrap_or(0);
-                    let mut cycle: Vec<&str> =
-                        self.stack[start..].iter().map(|&s| self.raw[s as usize].name).collect();
+                    let mut cycle: Vec<&str> = self.stack[start..]
+                        .iter()
+                        .map(|&s| self.raw[s as usize].name)
+                        .collect();
                     cycle.push(self.raw[child as usize].name);
-                    self.issues.push(at(), format!("include cycle: {}", cycle.join(" -> ")));
+                    self.issues
+                        .push(at(), format!("include cycle: {}", cycle.join(" -> ")));
                     continue;
                 }
                 self.visit(child);
@@ -278,11 +333,19 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
                 table[f] = grants.len() as GrantId;
                 grants.push(BundleGrant {
                     value: value.clone(),
-                    via: via.iter().map(|&v| Box::from(raw_bundles[v as usize].name)).collect(),
+                    via: via
+                        .iter()
+                        .map(|&v| Box::from(raw_bundles[v as usize].name))
+                        .collect(),
                 });
             }
         }
-        bundles.push(Bundle { name: b.name.into(), is_plan: b.is_plan, tier, grants: table });
+        bundles.push(Bundle {
+            name: b.name.into(),
+            is_plan: b.is_plan,
+            tier,
+            grants: table,
+        });
         if b.is_plan {
             tier += 1;
         }
@@ -296,7 +359,8 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
                 .filter(|(_, b)| b.is_plan)
                 .filter_map(|(id, b)| {
                     let g = b.grants[f];
-                    (g != NONE && grants[g as usize].value.grants_something()).then_some((id as BundleId, g))
+                    (g != NONE && grants[g as usize].value.grants_something())
+                        .then_some((id as BundleId, g))
                 })
                 .collect()
         })
@@ -324,17 +388,33 @@ pub fn compile(units: &[Unit], version: Box<str>, files: Vec<SourceInfo>) -> Res
         match &u.content {
             Content::Document(d) => {
                 for (index, c) in d.customers.iter().enumerate() {
-                    cc.customer(c, CustAt { file, origin: Origin::Document { index } });
+                    cc.customer(
+                        c,
+                        CustAt {
+                            file,
+                            origin: Origin::Document { index },
+                        },
+                    );
                 }
             }
             Content::Customers(list) => {
                 for (line, c) in list {
-                    cc.customer(c, CustAt { file, origin: Origin::Line { line: *line } });
+                    cc.customer(
+                        c,
+                        CustAt {
+                            file,
+                            origin: Origin::Line { line: *line },
+                        },
+                    );
                 }
             }
         }
     }
-    let CustomerCompiler { out: customers, scopes, .. } = cc;
+    let CustomerCompiler {
+        out: customers,
+        scopes,
+        ..
+    } = cc;
 
     let mut routes = Vec::new();
     for &(file, doc) in &docs {
@@ -378,25 +458,47 @@ fn strsim_close(a: &str, b: &str) -> bool {
         return false;
     }
     let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let suffix = a.iter().rev().zip(b.iter().rev()).take_while(|(x, y)| x == y).count();
+    let suffix = a
+        .iter()
+        .rev()
+        .zip(b.iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
     prefix + suffix + 1 >= a.len().max(b.len())
 }
 
-fn compile_feature(name: &str, f: &raw::Feature, file: usize, issues: &mut Issues) -> Option<Feature> {
+fn compile_feature(
+    name: &str,
+    f: &raw::Feature,
+    file: usize,
+    issues: &mut Issues,
+) -> Option<Feature> {
     let at = |field: &str| place(file, seg_path(&["features", name, field]));
     let mut ok = true;
     if name.is_empty() {
-        issues.push(key_place(file, seg_path(&["features", name])), "a feature name may not be empty");
+        issues.push(
+            key_place(file, seg_path(&["features", name])),
+            "a feature name may not be empty",
+        );
         ok = false;
     }
     if f.combine.is_some() && !matches!(f.kind, Kind::Quota | Kind::Seats) {
-        issues.push(at("combine"), format!("`combine` applies to quota and seats features, not to a {} feature", f.kind.as_str()));
+        issues.push(
+            at("combine"),
+            format!(
+                "`combine` applies to quota and seats features, not to a {} feature",
+                f.kind.as_str()
+            ),
+        );
         ok = false;
     }
     if f.kind == Kind::Value {
         match f.value_type {
             None => {
-                issues.push(key_place(file, seg_path(&["features", name])), "a value feature needs `type: duration|number|string|bool`");
+                issues.push(
+                    key_place(file, seg_path(&["features", name])),
+                    "a value feature needs `type: duration|number|string|bool`",
+                );
                 ok = false;
             }
             Some(ValueType::Duration | ValueType::Number) => {}
@@ -409,26 +511,37 @@ fn compile_feature(name: &str, f: &raw::Feature, file: usize, issues: &mut Issue
             Some(ValueType::Bool) => {}
         }
     } else {
-        for (field, set) in [("type", f.value_type.is_some()), ("prefer", f.prefer.is_some()), ("order", f.order.is_some())] {
+        for (field, set) in [
+            ("type", f.value_type.is_some()),
+            ("prefer", f.prefer.is_some()),
+            ("order", f.order.is_some()),
+        ] {
             if set {
-                issues.push(at(field), format!("`{field}` applies to value features, not to a {} feature", f.kind.as_str()));
+                issues.push(
+                    at(field),
+                    format!(
+                        "`{field}` applies to value features, not to a {} feature",
+                        f.kind.as_str()
+                    ),
+                );
                 ok = false;
             }
         }
     }
-    if f.order.is_some() && f.value_type != Some(ValueType::String) {
-        if f.kind == Kind::Value {
-            issues.push(at("order"), "`order` applies to string values");
-            ok = false;
-        }
+    if f.order.is_some() && f.value_type != Some(ValueType::String) && f.kind == Kind::Value {
+        issues.push(at("order"), "`order` applies to string values");
+        ok = false;
     }
     ok.then(|| Feature {
         name: name.into(),
         kind: f.kind,
         combine: f.combine.unwrap_or(Combine::Max),
         value_type: f.value_type,
-        prefer: f.prefer.unwrap_or(if f.value_type == Some(ValueType::String) { Prefer::Max } else { Prefer::Max }),
-        order: f.order.as_ref().map(|o| o.iter().map(|s| s.as_str().into()).collect()),
+        prefer: f.prefer.unwrap_or(Prefer::Max),
+        order: f
+            .order
+            .as_ref()
+            .map(|o| o.iter().map(|s| s.as_str().into()).collect()),
         description: f.description.as_deref().map(Into::into),
         unit: f.unit.as_deref().map(Into::into),
     })
@@ -447,7 +560,10 @@ pub fn compile_grant(feature: &Feature, g: &Grant) -> Result<GrantValue, GrantEr
     match feature.kind {
         Kind::Flag => match g {
             Grant::Bool(b) => Ok(GrantValue::Flag(*b)),
-            _ => Err((None, format!("`{name}` is a flag: expected `true` or `false`"))),
+            _ => Err((
+                None,
+                format!("`{name}` is a flag: expected `true` or `false`"),
+            )),
         },
         Kind::Quota => match g {
             Grant::Str(s) if s == "unlimited" => Ok(GrantValue::Quota(QuotaGrant {
@@ -458,24 +574,37 @@ pub fn compile_grant(feature: &Feature, g: &Grant) -> Result<GrantValue, GrantEr
                 overage: Overage::Deny,
             })),
             Grant::Map(m) => quota(name, m),
-            Grant::Int(_) | Grant::Float(_) => Err((None, format!(
-                "`{name}` is a quota: a bare number has no period; write `{{limit: N, per: month}}` or `unlimited`"
-            ))),
-            _ => Err((None, format!("`{name}` is a quota: expected `{{limit: N, per: month}}` or `unlimited`"))),
+            Grant::Int(_) | Grant::Float(_) => Err((
+                None,
+                format!(
+                    "`{name}` is a quota: a bare number has no period; write `{{limit: N, per: month}}` or `unlimited`"
+                ),
+            )),
+            _ => Err((
+                None,
+                format!("`{name}` is a quota: expected `{{limit: N, per: month}}` or `unlimited`"),
+            )),
         },
         Kind::Rate => match g {
             Grant::Map(m) => rate(name, m),
-            _ => Err((None, format!("`{name}` is a rate limit: expected `{{limit: N, per: 1s, burst: N}}`"))),
+            _ => Err((
+                None,
+                format!("`{name}` is a rate limit: expected `{{limit: N, per: 1s, burst: N}}`"),
+            )),
         },
         Kind::Seats => match g {
             Grant::Str(s) if s == "unlimited" => Ok(GrantValue::Seats(Limit::Unlimited)),
             Grant::Map(m) => {
                 only(m, kind, &["limit"])?;
-                m.limit
-                    .map(GrantValue::Seats)
-                    .ok_or((None, format!("`{name}` is seats: expected `{{limit: N}}` or `{{limit: unlimited}}`")))
+                m.limit.map(GrantValue::Seats).ok_or((
+                    None,
+                    format!("`{name}` is seats: expected `{{limit: N}}` or `{{limit: unlimited}}`"),
+                ))
             }
-            _ => Err((None, format!("`{name}` is seats: expected `{{limit: N}}` or `{{limit: unlimited}}`"))),
+            _ => Err((
+                None,
+                format!("`{name}` is seats: expected `{{limit: N}}` or `{{limit: unlimited}}`"),
+            )),
         },
         Kind::Value => value(feature, g).map(GrantValue::Value),
     }
@@ -493,7 +622,10 @@ fn only(m: &GrantFields, kind: &str, allowed: &[&str]) -> Result<(), GrantError>
     ];
     for (field, set) in present {
         if set && !allowed.contains(&field) {
-            return Err((Some(field), format!("`{field}` does not apply to a {kind} grant")));
+            return Err((
+                Some(field),
+                format!("`{field}` does not apply to a {kind} grant"),
+            ));
         }
     }
     Ok(())
@@ -501,14 +633,19 @@ fn only(m: &GrantFields, kind: &str, allowed: &[&str]) -> Result<(), GrantError>
 
 fn quota(name: &str, m: &GrantFields) -> Result<GrantValue, GrantError> {
     only(m, "quota", &["limit", "per", "reset", "warn_at", "overage"])?;
-    let limit = m.limit.ok_or((None, format!("`{name}` is a quota: `limit` is required")))?;
+    let limit = m
+        .limit
+        .ok_or((None, format!("`{name}` is a quota: `limit` is required")))?;
     let period = match (&m.per, limit) {
         (Some(p), _) => parse_period(p).map_err(|e| (Some("per"), e))?,
         (None, Limit::Unlimited) => Period::Never,
         (None, Limit::Finite(_)) => {
-            return Err((None, format!(
-                "`{name}` is a quota: `per` is required (hour, day, week, month, year, never or a duration like `14d`)"
-            )));
+            return Err((
+                None,
+                format!(
+                    "`{name}` is a quota: `per` is required (hour, day, week, month, year, never or a duration like `14d`)"
+                ),
+            ));
         }
     };
     let warn_at = match &m.warn_at {
@@ -528,19 +665,36 @@ fn rate(name: &str, m: &GrantFields) -> Result<GrantValue, GrantError> {
     only(m, "rate", &["limit", "per", "burst"])?;
     let limit = match m.limit {
         Some(Limit::Finite(n)) if n > 0 => n,
-        Some(Limit::Finite(_)) => return Err((Some("limit"), "a rate limit must be at least 1".into())),
-        Some(Limit::Unlimited) => {
-            return Err((Some("limit"), "a rate limit needs a number; grant no rate limit to leave it unlimited".into()));
+        Some(Limit::Finite(_)) => {
+            return Err((Some("limit"), "a rate limit must be at least 1".into()));
         }
-        None => return Err((None, format!("`{name}` is a rate limit: `limit` is required"))),
+        Some(Limit::Unlimited) => {
+            return Err((
+                Some("limit"),
+                "a rate limit needs a number; grant no rate limit to leave it unlimited".into(),
+            ));
+        }
+        None => {
+            return Err((
+                None,
+                format!("`{name}` is a rate limit: `limit` is required"),
+            ));
+        }
     };
-    let per = m.per.as_deref().ok_or((None, format!("`{name}` is a rate limit: `per` is required (a duration like `1s`)")))?;
+    let per = m.per.as_deref().ok_or((
+        None,
+        format!("`{name}` is a rate limit: `per` is required (a duration like `1s`)"),
+    ))?;
     let per_us = parse_duration(per).map_err(|e| (Some("per"), e))?;
     let burst = m.burst.unwrap_or(limit);
     if burst == 0 {
         return Err((Some("burst"), "`burst` must be at least 1".into()));
     }
-    Ok(GrantValue::Rate(RateGrant { limit, per_us, burst }))
+    Ok(GrantValue::Rate(RateGrant {
+        limit,
+        per_us,
+        burst,
+    }))
 }
 
 fn parse_period(p: &str) -> Result<Period, String> {
@@ -563,19 +717,40 @@ fn value(feature: &Feature, g: &Grant) -> Result<Value, GrantError> {
     match (ty, g) {
         (ValueType::Duration, Grant::Str(s)) => {
             let us = parse_duration(s).map_err(|e| (None, e))?;
-            Ok(Value { repr: ValueRepr::Str(s.as_str().into()), key: us as f64 })
+            Ok(Value {
+                repr: ValueRepr::Str(s.as_str().into()),
+                key: us as f64,
+            })
         }
-        (ValueType::Number, Grant::Int(n)) => Ok(Value { repr: ValueRepr::Int(*n), key: *n as f64 }),
-        (ValueType::Number, Grant::Float(x)) if x.is_finite() => Ok(Value { repr: ValueRepr::Float(*x), key: *x }),
-        (ValueType::Bool, Grant::Bool(b)) => Ok(Value { repr: ValueRepr::Bool(*b), key: f64::from(u8::from(*b)) }),
+        (ValueType::Number, Grant::Int(n)) => Ok(Value {
+            repr: ValueRepr::Int(*n),
+            key: *n as f64,
+        }),
+        (ValueType::Number, Grant::Float(x)) if x.is_finite() => Ok(Value {
+            repr: ValueRepr::Float(*x),
+            key: *x,
+        }),
+        (ValueType::Bool, Grant::Bool(b)) => Ok(Value {
+            repr: ValueRepr::Bool(*b),
+            key: f64::from(u8::from(*b)),
+        }),
         (ValueType::String, Grant::Str(s)) => {
             let key = match &feature.order {
                 Some(order) => order.iter().position(|o| **o == **s).ok_or_else(|| {
-                    (None, format!("`{s}` is not one of `{name}`'s values: {}", order.join(", ")))
+                    (
+                        None,
+                        format!(
+                            "`{s}` is not one of `{name}`'s values: {}",
+                            order.join(", ")
+                        ),
+                    )
                 })? as f64,
                 None => 0.0,
             };
-            Ok(Value { repr: ValueRepr::Str(s.as_str().into()), key })
+            Ok(Value {
+                repr: ValueRepr::Str(s.as_str().into()),
+                key,
+            })
         }
         _ => {
             let expected = match ty {
@@ -584,7 +759,13 @@ fn value(feature: &Feature, g: &Grant) -> Result<Value, GrantError> {
                 ValueType::String => "a string",
                 ValueType::Bool => "`true` or `false`",
             };
-            Err((None, format!("`{name}` is a value of type {}: expected {expected}", type_name(ty))))
+            Err((
+                None,
+                format!(
+                    "`{name}` is a value of type {}: expected {expected}",
+                    type_name(ty)
+                ),
+            ))
         }
     }
 }
@@ -625,17 +806,22 @@ impl CustomerCompiler<'_> {
 
     fn customer(&mut self, c: &raw::Customer, at: CustAt) {
         if c.id.is_empty() {
-            self.issues.push(at.place(&[k("id")]), "a customer id may not be empty");
+            self.issues
+                .push(at.place(&[k("id")]), "a customer id may not be empty");
             return;
         }
         let h = self.out.hash(&c.id);
         let records = &self.out.records;
-        if let Some(&first) = self.out.index.find(h, |&i| records[i as usize].id == c.id.as_str()) {
+        if let Some(&first) = self
+            .out
+            .index
+            .find(h, |&i| records[i as usize].id == c.id.as_str())
+        {
             self.issues.0.push(Issue {
                 at: at.place(&[k("id")]),
                 message: format!("customer `{}` is defined twice", c.id),
                 unresolved: false,
-                    first: Some(self.origins[first as usize].place(&[k("id")])),
+                first: Some(self.origins[first as usize].place(&[k("id")])),
             });
             return;
         }
@@ -679,7 +865,12 @@ impl CustomerCompiler<'_> {
             _ => (0, 0),
         };
         let idx = self.out.records.len() as u32;
-        self.out.records.push(CustomerRec { id: CompactString::from(c.id.as_str()), name, subs, extras });
+        self.out.records.push(CustomerRec {
+            id: CompactString::from(c.id.as_str()),
+            name,
+            subs,
+            extras,
+        });
         self.origins.push(at);
         let (records, hasher) = (&self.out.records, &self.out.hasher);
         self.out.index.insert_unique(h, idx, |&i| {
@@ -721,25 +912,36 @@ impl CustomerCompiler<'_> {
         };
         let (s, e) = (s?, e?);
         if s >= e {
-            self.issues.push(at.place(&with(ends_key)), format!("`{ends_key}` must be after `starts`"));
+            self.issues.push(
+                at.place(&with(ends_key)),
+                format!("`{ends_key}` must be after `starts`"),
+            );
             return None;
         }
         Some((s, e))
     }
 
     fn scope(&mut self, scope: Option<&raw::Scope>, at: &CustAt, base: &[Seg]) -> Option<ScopeId> {
-        let Some(scope) = scope else { return Some(NONE) };
+        let Some(scope) = scope else {
+            return Some(NONE);
+        };
         let mut keys = Vec::new();
         for (key, values) in scope.iter() {
             if values.0.is_empty() {
                 let mut p = base.to_vec();
                 p.extend([k("scope"), k(key)]);
-                self.issues.push(at.place(&p), format!("scope `{key}` lists no values"));
+                self.issues
+                    .push(at.place(&p), format!("scope `{key}` lists no values"));
                 return None;
             }
-            keys.push((Box::from(key), values.0.iter().map(|v| Box::from(v.as_str())).collect()));
+            keys.push((
+                Box::from(key),
+                values.0.iter().map(|v| Box::from(v.as_str())).collect(),
+            ));
         }
-        let s = Scope { keys: keys.into_boxed_slice() };
+        let s = Scope {
+            keys: keys.into_boxed_slice(),
+        };
         if let Some(i) = self.scopes.iter().position(|x| *x == s) {
             return Some(i as ScopeId);
         }
@@ -747,17 +949,28 @@ impl CustomerCompiler<'_> {
         Some(self.scopes.len() as ScopeId - 1)
     }
 
-    fn subscription(&mut self, s: &raw::Subscription, at: &CustAt, i: usize) -> Option<Subscription> {
+    fn subscription(
+        &mut self,
+        s: &raw::Subscription,
+        at: &CustAt,
+        i: usize,
+    ) -> Option<Subscription> {
         let base = [k("subscriptions"), Seg::Index(i)];
         let with = |f: &str| [base[0].clone(), base[1].clone(), k(f)];
         let plan = match self.bundle_index.get(s.plan.as_str()) {
             Some(&p) if self.bundles[p as usize].is_plan => Some(p),
             Some(_) => {
-                self.issues.push(at.place(&with("plan")), format!("`{}` is a group; customers subscribe to plans", s.plan));
+                self.issues.push(
+                    at.place(&with("plan")),
+                    format!("`{}` is a group; customers subscribe to plans", s.plan),
+                );
                 None
             }
             None => {
-                self.issues.unresolved(at.place(&with("plan")), format!("unknown plan `{}`", s.plan));
+                self.issues.unresolved(
+                    at.place(&with("plan")),
+                    format!("unknown plan `{}`", s.plan),
+                );
                 None
             }
         };
@@ -776,18 +989,26 @@ impl CustomerCompiler<'_> {
             None => Some(1),
             Some(q) if q >= 1 && q <= u32::MAX as u64 => Some(q as u32),
             Some(q) => {
-                self.issues.push(at.place(&with("quantity")), format!("expected a quantity of at least 1, found {q}"));
+                self.issues.push(
+                    at.place(&with("quantity")),
+                    format!("expected a quantity of at least 1, found {q}"),
+                );
                 None
             }
         };
         let scope = self.scope(s.scope.as_ref(), at, &base);
-        let (plan, (starts, ends), grace, quantity, scope) = (plan?, dates?, grace?, quantity?, scope?);
+        let (plan, (starts, ends), grace, quantity, scope) =
+            (plan?, dates?, grace?, quantity?, scope?);
         Some(Subscription {
             plan,
             quantity,
             starts,
             ends,
-            grace_ends: if ends == Timestamp::MAX { ends } else { ends.saturating_add(grace) },
+            grace_ends: if ends == Timestamp::MAX {
+                ends
+            } else {
+                ends.saturating_add(grace)
+            },
             scope,
             trial: s.trial,
         })
@@ -804,7 +1025,13 @@ impl CustomerCompiler<'_> {
         }
     }
 
-    fn grant_value(&mut self, fid: FeatureId, g: &Grant, at: &CustAt, base: &[Seg]) -> Option<GrantValue> {
+    fn grant_value(
+        &mut self,
+        fid: FeatureId,
+        g: &Grant,
+        at: &CustAt,
+        base: &[Seg],
+    ) -> Option<GrantValue> {
         match compile_grant(&self.features[fid as usize], g) {
             Ok(v) => Some(v),
             Err((sub, msg)) => {
@@ -818,7 +1045,12 @@ impl CustomerCompiler<'_> {
         }
     }
 
-    fn customer_grant(&mut self, g: &raw::CustomerGrant, at: &CustAt, i: usize) -> Option<CustomerGrant> {
+    fn customer_grant(
+        &mut self,
+        g: &raw::CustomerGrant,
+        at: &CustAt,
+        i: usize,
+    ) -> Option<CustomerGrant> {
         let base = vec![k("grants"), Seg::Index(i)];
         let with = |f: &str| {
             let mut p = base.clone();
@@ -835,13 +1067,24 @@ impl CustomerCompiler<'_> {
             burst: g.burst,
         };
         let has_inline = inline != GrantFields::default();
-        let forms = [g.grant.is_some(), g.value.is_some(), has_inline].iter().filter(|&&b| b).count();
+        let forms = [g.grant.is_some(), g.value.is_some(), has_inline]
+            .iter()
+            .filter(|&&b| b)
+            .count();
         let raw_grant = match forms {
             0 => {
-                self.issues.push(at.place(&base), "a customer grant needs `grant:`, `value:` or its fields (`limit`, `per`, ..)");
+                self.issues.push(
+                    at.place(&base),
+                    "a customer grant needs `grant:`, `value:` or its fields (`limit`, `per`, ..)",
+                );
                 None
             }
-            1 => Some(g.grant.clone().or_else(|| g.value.clone()).unwrap_or(Grant::Map(inline))),
+            1 => Some(
+                g.grant
+                    .clone()
+                    .or_else(|| g.value.clone())
+                    .unwrap_or(Grant::Map(inline)),
+            ),
             _ => {
                 self.issues.push(at.place(&base), "write a customer grant one way: `grant:`, `value:` or inline fields, not several");
                 None
@@ -849,7 +1092,13 @@ impl CustomerCompiler<'_> {
         };
         let value = match (fid, &raw_grant) {
             (Some(f), Some(rg)) => {
-                let sub = if g.grant.is_some() { with("grant") } else if g.value.is_some() { with("value") } else { base.clone() };
+                let sub = if g.grant.is_some() {
+                    with("grant")
+                } else if g.value.is_some() {
+                    with("value")
+                } else {
+                    base.clone()
+                };
                 self.grant_value(f, rg, at, &sub)
             }
             _ => None,
@@ -857,7 +1106,14 @@ impl CustomerCompiler<'_> {
         let dates = self.dates(g.starts.as_deref(), g.ends.as_deref(), at, &base, "ends");
         let scope = self.scope(g.scope.as_ref(), at, &base);
         let (feature, value, (starts, ends), scope) = (fid?, value?, dates?, scope?);
-        Some(CustomerGrant { feature, value, starts, ends, priority: g.priority, scope })
+        Some(CustomerGrant {
+            feature,
+            value,
+            starts,
+            ends,
+            priority: g.priority,
+            scope,
+        })
     }
 
     fn override_(&mut self, o: &raw::Override, at: &CustAt, i: usize) -> Option<Override> {
@@ -872,8 +1128,16 @@ impl CustomerCompiler<'_> {
         for (field, present) in [
             ("grant", o.grant.is_some()),
             ("expires", o.expires.is_some()),
-            ("approved_by", o.approved_by.as_deref().is_some_and(|s| !s.trim().is_empty())),
-            ("reason", o.reason.as_deref().is_some_and(|s| !s.trim().is_empty())),
+            (
+                "approved_by",
+                o.approved_by
+                    .as_deref()
+                    .is_some_and(|s| !s.trim().is_empty()),
+            ),
+            (
+                "reason",
+                o.reason.as_deref().is_some_and(|s| !s.trim().is_empty()),
+            ),
         ] {
             if !present {
                 self.issues.push(at.place(&base), format!("an override needs `{field}` (overrides must say what, until when, who approved and why)"));
@@ -920,13 +1184,19 @@ fn compile_route(
     let before = issues.0.len();
     let customer = match (&r.customer.header, &r.customer.jwt_claim) {
         (Some(h), None) => Some(CustomerFrom::Header(h.to_ascii_lowercase().into())),
-        (Some(h), Some(c)) => Some(CustomerFrom::JwtClaim { header: h.to_ascii_lowercase().into(), claim: c.as_str().into() }),
+        (Some(h), Some(c)) => Some(CustomerFrom::JwtClaim {
+            header: h.to_ascii_lowercase().into(),
+            claim: c.as_str().into(),
+        }),
         (None, Some(_)) => {
             issues.push(at(&["customer"]), "`jwt_claim` needs `header`: the header carrying the verified JWT payload (e.g. `x-jwt-payload`)");
             None
         }
         (None, None) => {
-            issues.push(at(&["customer"]), "expected `header` or `jwt_claim` + `header`");
+            issues.push(
+                at(&["customer"]),
+                "expected `header` or `jwt_claim` + `header`",
+            );
             None
         }
     };
@@ -938,7 +1208,14 @@ fn compile_route(
         let kind = features[f as usize].kind;
         if !kinds.is_empty() && !kinds.contains(&kind) {
             let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-            issues.push(place(file, path), format!("`{name}` is a {} feature; expected {}", kind.as_str(), names.join(" or ")));
+            issues.push(
+                place(file, path),
+                format!(
+                    "`{name}` is a {} feature; expected {}",
+                    kind.as_str(),
+                    names.join(" or ")
+                ),
+            );
             return None;
         }
         Some(f)
@@ -955,10 +1232,17 @@ fn compile_route(
         .filter_map(|(j, n)| feature(n, base(&[k("require"), Seg::Index(j)]), &[]))
         .collect();
     let consume = r.consume.as_ref().and_then(|c| {
-        let f = feature(&c.feature, base(&[k("consume"), k("feature")]), &[Kind::Quota, Kind::Rate])?;
+        let f = feature(
+            &c.feature,
+            base(&[k("consume"), k("feature")]),
+            &[Kind::Quota, Kind::Rate],
+        )?;
         Some((f, c.amount.unwrap_or(1)))
     });
-    let rate = r.rate.as_ref().and_then(|n| feature(n, base(&[k("rate")]), &[Kind::Rate]));
+    let rate = r
+        .rate
+        .as_ref()
+        .and_then(|n| feature(n, base(&[k("rate")]), &[Kind::Rate]));
     if let Some(c) = &r.consume {
         if c.amount == Some(0) {
             issues.push(at(&["consume", "amount"]), "`amount` must be at least 1");
@@ -970,8 +1254,18 @@ fn compile_route(
     Some(Route {
         path_prefix: r.matcher.path_prefix.as_deref().map(Into::into),
         path: r.matcher.path.as_deref().map(Into::into),
-        methods: r.matcher.methods.iter().map(|m| m.to_ascii_uppercase().into()).collect(),
-        headers: r.matcher.headers.iter().map(|(k, v)| (k.to_ascii_lowercase().into(), v.as_str().into())).collect(),
+        methods: r
+            .matcher
+            .methods
+            .iter()
+            .map(|m| m.to_ascii_uppercase().into())
+            .collect(),
+        headers: r
+            .matcher
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase().into(), v.as_str().into()))
+            .collect(),
         customer: customer?,
         require: require.into_boxed_slice(),
         consume,

@@ -15,7 +15,14 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -26,9 +33,19 @@ pub struct LoadError {
 }
 
 impl LoadError {
-    pub fn single(file: impl Into<PathBuf>, line: u64, column: u64, message: impl Into<String>) -> Self {
+    pub fn single(
+        file: impl Into<PathBuf>,
+        line: u64,
+        column: u64,
+        message: impl Into<String>,
+    ) -> Self {
         LoadError {
-            diagnostics: vec![Diagnostic { file: file.into(), line, column, message: message.into() }],
+            diagnostics: vec![Diagnostic {
+                file: file.into(),
+                line,
+                column,
+                message: message.into(),
+            }],
         }
     }
 }

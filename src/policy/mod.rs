@@ -23,7 +23,9 @@ use source::{FoundFile, Locator};
 
 /// Loads and compiles every policy file under `dir`.
 pub fn load_dir(dir: &Path, limits: &Limits) -> Result<Snapshot, LoadError> {
-    let found = source::discover(dir).map_err(|d| LoadError { diagnostics: vec![d] })?;
+    let found = source::discover(dir).map_err(|d| LoadError {
+        diagnostics: vec![d],
+    })?;
     let mut texts = Vec::with_capacity(found.len());
     let mut diagnostics = Vec::new();
     for f in &found {
@@ -42,7 +44,11 @@ pub fn load_dir(dir: &Path, limits: &Limits) -> Result<Snapshot, LoadError> {
 }
 
 /// Compiles already-read files (`found[i]` holds `texts[i]`).
-pub fn load_texts(found: &[FoundFile], texts: &[String], limits: &Limits) -> Result<Snapshot, LoadError> {
+pub fn load_texts(
+    found: &[FoundFile],
+    texts: &[String],
+    limits: &Limits,
+) -> Result<Snapshot, LoadError> {
     // Parse the files on both cores: parsing is most of a large load.
     let parsed: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = found
@@ -50,7 +56,10 @@ pub fn load_texts(found: &[FoundFile], texts: &[String], limits: &Limits) -> Res
             .zip(texts)
             .map(|(f, t)| s.spawn(move || source::parse_file(f, t, limits)))
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or((None, Vec::new()))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or((None, Vec::new())))
+            .collect()
     });
     let mut units = Vec::with_capacity(parsed.len());
     let mut diagnostics = Vec::new();
@@ -59,7 +68,9 @@ pub fn load_texts(found: &[FoundFile], texts: &[String], limits: &Limits) -> Res
         if let Some(content) = content {
             units.push(Unit { content });
         } else {
-            units.push(Unit { content: source::Content::Document(Default::default()) });
+            units.push(Unit {
+                content: source::Content::Document(Default::default()),
+            });
         }
     }
     let mut hasher = blake3::Hasher::new();
@@ -69,7 +80,10 @@ pub fn load_texts(found: &[FoundFile], texts: &[String], limits: &Limits) -> Res
         hasher.update(f.rel.to_string_lossy().as_bytes());
         hasher.update(&[0]);
         hasher.update(h.as_bytes());
-        files.push(SourceInfo { path: f.rel.clone(), hash: h.to_hex()[..16].to_string() });
+        files.push(SourceInfo {
+            path: f.rel.clone(),
+            hash: h.to_hex()[..16].to_string(),
+        });
     }
     let version: Box<str> = hasher.finalize().to_hex()[..12].into();
     match compile::compile(&units, version, files) {
@@ -87,11 +101,17 @@ pub fn load_texts(found: &[FoundFile], texts: &[String], limits: &Limits) -> Res
 
 /// Turns compile issues' paths into file:line:col, reading each affected file's
 /// positions once.
-fn locate(found: &[FoundFile], texts: &[String], limits: &Limits, issues: Vec<Issue>) -> Vec<Diagnostic> {
+fn locate(
+    found: &[FoundFile],
+    texts: &[String],
+    limits: &Limits,
+    issues: Vec<Issue>,
+) -> Vec<Diagnostic> {
     let mut locators: Vec<Option<Locator>> = (0..found.len()).map(|_| None).collect();
     let mut at = |p: &compile::Place| -> (std::path::PathBuf, u64, u64) {
         let f = &found[p.file];
-        let loc = locators[p.file].get_or_insert_with(|| Locator::new(&texts[p.file], f.format, limits));
+        let loc =
+            locators[p.file].get_or_insert_with(|| Locator::new(&texts[p.file], f.format, limits));
         let (line, col) = loc.locate(p.line, &p.path, p.key);
         (f.rel.clone(), line, col)
     };
@@ -103,7 +123,12 @@ fn locate(found: &[FoundFile], texts: &[String], limits: &Limits, issues: Vec<Is
             let (ff, fl, fc) = at(first);
             message.push_str(&format!(" (first defined at {}:{fl}:{fc})", ff.display()));
         }
-        out.push(Diagnostic { file, line, column, message });
+        out.push(Diagnostic {
+            file,
+            line,
+            column,
+            message,
+        });
     }
     out.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
     out

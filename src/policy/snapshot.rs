@@ -131,7 +131,13 @@ impl GrantValue {
 
     /// Orders two grants of the same feature by generosity (`Greater`: `self` gives
     /// more), `quantity` applied. This is rule 3 of precedence (PRODUCT §2.4).
-    pub fn cmp_generosity(&self, qa: u32, other: &GrantValue, qb: u32, feature: &Feature) -> Ordering {
+    pub fn cmp_generosity(
+        &self,
+        qa: u32,
+        other: &GrantValue,
+        qb: u32,
+        feature: &Feature,
+    ) -> Ordering {
         use GrantValue::*;
         match (self, other) {
             (Revoked, Revoked) => Ordering::Equal,
@@ -222,10 +228,13 @@ pub struct Override {
     pub ticket: Option<Box<str>>,
 }
 
+/// One scope key and the values it accepts.
+pub type ScopeKey = (Box<str>, Box<[Box<str>]>);
+
 /// Scope: every key must match one of its values in the request's context.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scope {
-    pub keys: Box<[(Box<str>, Box<[Box<str>]>)]>,
+    pub keys: Box<[ScopeKey]>,
 }
 
 impl Scope {
@@ -303,7 +312,10 @@ impl Customers {
         let r = &self.records[i as usize];
         let range = |(s, n): (u32, u32)| s as usize..(s + n) as usize;
         let (grants, overrides) = match self.extras.get(r.extras as usize) {
-            Some(x) => (&self.grants[range(x.grants)], &self.overrides[range(x.overrides)]),
+            Some(x) => (
+                &self.grants[range(x.grants)],
+                &self.overrides[range(x.overrides)],
+            ),
             None => (&[][..], &[][..]),
         };
         CustomerView {
@@ -327,7 +339,10 @@ pub enum CustomerFrom {
     Header(Box<str>),
     /// A claim of a base64url JSON payload forwarded by the gateway, which has
     /// verified the token's signature.
-    JwtClaim { header: Box<str>, claim: Box<str> },
+    JwtClaim {
+        header: Box<str>,
+        claim: Box<str>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -345,7 +360,12 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn matches(&self, method: &str, path: &str, header: impl Fn(&str) -> Option<String>) -> bool {
+    pub fn matches(
+        &self,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> bool {
         if let Some(p) = &self.path {
             if path != &**p {
                 return false;
@@ -356,10 +376,13 @@ impl Route {
                 return false;
             }
         }
-        if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+        {
             return false;
         }
-        self.headers.iter().all(|(k, v)| header(k).as_deref() == Some(&**v))
+        self.headers
+            .iter()
+            .all(|(k, v)| header(k).as_deref() == Some(&**v))
     }
 }
 
@@ -376,9 +399,11 @@ pub struct Snapshot {
     /// version on every replica.
     pub version: Box<str>,
     pub features: Vec<Feature>,
-    pub(crate) feature_index: std::collections::HashMap<Box<str>, FeatureId, foldhash::fast::FixedState>,
+    pub(crate) feature_index:
+        std::collections::HashMap<Box<str>, FeatureId, foldhash::fast::FixedState>,
     pub bundles: Vec<Bundle>,
-    pub(crate) bundle_index: std::collections::HashMap<Box<str>, BundleId, foldhash::fast::FixedState>,
+    pub(crate) bundle_index:
+        std::collections::HashMap<Box<str>, BundleId, foldhash::fast::FixedState>,
     pub grants: Vec<BundleGrant>,
     pub customers: Customers,
     pub scopes: Vec<Scope>,
@@ -412,7 +437,11 @@ impl Snapshot {
 
     #[inline]
     pub fn bundle_grant(&self, bundle: BundleId, feature: FeatureId) -> Option<&BundleGrant> {
-        let g = *self.bundles.get(bundle as usize)?.grants.get(feature as usize)?;
+        let g = *self
+            .bundles
+            .get(bundle as usize)?
+            .grants
+            .get(feature as usize)?;
         self.grants.get(g as usize)
     }
 

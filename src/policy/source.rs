@@ -73,7 +73,8 @@ pub struct FoundFile {
 /// Lists policy files under `dir`, sorted by relative path (the snapshot version must
 /// not depend on directory iteration order).
 pub fn discover(dir: &Path) -> Result<Vec<FoundFile>, Diagnostic> {
-    let meta = std::fs::metadata(dir).map_err(|e| io_diag(dir, &e, "cannot read policy directory"))?;
+    let meta =
+        std::fs::metadata(dir).map_err(|e| io_diag(dir, &e, "cannot read policy directory"))?;
     if !meta.is_dir() {
         return Err(Diagnostic {
             file: dir.to_path_buf(),
@@ -105,7 +106,9 @@ fn walk(
     for entry in entries {
         let entry = entry.map_err(|e| io_diag(abs, &e, "cannot list directory"))?;
         let name = entry.file_name();
-        let Some(name_str) = name.to_str() else { continue };
+        let Some(name_str) = name.to_str() else {
+            continue;
+        };
         if name_str.starts_with('.') {
             continue;
         }
@@ -113,21 +116,32 @@ fn walk(
         let child_rel = rel.join(&name);
         // `metadata` follows symlinks; a dangling link is skipped like a vanished file
         // (it is routine in the middle of a ConfigMap swap).
-        let Ok(meta) = std::fs::metadata(&child_abs) else { continue };
+        let Ok(meta) = std::fs::metadata(&child_abs) else {
+            continue;
+        };
         if meta.is_dir() {
             if name_str == "tests" {
                 continue;
             }
             walk(&child_abs, &child_rel, out, visited)?;
         } else if let Some(format) = Format::of(&child_abs) {
-            out.push(FoundFile { rel: child_rel, abs: child_abs, format });
+            out.push(FoundFile {
+                rel: child_rel,
+                abs: child_abs,
+                format,
+            });
         }
     }
     Ok(())
 }
 
 fn io_diag(path: &Path, e: &std::io::Error, what: &str) -> Diagnostic {
-    Diagnostic { file: path.to_path_buf(), line: 0, column: 0, message: format!("{what}: {e}") }
+    Diagnostic {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        message: format!("{what}: {e}"),
+    }
 }
 
 /// Where a customer record came from, for locating its errors.
@@ -156,9 +170,15 @@ pub fn parse_file(
     match file.format {
         Format::Yaml => match parse_yaml::<Document>(text, limits) {
             Ok(doc) => (Some(Content::Document(doc)), vec![]),
-            Err((line, column, message)) => {
-                (None, vec![Diagnostic { file: file.rel.clone(), line, column, message }])
-            }
+            Err((line, column, message)) => (
+                None,
+                vec![Diagnostic {
+                    file: file.rel.clone(),
+                    line,
+                    column,
+                    message,
+                }],
+            ),
         },
         Format::Json => match serde_json::from_str::<Document>(text) {
             Ok(doc) => (Some(Content::Document(doc)), vec![]),
@@ -200,7 +220,12 @@ pub fn read_file(file: &FoundFile, limits: &Limits) -> Result<String, Diagnostic
     let bytes = std::fs::read(&file.abs).map_err(|e| io_diag(&file.rel, &e, "cannot read"))?;
     String::from_utf8(bytes).map_err(|e| {
         let (line, column) = line_col(&e.as_bytes()[..e.utf8_error().valid_up_to()]);
-        Diagnostic { file: file.rel.clone(), line, column, message: "expected UTF-8 text".into() }
+        Diagnostic {
+            file: file.rel.clone(),
+            line,
+            column,
+            message: "expected UTF-8 text".into(),
+        }
     })
 }
 
@@ -254,8 +279,15 @@ fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(
         return Ok(T::default());
     }
     serde_saphyr::from_str_with_options::<T>(text, yaml_options(text, limits)).map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
-        (line.max(1), column.max(1), clean_yaml_message(&e.without_snippet().to_string()))
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((1, 1));
+        (
+            line.max(1),
+            column.max(1),
+            clean_yaml_message(&e.without_snippet().to_string()),
+        )
     })
 }
 
@@ -276,7 +308,10 @@ fn clean_yaml_message(msg: &str) -> String {
     if let Some(rest) = msg.strip_prefix("line ") {
         if let Some(i) = rest.find(": ") {
             let head = &rest[..i];
-            if head.split(" column ").all(|p| p.chars().all(|c| c.is_ascii_digit())) {
+            if head
+                .split(" column ")
+                .all(|p| p.chars().all(|c| c.is_ascii_digit()))
+            {
                 return rest[i + 2..].to_string();
             }
         }
@@ -320,17 +355,12 @@ pub fn path_to_string(path: &[Seg]) -> String {
 }
 
 /// A document tree that remembers where each node was written.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 enum PosNode {
+    #[default]
     Leaf,
     Seq(Vec<Spanned<PosNode>>),
     Map(Vec<(Spanned<String>, Spanned<PosNode>)>),
-}
-
-impl Default for PosNode {
-    fn default() -> Self {
-        PosNode::Leaf
-    }
 }
 
 impl<'de> Deserialize<'de> for PosNode {
@@ -427,7 +457,12 @@ pub struct Locator<'a> {
 
 impl<'a> Locator<'a> {
     pub fn new(text: &'a str, format: Format, limits: &'a Limits) -> Self {
-        Locator { text, format, limits, tree: None }
+        Locator {
+            text,
+            format,
+            limits,
+            tree: None,
+        }
     }
 
     /// The line and column of the node at `path` (or of the deepest node of it that
@@ -435,7 +470,11 @@ impl<'a> Locator<'a> {
     /// For NDJSON, `line` selects the record and the path is inside it.
     pub fn locate(&mut self, line: Option<u64>, path: &[Seg], key: bool) -> (u64, u64) {
         if let (Format::Ndjson, Some(n)) = (self.format, line) {
-            let text = self.text.lines().nth(n.saturating_sub(1) as usize).unwrap_or("");
+            let text = self
+                .text
+                .lines()
+                .nth(n.saturating_sub(1) as usize)
+                .unwrap_or("");
             let tree = parse_pos(text, self.limits);
             let (_, col) = tree.as_ref().map(|t| find(t, path, key)).unwrap_or((1, 1));
             return (n, col);
@@ -457,12 +496,15 @@ fn find(root: &Spanned<PosNode>, path: &[Seg], key: bool) -> (u64, u64) {
     for (i, seg) in path.iter().enumerate() {
         let last = i + 1 == path.len();
         let next = match (&node.value, seg) {
-            (PosNode::Map(entries), Seg::Key(k)) => entries.iter().find(|(ek, _)| &ek.value == k).map(|(ek, v)| {
-                if last && key {
-                    at = pos(&ek.referenced);
-                }
-                v
-            }),
+            (PosNode::Map(entries), Seg::Key(k)) => entries
+                .iter()
+                .find(|(ek, _)| &ek.value == k)
+                .map(|(ek, v)| {
+                    if last && key {
+                        at = pos(&ek.referenced);
+                    }
+                    v
+                }),
             (PosNode::Seq(items), Seg::Index(i)) => items.get(*i),
             _ => None,
         };
@@ -491,16 +533,24 @@ mod tests {
         let p: Vec<Seg> = vec!["plans".into(), "free".into(), "grants".into(), "a".into()];
         assert_eq!(loc.locate(None, &p, false), (6, 10));
         assert_eq!(loc.locate(None, &p, true), (6, 7));
-        let json = "{\"customers\": [\n {\"id\": \"x\", \"subscriptions\": [{\"plan\": \"nope\"}]}\n]}";
+        let json =
+            "{\"customers\": [\n {\"id\": \"x\", \"subscriptions\": [{\"plan\": \"nope\"}]}\n]}";
         let mut loc = Locator::new(json, Format::Json, &limits);
-        let p: Vec<Seg> = vec!["customers".into(), 0.into(), "subscriptions".into(), 0.into(), "plan".into()];
+        let p: Vec<Seg> = vec![
+            "customers".into(),
+            0.into(),
+            "subscriptions".into(),
+            0.into(),
+            "plan".into(),
+        ];
         assert_eq!(loc.locate(None, &p, false), (2, 41));
     }
 
     #[test]
     fn yaml_errors_are_located() {
         let limits = Limits::default();
-        let err = parse_yaml::<Document>("features:\n  a: { kind: flag, colour: red }\n", &limits).unwrap_err();
+        let err = parse_yaml::<Document>("features:\n  a: { kind: flag, colour: red }\n", &limits)
+            .unwrap_err();
         assert_eq!(err.0, 2, "{err:?}");
         assert!(err.2.contains("colour"), "{err:?}");
     }

@@ -9,9 +9,7 @@ use crate::time::{DAY, HOUR, MINUTE, SECOND};
 /// length zero means anything.
 pub fn parse_duration(s: &str) -> Result<i64, String> {
     let err = || {
-        format!(
-            "expected a duration like `500ms`, `1s`, `15m`, `4h`, `14d` or `2w`, found `{s}`"
-        )
+        format!("expected a duration like `500ms`, `1s`, `15m`, `4h`, `14d` or `2w`, found `{s}`")
     };
     let bytes = s.trim().as_bytes();
     if bytes.is_empty() {
@@ -50,14 +48,22 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
             .ok_or_else(|| format!("duration `{s}` is too long"))?;
     }
     if total == 0 {
-        return Err(format!("expected a duration greater than zero, found `{s}`"));
+        return Err(format!(
+            "expected a duration greater than zero, found `{s}`"
+        ));
     }
     Ok(total)
 }
 
 /// Formats microseconds back into the policy notation, largest exact unit first.
 pub fn format_duration(us: i64) -> String {
-    for (scale, unit) in [(7 * DAY, "w"), (DAY, "d"), (HOUR, "h"), (MINUTE, "m"), (SECOND, "s")] {
+    for (scale, unit) in [
+        (7 * DAY, "w"),
+        (DAY, "d"),
+        (HOUR, "h"),
+        (MINUTE, "m"),
+        (SECOND, "s"),
+    ] {
         if us % scale == 0 && us != 0 {
             return format!("{}{unit}", us / scale);
         }
@@ -88,7 +94,17 @@ mod tests {
         assert_eq!(parse_duration("4h"), Ok(4 * HOUR));
         assert_eq!(parse_duration("14d"), Ok(14 * DAY));
         assert_eq!(parse_duration("1h30m"), Ok(90 * MINUTE));
-        for bad in ["", "h", "10", "10x", "-1s", "1.5h", "0s", "99999999999999999d", "1 h"] {
+        for bad in [
+            "",
+            "h",
+            "10",
+            "10x",
+            "-1s",
+            "1.5h",
+            "0s",
+            "99999999999999999d",
+            "1 h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
         assert_eq!(format_duration(2 * HOUR), "2h");

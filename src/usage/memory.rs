@@ -88,7 +88,11 @@ impl<'a> Borrow<dyn KeyView + 'a> for Key {
 }
 
 fn owned(k: UsageKey<'_>, window: i64) -> Key {
-    Key { customer: k.customer.into(), feature: k.feature.into(), window }
+    Key {
+        customer: k.customer.into(),
+        feature: k.feature.into(),
+        window,
+    }
 }
 
 #[derive(Debug)]
@@ -114,17 +118,40 @@ impl MemoryStore {
     /// Runs one usage step. Infallible: memory is always there.
     pub fn run(&self, op: &UsageOp<'_>, now: Timestamp) -> UsageOutcome {
         match *op {
-            UsageOp::Quota { key, window_start, window_end, limit, amount, mode } => {
-                self.quota(key, window_start, window_end, limit, amount, mode)
-            }
-            UsageOp::Rate { key, limit, per_us, burst, amount, consume } => {
-                self.rate(key, limit, per_us, burst, amount, consume, now)
-            }
-            UsageOp::Seat { key, limit, holder, action } => self.seat(key, limit, holder, action),
+            UsageOp::Quota {
+                key,
+                window_start,
+                window_end,
+                limit,
+                amount,
+                mode,
+            } => self.quota(key, window_start, window_end, limit, amount, mode),
+            UsageOp::Rate {
+                key,
+                limit,
+                per_us,
+                burst,
+                amount,
+                consume,
+            } => self.rate(key, limit, per_us, burst, amount, consume, now),
+            UsageOp::Seat {
+                key,
+                limit,
+                holder,
+                action,
+            } => self.seat(key, limit, holder, action),
         }
     }
 
-    fn quota(&self, key: UsageKey<'_>, start: Timestamp, end: Timestamp, limit: Limit, amount: u64, mode: QuotaMode) -> UsageOutcome {
+    fn quota(
+        &self,
+        key: UsageKey<'_>,
+        start: Timestamp,
+        end: Timestamp,
+        limit: Limit,
+        amount: u64,
+        mode: QuotaMode,
+    ) -> UsageOutcome {
         let probe = (key, start.0);
         let fits = |used: u64| match limit {
             Limit::Unlimited => true,
@@ -132,8 +159,15 @@ impl MemoryStore {
         };
         let allow_overage = match mode {
             QuotaMode::Check => {
-                let used = self.quotas.get(&probe as &dyn KeyView).map_or(0, |c| c.used.load(Ordering::Acquire));
-                return UsageOutcome::Quota { admitted: fits(used), used, used_before: used };
+                let used = self
+                    .quotas
+                    .get(&probe as &dyn KeyView)
+                    .map_or(0, |c| c.used.load(Ordering::Acquire));
+                return UsageOutcome::Quota {
+                    admitted: fits(used),
+                    used,
+                    used_before: used,
+                };
             }
             QuotaMode::Consume { allow_overage } => allow_overage,
         };
@@ -141,13 +175,32 @@ impl MemoryStore {
             let mut cur = cell.used.load(Ordering::Acquire);
             loop {
                 if !fits(cur) && !allow_overage {
-                    return UsageOutcome::Quota { admitted: false, used: cur, used_before: cur };
+                    return UsageOutcome::Quota {
+                        admitted: false,
+                        used: cur,
+                        used_before: cur,
+                    };
                 }
                 let Some(next) = cur.checked_add(amount) else {
-                    return UsageOutcome::Quota { admitted: false, used: cur, used_before: cur };
+                    return UsageOutcome::Quota {
+                        admitted: false,
+                        used: cur,
+                        used_before: cur,
+                    };
                 };
-                match cell.used.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return UsageOutcome::Quota { admitted: true, used: next, used_before: cur },
+                match cell.used.compare_exchange_weak(
+                    cur,
+                    next,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        return UsageOutcome::Quota {
+                            admitted: true,
+                            used: next,
+                            used_before: cur,
+                        };
+                    }
                     Err(actual) => cur = actual,
                 }
             }
@@ -157,18 +210,34 @@ impl MemoryStore {
         }
         // A denied first consume must not leave an entry behind: check before insert.
         if !fits(0) && !allow_overage {
-            return UsageOutcome::Quota { admitted: false, used: 0, used_before: 0 };
+            return UsageOutcome::Quota {
+                admitted: false,
+                used: 0,
+                used_before: 0,
+            };
         }
         let cell = self
             .quotas
             .entry(owned(key, start.0))
-            .or_insert_with(|| QuotaCell { used: AtomicU64::new(0), window_end: end.0 })
+            .or_insert_with(|| QuotaCell {
+                used: AtomicU64::new(0),
+                window_end: end.0,
+            })
             .downgrade();
         take(&cell)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rate(&self, key: UsageKey<'_>, limit: u64, per_us: i64, burst: u64, amount: u64, consume: bool, now: Timestamp) -> UsageOutcome {
+    fn rate(
+        &self,
+        key: UsageKey<'_>,
+        limit: u64,
+        per_us: i64,
+        burst: u64,
+        amount: u64,
+        consume: bool,
+        now: Timestamp,
+    ) -> UsageOutcome {
         let now_ns = now.0.saturating_mul(1_000);
         // Emission interval: the time one request "costs".
         let t = ((per_us as i128 * 1_000) / limit.max(1) as i128).max(1) as i64;
@@ -176,19 +245,29 @@ impl MemoryStore {
         let cost = t.saturating_mul(amount.min(i64::MAX as u64) as i64);
         let outcome = |tat: i64, admitted: bool| {
             let base = tat.max(now_ns);
-            let after = if admitted { base.saturating_add(cost) } else { base };
+            let after = if admitted {
+                base.saturating_add(cost)
+            } else {
+                base
+            };
             let backlog = after - now_ns;
             UsageOutcome::Rate {
                 admitted,
                 remaining: ((tau - backlog).max(0) / t) as u64,
                 reset_after_us: backlog.div_euclid(1_000),
-                retry_after_us: (!admitted).then(|| { let ns = (base.saturating_add(cost) - now_ns - tau).max(0); (ns + 999) / 1_000 }),
+                retry_after_us: (!admitted).then(|| {
+                    let ns = (base.saturating_add(cost) - now_ns - tau).max(0);
+                    (ns + 999) / 1_000
+                }),
             }
         };
         let decide = |tat: i64| tat.max(now_ns).saturating_add(cost) - now_ns <= tau;
         let probe = (key, 0i64);
         if !consume {
-            let tat = self.rates.get(&probe as &dyn KeyView).map_or(0, |c| c.load(Ordering::Acquire));
+            let tat = self
+                .rates
+                .get(&probe as &dyn KeyView)
+                .map_or(0, |c| c.load(Ordering::Acquire));
             return outcome(tat, decide(tat));
         }
         let step = |cell: &AtomicI64| {
@@ -207,11 +286,21 @@ impl MemoryStore {
         if let Some(cell) = self.rates.get(&probe as &dyn KeyView) {
             return step(&cell);
         }
-        let cell = self.rates.entry(owned(key, 0)).or_insert_with(|| AtomicI64::new(0)).downgrade();
+        let cell = self
+            .rates
+            .entry(owned(key, 0))
+            .or_insert_with(|| AtomicI64::new(0))
+            .downgrade();
         step(&cell)
     }
 
-    fn seat(&self, key: UsageKey<'_>, limit: Limit, holder: Option<&str>, action: SeatAction) -> UsageOutcome {
+    fn seat(
+        &self,
+        key: UsageKey<'_>,
+        limit: Limit,
+        holder: Option<&str>,
+        action: SeatAction,
+    ) -> UsageOutcome {
         let probe = (key, 0i64);
         let room = |n: usize| match limit {
             Limit::Unlimited => true,
@@ -219,28 +308,55 @@ impl MemoryStore {
         };
         match (action, holder) {
             (SeatAction::Check, _) | (_, None) => {
-                let (used, holds) = self.seats.get(&probe as &dyn KeyView).map_or((0, false), |s| {
-                    (s.len(), holder.is_some_and(|h| s.contains(h)))
-                });
-                UsageOutcome::Seat { admitted: holds || room(used), used: used as u64, unchanged: true }
+                let (used, holds) = self
+                    .seats
+                    .get(&probe as &dyn KeyView)
+                    .map_or((0, false), |s| {
+                        (s.len(), holder.is_some_and(|h| s.contains(h)))
+                    });
+                UsageOutcome::Seat {
+                    admitted: holds || room(used),
+                    used: used as u64,
+                    unchanged: true,
+                }
             }
             (SeatAction::Acquire, Some(h)) => {
                 let mut pool = self.seats.entry(owned(key, 0)).or_default();
                 if pool.contains(h) {
-                    return UsageOutcome::Seat { admitted: true, used: pool.len() as u64, unchanged: true };
+                    return UsageOutcome::Seat {
+                        admitted: true,
+                        used: pool.len() as u64,
+                        unchanged: true,
+                    };
                 }
                 if !room(pool.len()) {
-                    return UsageOutcome::Seat { admitted: false, used: pool.len() as u64, unchanged: true };
+                    return UsageOutcome::Seat {
+                        admitted: false,
+                        used: pool.len() as u64,
+                        unchanged: true,
+                    };
                 }
                 pool.insert(h.into());
-                UsageOutcome::Seat { admitted: true, used: pool.len() as u64, unchanged: false }
+                UsageOutcome::Seat {
+                    admitted: true,
+                    used: pool.len() as u64,
+                    unchanged: false,
+                }
             }
             (SeatAction::Release, Some(h)) => match self.seats.get_mut(&probe as &dyn KeyView) {
                 Some(mut pool) => {
                     let removed = pool.remove(h);
-                    UsageOutcome::Seat { admitted: true, used: pool.len() as u64, unchanged: !removed }
+                    UsageOutcome::Seat {
+                        admitted: true,
+                        used: pool.len() as u64,
+                        unchanged: !removed,
+                    }
                 }
-                None => UsageOutcome::Seat { admitted: true, used: 0, unchanged: true },
+                None => UsageOutcome::Seat {
+                    admitted: true,
+                    used: 0,
+                    unchanged: true,
+                },
             },
         }
     }
@@ -259,7 +375,11 @@ impl MemoryStore {
 }
 
 impl UsageStore for MemoryStore {
-    fn apply(&self, op: &UsageOp<'_>, now: Timestamp) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send {
+    fn apply(
+        &self,
+        op: &UsageOp<'_>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send {
         std::future::ready(Ok(self.run(op, now)))
     }
 }
@@ -269,25 +389,71 @@ mod tests {
     use super::*;
     use crate::time::SECOND;
 
-    const KEY: UsageKey<'static> = UsageKey { customer: "acme", feature: "api.calls" };
+    const KEY: UsageKey<'static> = UsageKey {
+        customer: "acme",
+        feature: "api.calls",
+    };
 
     fn consume(s: &MemoryStore, limit: u64, amount: u64, overage: bool) -> UsageOutcome {
-        s.quota(KEY, Timestamp(0), Timestamp(100), Limit::Finite(limit), amount, QuotaMode::Consume { allow_overage: overage })
+        s.quota(
+            KEY,
+            Timestamp(0),
+            Timestamp(100),
+            Limit::Finite(limit),
+            amount,
+            QuotaMode::Consume {
+                allow_overage: overage,
+            },
+        )
     }
 
     #[test]
     fn quota_admits_up_to_the_limit_and_denied_counts_nothing() {
         let s = MemoryStore::new();
-        assert_eq!(consume(&s, 3, 2, false), UsageOutcome::Quota { admitted: true, used: 2, used_before: 0 });
-        assert_eq!(consume(&s, 3, 2, false), UsageOutcome::Quota { admitted: false, used: 2, used_before: 2 });
-        assert_eq!(consume(&s, 3, 1, false), UsageOutcome::Quota { admitted: true, used: 3, used_before: 2 });
-        assert_eq!(consume(&s, 3, 5, true), UsageOutcome::Quota { admitted: true, used: 8, used_before: 3 });
+        assert_eq!(
+            consume(&s, 3, 2, false),
+            UsageOutcome::Quota {
+                admitted: true,
+                used: 2,
+                used_before: 0
+            }
+        );
+        assert_eq!(
+            consume(&s, 3, 2, false),
+            UsageOutcome::Quota {
+                admitted: false,
+                used: 2,
+                used_before: 2
+            }
+        );
+        assert_eq!(
+            consume(&s, 3, 1, false),
+            UsageOutcome::Quota {
+                admitted: true,
+                used: 3,
+                used_before: 2
+            }
+        );
+        assert_eq!(
+            consume(&s, 3, 5, true),
+            UsageOutcome::Quota {
+                admitted: true,
+                used: 8,
+                used_before: 3
+            }
+        );
     }
 
     #[test]
     fn first_denied_consume_leaves_no_counter() {
         let s = MemoryStore::new();
-        assert!(matches!(consume(&s, 1, 2, false), UsageOutcome::Quota { admitted: false, .. }));
+        assert!(matches!(
+            consume(&s, 1, 2, false),
+            UsageOutcome::Quota {
+                admitted: false,
+                ..
+            }
+        ));
         assert_eq!(s.quota_counters(), 0);
     }
 
@@ -305,25 +471,81 @@ mod tests {
         let now = Timestamp(1_000 * SECOND);
         // 10 per second, burst 2.
         let r = |t: Timestamp| s.rate(KEY, 10, SECOND, 2, 1, true, t);
-        assert!(matches!(r(now), UsageOutcome::Rate { admitted: true, remaining: 1, .. }));
-        assert!(matches!(r(now), UsageOutcome::Rate { admitted: true, remaining: 0, .. }));
+        assert!(matches!(
+            r(now),
+            UsageOutcome::Rate {
+                admitted: true,
+                remaining: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            r(now),
+            UsageOutcome::Rate {
+                admitted: true,
+                remaining: 0,
+                ..
+            }
+        ));
         match r(now) {
-            UsageOutcome::Rate { admitted: false, retry_after_us: Some(us), .. } => assert_eq!(us, 100_000),
+            UsageOutcome::Rate {
+                admitted: false,
+                retry_after_us: Some(us),
+                ..
+            } => assert_eq!(us, 100_000),
             other => panic!("expected a denial, got {other:?}"),
         }
         // 100 ms later one token has come back.
-        assert!(matches!(r(now.saturating_add(100_000)), UsageOutcome::Rate { admitted: true, .. }));
+        assert!(matches!(
+            r(now.saturating_add(100_000)),
+            UsageOutcome::Rate { admitted: true, .. }
+        ));
     }
 
     #[test]
     fn seats_are_idempotent_per_holder() {
         let s = MemoryStore::new();
         let acq = |h| s.seat(KEY, Limit::Finite(2), Some(h), SeatAction::Acquire);
-        assert!(matches!(acq("u1"), UsageOutcome::Seat { admitted: true, used: 1, unchanged: false }));
-        assert!(matches!(acq("u1"), UsageOutcome::Seat { admitted: true, used: 1, unchanged: true }));
-        assert!(matches!(acq("u2"), UsageOutcome::Seat { admitted: true, used: 2, .. }));
-        assert!(matches!(acq("u3"), UsageOutcome::Seat { admitted: false, used: 2, .. }));
+        assert!(matches!(
+            acq("u1"),
+            UsageOutcome::Seat {
+                admitted: true,
+                used: 1,
+                unchanged: false
+            }
+        ));
+        assert!(matches!(
+            acq("u1"),
+            UsageOutcome::Seat {
+                admitted: true,
+                used: 1,
+                unchanged: true
+            }
+        ));
+        assert!(matches!(
+            acq("u2"),
+            UsageOutcome::Seat {
+                admitted: true,
+                used: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            acq("u3"),
+            UsageOutcome::Seat {
+                admitted: false,
+                used: 2,
+                ..
+            }
+        ));
         s.seat(KEY, Limit::Finite(2), Some("u1"), SeatAction::Release);
-        assert!(matches!(acq("u3"), UsageOutcome::Seat { admitted: true, used: 2, .. }));
+        assert!(matches!(
+            acq("u3"),
+            UsageOutcome::Seat {
+                admitted: true,
+                used: 2,
+                ..
+            }
+        ));
     }
 }

@@ -28,7 +28,11 @@ pub enum StoreError {
 /// Runs usage steps atomically: a consume that does not fit counts nothing, and N
 /// racing consumes of the last units admit exactly what fits.
 pub trait UsageStore: Send + Sync {
-    fn apply(&self, op: &UsageOp<'_>, now: Timestamp) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send;
+    fn apply(
+        &self,
+        op: &UsageOp<'_>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send;
 }
 
 /// Evaluates and completes a decision against the in-memory store, synchronously: for

@@ -1,0 +1,6 @@
+//! Integration suites.
+
+mod cases;
+mod exactness;
+mod examples;
+mod props;
