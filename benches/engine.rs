@@ -1,1 +1,199 @@
-fn main() {}
+//! Decision and compile benchmarks (criterion).
+//!
+//! Each decision benchmark includes what a request pays for besides the decision: the
+//! `ArcSwap` snapshot load and the clock read (the server's `CoarseClock`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark setup")]
+
+mod common;
+
+/// The binary's allocator, so the figures are the binary's.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use entitled::engine::{Op, Request};
+use entitled::policy::{self, Limits, Snapshot};
+use entitled::shared::SnapshotCell;
+use entitled::time::{Clock, CoarseClock};
+use entitled::usage::{self, MemoryStore};
+
+fn load(n: usize) -> Snapshot {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_policy(dir.path(), n);
+    policy::load_dir(dir.path(), &Limits::default()).unwrap()
+}
+
+fn decisions(c: &mut Criterion) {
+    let clock = CoarseClock::start(Duration::from_millis(1)).unwrap();
+    let store = MemoryStore::new();
+    for n in [10_000usize, 1_000_000] {
+        let snap = SnapshotCell::new();
+        snap.store(Arc::new(load(n)));
+        // A random sequence over all customers: every lookup is cache-cold. The ids sit
+        // in one buffer, as a request's id sits in its (hot) request buffer.
+        let mut rng = common::Rng::new(7);
+        let count = n.min(1 << 20);
+        let ids: String = (0..count)
+            .map(|_| common::customer_id((rng.next() % n as u64) as usize))
+            .collect();
+        let width = common::customer_id(0).len();
+        let id = |i: usize| &ids[i * width..(i + 1) * width];
+        let mut i = 0;
+        c.bench_function(&format!("flag check, random customer of {n}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % count;
+                snap.with(|s| {
+                    let req = Request::new(id(i), "analytics.advanced");
+                    black_box(
+                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
+                            .unwrap()
+                            .allowed,
+                    )
+                })
+            })
+        });
+        if n != 1_000_000 {
+            continue;
+        }
+        let hot = common::customer_id(1);
+        c.bench_function("flag check, hot customer", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    let req = Request::new(black_box(&hot), "analytics.advanced");
+                    black_box(
+                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
+                            .unwrap()
+                            .allowed,
+                    )
+                })
+            })
+        });
+        c.bench_function("value check, hot customer", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    let req = Request::new(black_box(&hot), "support.response_time");
+                    black_box(
+                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
+                            .unwrap()
+                            .allowed,
+                    )
+                })
+            })
+        });
+        // Quota consume on a customer whose limit is effectively unreachable, so every
+        // iteration takes the admitting path with its limit check.
+        c.bench_function("quota consume, hot customer", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    let req = Request::new(black_box(&hot), "api.calls");
+                    black_box(
+                        usage::decide(s.unwrap(), &store, Op::Consume, &req, clock.now())
+                            .unwrap()
+                            .allowed,
+                    )
+                })
+            })
+        });
+        c.bench_function("quota consume, random customer of 1M", |b| {
+            b.iter(|| {
+                i = (i + 1) % count;
+                snap.with(|s| {
+                    let req = Request::new(id(i), "api.calls");
+                    black_box(
+                        usage::decide(s.unwrap(), &store, Op::Consume, &req, clock.now())
+                            .unwrap()
+                            .allowed,
+                    )
+                })
+            })
+        });
+        c.bench_function("rate check, hot customer", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    let req = Request::new(black_box(&hot), "api.rate");
+                    black_box(
+                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
+                            .unwrap()
+                            .allowed,
+                    )
+                })
+            })
+        });
+        c.bench_function("rate consume, hot customer", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    let req = Request::new(black_box(&hot), "api.rate");
+                    black_box(
+                        usage::decide(s.unwrap(), &store, Op::Consume, &req, clock.now())
+                            .unwrap()
+                            .allowed,
+                    )
+                })
+            })
+        });
+        // Two threads consuming the same counter: time per operation, both running.
+        let shared = Arc::new((snap, MemoryStore::new()));
+        c.bench_function("quota consume, same counter, 2 threads (per op)", |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        let shared = shared.clone();
+                        let (clock, hot) = (&clock, &hot);
+                        s.spawn(move || {
+                            for _ in 0..iters {
+                                shared.0.with(|s| {
+                                    let req = Request::new(hot, "api.calls");
+                                    black_box(
+                                        usage::decide(
+                                            s.unwrap(),
+                                            &shared.1,
+                                            Op::Consume,
+                                            &req,
+                                            clock.now(),
+                                        )
+                                        .unwrap()
+                                        .allowed,
+                                    )
+                                });
+                            }
+                        });
+                    }
+                });
+                // Each thread did `iters` operations in the elapsed time, side by side.
+                start.elapsed()
+            })
+        });
+    }
+}
+
+fn compile(c: &mut Criterion) {
+    let mut g = c.benchmark_group("compile");
+    g.sample_size(10);
+    for n in [100_000usize, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        common::write_policy(dir.path(), n);
+        g.bench_function(
+            format!("{n} customers, NDJSON, 2 subscriptions each"),
+            |b| {
+                b.iter(|| {
+                    black_box(
+                        policy::load_dir(dir.path(), &Limits::default())
+                            .unwrap()
+                            .customers
+                            .len(),
+                    )
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decisions, compile);
+criterion_main!(benches);

@@ -6,5 +6,6 @@
 
 pub mod engine;
 pub mod policy;
+pub mod shared;
 pub mod time;
 pub mod usage;

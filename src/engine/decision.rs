@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::policy::{Kind, Limit, ValueRepr};
+use crate::policy::{Kind, Limit, Override, ValueRepr};
 use crate::time::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -61,27 +61,46 @@ pub enum SourceType {
 }
 
 /// Where the winning grant came from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Source<'a> {
-    #[serde(rename = "type")]
     pub kind: SourceType,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub plan: Option<&'a str>,
     /// The include chain: the plan first, then each included group down to the one
     /// that wrote the grant.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub via: Option<&'a [Box<str>]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub approved_by: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ticket: Option<&'a str>,
+    /// The override, with its approval fields.
+    pub approval: Option<&'a Override>,
     /// With `combine: sum`, how many grants were added up.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub combined: Option<u32>,
+}
+
+impl Serialize for Source<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("type", &self.kind)?;
+        if let Some(p) = self.plan {
+            m.serialize_entry("plan", p)?;
+        }
+        if let Some(v) = self.via {
+            m.serialize_entry("via", v)?;
+        }
+        if let Some(p) = self.priority {
+            m.serialize_entry("priority", &p)?;
+        }
+        if let Some(o) = self.approval {
+            m.serialize_entry("approved_by", &*o.approved_by)?;
+            m.serialize_entry("reason", &*o.reason)?;
+            if let Some(t) = &o.ticket {
+                m.serialize_entry("ticket", &**t)?;
+            }
+        }
+        if let Some(n) = self.combined {
+            m.serialize_entry("combined", &n)?;
+        }
+        m.end()
+    }
 }
 
 impl Serialize for Limit {
@@ -132,6 +151,11 @@ pub struct Decision<'a> {
 }
 
 impl<'a> Decision<'a> {
+    /// A decision not made yet: denied until [`crate::engine::evaluate`] says otherwise.
+    pub fn blank(feature: &'a str) -> Self {
+        Self::new(false, Reason::NotEntitled, feature, "")
+    }
+
     pub fn new(allowed: bool, reason: Reason, feature: &'a str, snapshot: &'a str) -> Self {
         Decision {
             allowed,

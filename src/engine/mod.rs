@@ -18,6 +18,23 @@ use std::cmp::Ordering;
 
 pub use decision::{Decision, Reason, Source, SourceType};
 pub use ops::{QuotaMode, SeatAction, UsageKey, UsageOp, UsageOutcome};
+
+/// Evaluates and completes a decision with a synchronous usage step (the in-memory
+/// store): `run` answers the step.
+pub fn decide_with<'a>(
+    snap: &'a Snapshot,
+    op: Op,
+    req: &Request<'a>,
+    now: Timestamp,
+    run: impl FnOnce(&UsageOp<'a>) -> UsageOutcome,
+) -> Result<Decision<'a>, RequestError> {
+    let mut d = Decision::blank(req.feature);
+    if let Some(p) = evaluate(snap, op, req, now, &mut d)? {
+        let outcome = run(&p.op);
+        p.finish(outcome, &mut d);
+    }
+    Ok(d)
+}
 pub use window::{Window, window};
 
 use crate::policy::{
@@ -90,41 +107,33 @@ pub enum RequestError {
     AtNotAllowed,
 }
 
-/// The outcome of evaluating a request.
-#[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a step lives on the stack for one request; boxing would allocate on every usage decision"
-)]
-pub enum Step<'a> {
-    Done(Decision<'a>),
-    Usage(Pending<'a>),
-}
-
-/// A decision waiting for its usage step.
-#[derive(Debug)]
+/// A decision waiting for its usage step: run [`Pending::op`] against a store, then
+/// [`Pending::finish`] the decision with the answer.
+#[derive(Debug, Clone, Copy)]
 pub struct Pending<'a> {
     pub op: UsageOp<'a>,
-    decision: Decision<'a>,
     warn_units: Option<u64>,
     now: Timestamp,
     ctx: UpgradeCtx<'a>,
 }
 
+/// What an upgrade must beat: the winning grant and the effective limit.
 #[derive(Debug, Clone, Copy)]
 struct UpgradeCtx<'a> {
     snap: &'a Snapshot,
     customer: Option<CustomerView<'a>>,
     feature: FeatureId,
     t: Timestamp,
+    current: Option<(&'a GrantValue, u32)>,
+    limit: Option<Limit>,
 }
 
 impl<'a> Pending<'a> {
-    /// Completes the decision with the store's answer to [`Pending::op`].
-    pub fn finish(self, outcome: UsageOutcome) -> Decision<'a> {
+    /// Completes `d` (as [`evaluate`] left it) with the store's answer to
+    /// [`Pending::op`].
+    pub fn finish(self, outcome: UsageOutcome, d: &mut Decision<'a>) {
         let Pending {
             op,
-            decision: mut d,
             warn_units,
             now,
             ctx,
@@ -141,7 +150,7 @@ impl<'a> Pending<'a> {
                 if let (
                     Some(Limit::Finite(l)),
                     UsageOp::Quota {
-                        mode: QuotaMode::Consume { .. },
+                        mode: QuotaMode::Consume,
                         ..
                     },
                 ) = (limit, op)
@@ -182,9 +191,8 @@ impl<'a> Pending<'a> {
             }
         }
         if !d.allowed {
-            d.upgrade = upgrades(ctx, d.limit);
+            d.upgrade = upgrades(ctx);
         }
-        d
     }
 }
 
@@ -240,8 +248,6 @@ pub struct Candidate<'a> {
     pub starts: Timestamp,
     pub ends: Timestamp,
     pub trial: bool,
-    pub via: Option<&'a [Box<str>]>,
-    pub plan: Option<&'a str>,
 }
 
 fn status(starts: Timestamp, ends: Timestamp, grace_ends: Timestamp, t: Timestamp) -> Status {
@@ -284,8 +290,6 @@ fn for_each_candidate<'a>(
             starts: s.starts,
             ends: s.ends,
             trial: s.trial,
-            via: Some(&g.via),
-            plan: Some(&snap.bundle(s.plan).name),
         });
     }
     for (i, g) in c.grants.iter().enumerate() {
@@ -305,8 +309,6 @@ fn for_each_candidate<'a>(
             starts: g.starts,
             ends: g.ends,
             trial: false,
-            via: None,
-            plan: None,
         });
     }
     for (i, o) in c.overrides.iter().enumerate() {
@@ -322,8 +324,6 @@ fn for_each_candidate<'a>(
             starts: o.starts,
             ends: o.expires,
             trial: false,
-            via: None,
-            plan: None,
         });
     }
 }
@@ -465,57 +465,59 @@ fn source<'a>(
     snap: &'a Snapshot,
     c: &CustomerView<'a>,
     w: &Candidate<'a>,
+    feature: FeatureId,
     rule: Rule,
     summed: u32,
 ) -> Source<'a> {
     let mut s = Source {
         kind: SourceType::Subscription,
-        plan: w.plan,
-        via: w.via,
+        plan: None,
+        via: None,
         priority: w.priority,
-        approved_by: None,
-        reason: None,
-        ticket: None,
+        approval: None,
         combined: (rule == Rule::Sum).then_some(summed),
     };
     match w.origin {
-        Origin::Subscription(_) => {}
+        Origin::Subscription(i) => {
+            if let Some(sub) = c.subs.get(i as usize) {
+                s.plan = Some(&snap.bundle(sub.plan).name);
+                s.via = snap.bundle_grant(sub.plan, feature).map(|g| &*g.via);
+            }
+        }
         Origin::Grant(_) => s.kind = SourceType::Grant,
         Origin::Override(i) => {
             s.kind = SourceType::Override;
-            if let Some(o) = c.overrides.get(i as usize) {
-                s.approved_by = Some(&o.approved_by);
-                s.reason = Some(&o.reason);
-                s.ticket = o.ticket.as_deref();
-            }
+            s.approval = c.overrides.get(i as usize);
         }
     }
-    let _ = snap;
     s
 }
 
-/// Evaluates a request. Fails only for requests that are malformed for the feature
-/// (an operation its kind does not support); every other outcome is a decision.
+/// Evaluates a request into `d` (a fresh [`Decision::blank`]). Returns the usage step
+/// still to run, if the feature's kind needs one. Fails only for requests that are
+/// malformed for the feature (an operation its kind does not support); every other
+/// outcome is a decision.
+///
+/// The decision is written in place rather than returned: it is a few hundred bytes,
+/// and moving it through `Result`/`Option` layers showed up as `memmove` in profiles.
 pub fn evaluate<'a>(
     snap: &'a Snapshot,
     op: Op,
     req: &Request<'a>,
     now: Timestamp,
-) -> Result<Step<'a>, RequestError> {
+    d: &mut Decision<'a>,
+) -> Result<Option<Pending<'a>>, RequestError> {
     if req.amount == 0 {
         return Err(RequestError::ZeroAmount);
     }
     if req.at.is_some() && op != Op::Check {
         return Err(RequestError::AtNotAllowed);
     }
-    let version = &*snap.version;
+    d.snapshot = &snap.version;
+    d.feature = req.feature;
     let Some(fid) = snap.feature_id(req.feature) else {
-        return Ok(Step::Done(Decision::new(
-            false,
-            Reason::UnknownFeature,
-            req.feature,
-            version,
-        )));
+        d.deny(Reason::UnknownFeature);
+        return Ok(None);
     };
     let feature = snap.feature(fid);
     let kind = feature.kind;
@@ -535,35 +537,40 @@ pub fn evaluate<'a>(
         return Err(RequestError::MissingHolder);
     }
     let name: &'a str = &feature.name;
-    let mut d = Decision::new(false, Reason::UnknownCustomer, name, version);
+    d.feature = name;
     d.kind = Some(kind);
     let Some(c) = snap.customers.get(req.customer) else {
-        return Ok(Step::Done(d));
+        d.deny(Reason::UnknownCustomer);
+        return Ok(None);
     };
     let t = req.at.unwrap_or(now);
     let mut sel = Selector::new(feature);
     for_each_candidate(snap, &c, fid, t, req.context, |cand| sel.offer(cand));
-    let uctx = UpgradeCtx {
+    let mut uctx = UpgradeCtx {
         snap,
         customer: Some(c),
         feature: fid,
         t,
+        current: None,
+        limit: None,
     };
 
     let Some((w, rule, limit)) = sel.winner() else {
         d.deny(sel.absent_reason());
-        d.upgrade = upgrades(uctx, None);
-        return Ok(Step::Done(d));
+        d.upgrade = upgrades(uctx);
+        return Ok(None);
     };
-    d.source = Some(source(snap, &c, &w, rule, sel.summed));
+    d.source = Some(source(snap, &c, &w, fid, rule, sel.summed));
     d.expires_at = (w.ends != Timestamp::MAX).then_some(w.ends);
     d.in_grace = w.status == Status::InGrace;
     d.trial = w.trial;
     if !w.value.grants_something() {
         d.deny(Reason::NotEntitled);
-        d.upgrade = upgrades(uctx, None);
-        return Ok(Step::Done(d));
+        d.upgrade = upgrades(uctx);
+        return Ok(None);
     }
+    uctx.current = Some((w.value, w.quantity));
+    uctx.limit = limit;
     d.allowed = true;
     d.reason = Reason::Granted;
     let key = UsageKey {
@@ -571,10 +578,10 @@ pub fn evaluate<'a>(
         feature: name,
     };
     match w.value {
-        GrantValue::Flag(_) | GrantValue::Revoked => Ok(Step::Done(d)),
+        GrantValue::Flag(_) | GrantValue::Revoked => Ok(None),
         GrantValue::Value(v) => {
             d.value = Some(&v.repr);
-            Ok(Step::Done(d))
+            Ok(None)
         }
         GrantValue::Quota(q) => {
             let limit = limit.unwrap_or(q.limit);
@@ -585,11 +592,10 @@ pub fn evaluate<'a>(
                 (Some(f), Limit::Finite(l)) => Some(((l as f64) * f).ceil() as u64),
                 _ => None,
             };
-            let mode = match op {
-                Op::Consume => QuotaMode::Consume {
-                    allow_overage: q.overage == Overage::Allow,
-                },
-                _ => QuotaMode::Check,
+            let mode = if op == Op::Consume {
+                QuotaMode::Consume
+            } else {
+                QuotaMode::Check
             };
             let op = UsageOp::Quota {
                 key,
@@ -598,10 +604,10 @@ pub fn evaluate<'a>(
                 limit,
                 amount: req.amount,
                 mode,
+                allow_overage: q.overage == Overage::Allow,
             };
-            Ok(Step::Usage(Pending {
+            Ok(Some(Pending {
                 op,
-                decision: d,
                 warn_units,
                 now: t,
                 ctx: uctx,
@@ -610,7 +616,7 @@ pub fn evaluate<'a>(
         GrantValue::Rate(r) => {
             d.limit = Some(Limit::Finite(r.limit));
             if req.at.is_some() {
-                return Ok(Step::Done(d));
+                return Ok(None);
             }
             let op = UsageOp::Rate {
                 key,
@@ -620,9 +626,8 @@ pub fn evaluate<'a>(
                 amount: req.amount,
                 consume: op == Op::Consume,
             };
-            Ok(Step::Usage(Pending {
+            Ok(Some(Pending {
                 op,
-                decision: d,
                 warn_units: None,
                 now,
                 ctx: uctx,
@@ -632,7 +637,7 @@ pub fn evaluate<'a>(
             let limit = limit.unwrap_or(Limit::Unlimited);
             d.limit = Some(limit);
             if req.at.is_some() {
-                return Ok(Step::Done(d));
+                return Ok(None);
             }
             let action = match op {
                 Op::SeatAcquire => SeatAction::Acquire,
@@ -645,9 +650,8 @@ pub fn evaluate<'a>(
                 holder: req.holder,
                 action,
             };
-            Ok(Step::Usage(Pending {
+            Ok(Some(Pending {
                 op,
-                decision: d,
                 warn_units: None,
                 now,
                 ctx: uctx,
@@ -656,14 +660,15 @@ pub fn evaluate<'a>(
     }
 }
 
-/// Plans (tier order) whose grant of the feature would do better than `current`
-/// (the effective limit, for quota and seats), leaving out plans the customer already
-/// has active. Computed on denials only.
-fn upgrades<'a>(ctx: UpgradeCtx<'a>, current: Option<Limit>) -> Vec<&'a str> {
+/// Plans (tier order) whose grant of the feature would do better than what the
+/// customer has now, leaving out plans the customer already holds. Computed on
+/// denials only.
+fn upgrades<'a>(ctx: UpgradeCtx<'a>) -> Vec<&'a str> {
     let snap = ctx.snap;
     let Some(list) = snap.upgrades.get(ctx.feature as usize) else {
         return Vec::new();
     };
+    let feature = snap.feature(ctx.feature);
     let held = |plan: u32| {
         ctx.customer.is_some_and(|c| {
             c.subs
@@ -677,11 +682,14 @@ fn upgrades<'a>(ctx: UpgradeCtx<'a>, current: Option<Limit>) -> Vec<&'a str> {
             let Some(bg) = snap.grants.get(*g as usize) else {
                 return false;
             };
-            match (current, bg.value.scaled_limit(1)) {
-                (Some(Limit::Finite(cur)), Some(Limit::Finite(n))) => n > cur,
-                (Some(Limit::Finite(_)), Some(Limit::Unlimited)) => true,
-                (Some(Limit::Unlimited), _) => false,
-                _ => true,
+            match (ctx.limit, bg.value.scaled_limit(1), ctx.current) {
+                // Quota and seats: against the effective (possibly summed) limit.
+                (Some(Limit::Finite(cur)), Some(Limit::Finite(n)), _) => n > cur,
+                (Some(Limit::Finite(_)), Some(Limit::Unlimited), _) => true,
+                (Some(Limit::Unlimited), _, _) => false,
+                // Rates and values: by generosity against the winning grant.
+                (_, _, Some((cur, q))) => bg.value.cmp_generosity(1, cur, q, feature).is_gt(),
+                (_, _, None) => true,
             }
         })
         .map(|(plan, _)| &*snap.bundle(*plan).name)
@@ -729,10 +737,13 @@ pub fn explain(snap: &Snapshot, req: &Request<'_>, now: Timestamp) -> Explanatio
         let source = match cand.origin {
             Origin::Subscription(i) => {
                 let s = &c.subs[i as usize];
-                let via = cand.via.map(|v| v.join(" > ")).unwrap_or_default();
+                let via = snap
+                    .bundle_grant(s.plan, fid)
+                    .map(|g| g.via.join(" > "))
+                    .unwrap_or_default();
                 let mut text = format!(
                     "subscription `{}` ({} .. {})",
-                    cand.plan.unwrap_or("?"),
+                    snap.bundle(s.plan).name,
                     fmt_t(s.starts),
                     fmt_t(s.ends)
                 );

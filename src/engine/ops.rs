@@ -21,7 +21,7 @@ pub enum QuotaMode {
     /// Would `amount` fit now? Counts nothing.
     Check,
     /// Count `amount` if it fits (or always, with overage allowed).
-    Consume { allow_overage: bool },
+    Consume,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub enum UsageOp<'a> {
         limit: Limit,
         amount: u64,
         mode: QuotaMode,
+        /// `overage: allow`: past the limit is admitted (and counted, on consume).
+        allow_overage: bool,
     },
     /// GCRA: `limit` per `per_us`, up to `burst` at once.
     Rate {

@@ -88,15 +88,21 @@ pub fn load_texts(
     let version: Box<str> = hasher.finalize().to_hex()[..12].into();
     match compile::compile(&units, version, files) {
         Ok(snapshot) if diagnostics.is_empty() => Ok(snapshot),
-        Ok(_) => Err(LoadError { diagnostics }),
+        Ok(_) => Err(sorted(diagnostics)),
         Err(mut issues) => {
             if !diagnostics.is_empty() {
                 issues.retain(|i| !i.unresolved);
             }
             diagnostics.extend(locate(found, texts, limits, issues));
-            Err(LoadError { diagnostics })
+            Err(sorted(diagnostics))
         }
     }
+}
+
+/// Orders diagnostics as a reader goes through the files.
+fn sorted(mut diagnostics: Vec<Diagnostic>) -> LoadError {
+    diagnostics.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+    LoadError { diagnostics }
 }
 
 /// Turns compile issues' paths into file:line:col, reading each affected file's

@@ -305,6 +305,21 @@ fn clean_yaml_message(msg: &str) -> String {
         Some(i) if msg[i..].contains(", column ") => &msg[..i],
         _ => msg,
     };
+    let msg = msg.replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+    if let Some(breach) = msg.strip_prefix("budget breached: ") {
+        let what = match breach.split([' ', '{']).next().unwrap_or("") {
+            "Aliases" | "RecordedAnchorEvents" | "RecordedAnchorBytes" | "AliasAnchorRatio" => {
+                "too many YAML aliases or too much alias expansion"
+            }
+            "Anchors" => "too many YAML anchors",
+            "Depth" => "nesting too deep",
+            "Nodes" | "Events" | "TotalScalarBytes" => "document too large",
+            "Documents" => "more than one YAML document in a file",
+            _ => "document over a safety limit",
+        };
+        return format!("{what} ({breach}); the loader refuses it");
+    }
+    let msg = msg.as_str();
     if let Some(rest) = msg.strip_prefix("line ") {
         if let Some(i) = rest.find(": ") {
             let head = &rest[..i];

@@ -125,7 +125,16 @@ impl MemoryStore {
                 limit,
                 amount,
                 mode,
-            } => self.quota(key, window_start, window_end, limit, amount, mode),
+                allow_overage,
+            } => self.quota(
+                key,
+                window_start,
+                window_end,
+                limit,
+                amount,
+                mode,
+                allow_overage,
+            ),
             UsageOp::Rate {
                 key,
                 limit,
@@ -143,6 +152,7 @@ impl MemoryStore {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn quota(
         &self,
         key: UsageKey<'_>,
@@ -151,26 +161,27 @@ impl MemoryStore {
         limit: Limit,
         amount: u64,
         mode: QuotaMode,
+        allow_overage: bool,
     ) -> UsageOutcome {
         let probe = (key, start.0);
         let fits = |used: u64| match limit {
             Limit::Unlimited => true,
             Limit::Finite(l) => used.checked_add(amount).is_some_and(|n| n <= l),
         };
-        let allow_overage = match mode {
+        match mode {
             QuotaMode::Check => {
                 let used = self
                     .quotas
                     .get(&probe as &dyn KeyView)
                     .map_or(0, |c| c.used.load(Ordering::Acquire));
                 return UsageOutcome::Quota {
-                    admitted: fits(used),
+                    admitted: allow_overage || fits(used),
                     used,
                     used_before: used,
                 };
             }
-            QuotaMode::Consume { allow_overage } => allow_overage,
-        };
+            QuotaMode::Consume => {}
+        }
         let take = |cell: &QuotaCell| {
             let mut cur = cell.used.load(Ordering::Acquire);
             loop {
@@ -401,9 +412,8 @@ mod tests {
             Timestamp(100),
             Limit::Finite(limit),
             amount,
-            QuotaMode::Consume {
-                allow_overage: overage,
-            },
+            QuotaMode::Consume,
+            overage,
         )
     }
 

@@ -10,7 +10,7 @@ use std::future::Future;
 
 pub use memory::MemoryStore;
 
-use crate::engine::{self, Decision, Op, Request, RequestError, Step, UsageOp, UsageOutcome};
+use crate::engine::{self, Decision, Op, Request, RequestError, UsageOp, UsageOutcome};
 use crate::policy::Snapshot;
 use crate::time::Timestamp;
 
@@ -44,11 +44,5 @@ pub fn decide<'a>(
     req: &Request<'a>,
     now: Timestamp,
 ) -> Result<Decision<'a>, RequestError> {
-    Ok(match engine::evaluate(snap, op, req, now)? {
-        Step::Done(d) => d,
-        Step::Usage(p) => {
-            let outcome = store.run(&p.op, now);
-            p.finish(outcome)
-        }
-    })
+    engine::decide_with(snap, op, req, now, |u| store.run(u, now))
 }
