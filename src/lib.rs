@@ -5,7 +5,10 @@
 //! lives behind [`usage`], time comes in as a parameter ([`time`]).
 
 pub mod engine;
+pub mod metrics;
 pub mod policy;
+pub mod reload;
+pub mod server;
 pub mod shared;
 pub mod time;
 pub mod usage;

@@ -1,6 +1,8 @@
 //! The `entitled` command: parse the command line into a configuration, build, run.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// jemalloc, built with transparent huge pages on (`.cargo/config.toml`): a
 /// 1M-customer snapshot spans ~150 MB, and with 4 KiB pages nearly every customer
@@ -14,7 +16,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use entitled::engine::{self, Op, Request};
+use entitled::metrics::DecisionMetrics;
 use entitled::policy::{self, Limits};
+use entitled::reload::{self, ReloadConfig, ReloadState};
+use entitled::server::{self, App};
+use entitled::shared::SnapshotCell;
+use entitled::time::CoarseClock;
 use entitled::time::Timestamp;
 use entitled::usage::{self, MemoryStore};
 
@@ -27,6 +34,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve decisions over HTTP from the policy directory, reloading it on change.
+    Serve(Serve),
     /// Load and compile a policy directory; print every error with file:line:col.
     Validate {
         /// The policy directory.
@@ -54,6 +63,51 @@ enum Command {
     },
 }
 
+/// Every flag is also an `ENTITLED_*` environment variable.
+#[derive(Debug, clap::Args)]
+struct Serve {
+    /// Policy directory (watched for changes).
+    #[arg(long, env = "ENTITLED_POLICIES", default_value = "./policies")]
+    policies: PathBuf,
+    /// Address for the HTTP API.
+    #[arg(long, env = "ENTITLED_LISTEN", default_value = "127.0.0.1:4780")]
+    listen: String,
+    /// Also serve `/metrics` (and health) on this address, e.g. for a scrape port.
+    #[arg(long, env = "ENTITLED_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Async worker threads (default: one per core).
+    #[arg(long, env = "ENTITLED_WORKERS")]
+    workers: Option<usize>,
+    /// Largest request body in bytes.
+    #[arg(long, env = "ENTITLED_BODY_LIMIT", default_value_t = 64 * 1024)]
+    body_limit: usize,
+    /// Time allowed to receive request headers; also the HTTP/1 keep-alive idle timeout.
+    #[arg(long, env = "ENTITLED_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    header_read_timeout: Duration,
+    /// Most open connections.
+    #[arg(long, env = "ENTITLED_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Quiet time after a policy change before reloading.
+    #[arg(long, env = "ENTITLED_RELOAD_DEBOUNCE", default_value = "100ms", value_parser = duration)]
+    reload_debounce: Duration,
+    /// Full rescan of the policy directory, for filesystems that lose change events.
+    #[arg(long, env = "ENTITLED_RESCAN_INTERVAL", default_value = "30s", value_parser = duration)]
+    rescan_interval: Duration,
+    /// How long a graceful stop waits for requests in flight.
+    #[arg(long, env = "ENTITLED_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    shutdown_timeout: Duration,
+    /// Largest policy file in bytes.
+    #[arg(long, env = "ENTITLED_MAX_POLICY_FILE", default_value_t = 256 * 1024 * 1024)]
+    max_policy_file: u64,
+    /// Log filter (`info`, `entitled=debug`, ...).
+    #[arg(long, env = "ENTITLED_LOG", default_value = "info")]
+    log: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    entitled::policy::units::parse_duration(s).map(|us| Duration::from_micros(us as u64))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -67,6 +121,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Validate { dir } => match policy::load_dir(&dir, &Limits::default()) {
             Ok(s) => {
                 println!(
@@ -157,5 +212,112 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+fn serve(args: Serve) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let prometheus = entitled::metrics::install().context("installing the metrics recorder")?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().thread_name("entitled-worker");
+    if let Some(n) = args.workers {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build().context("starting the runtime")?;
+
+    let cell = SnapshotCell::new();
+    let state = Arc::new(ReloadState::default());
+    let limits = Limits {
+        max_file_bytes: args.max_policy_file,
+        ..Limits::default()
+    };
+    let config = ReloadConfig {
+        dir: args.policies.clone(),
+        limits,
+        debounce: args.reload_debounce,
+        max_delay: Duration::from_secs(1).max(args.reload_debounce),
+        rescan: args.rescan_interval,
+    };
+    let _reloader = reload::start(config, cell.clone(), state.clone())
+        .with_context(|| format!("watching policy directory {}", args.policies.display()))?;
+    if let Some(e) = state.status().last_error {
+        for line in &e.errors {
+            tracing::error!("{line}");
+        }
+        tracing::error!(
+            "no valid policy yet: decisions answer 503 until the policy directory loads"
+        );
+    }
+    let clock =
+        Arc::new(CoarseClock::start(Duration::from_millis(1)).context("starting the clock")?);
+    let app = Arc::new(App {
+        snapshot: cell,
+        store: MemoryStore::new(),
+        clock,
+        reload: state,
+        metrics: DecisionMetrics::new(),
+        prometheus: Some(prometheus),
+        limits: server::Limits {
+            body_limit: args.body_limit,
+            header_read_timeout: args.header_read_timeout,
+            max_connections: args.max_connections,
+            shutdown_timeout: args.shutdown_timeout,
+            ..server::Limits::default()
+        },
+    });
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // A plain line on stdout, for scripts and tests that start us on port 0.
+        println!("entitled: listening on http://{addr}");
+        tracing::info!(%addr, policies = %args.policies.display(), "serving");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut extra = None;
+        if let Some(m) = &args.metrics_listen {
+            let l = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("binding {m}"))?;
+            println!("entitled: metrics on http://{}", l.local_addr()?);
+            let mut rx = stop_rx.clone();
+            extra = Some(tokio::spawn(server::run(l, app.clone(), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })));
+        }
+        let mut rx = stop_rx.clone();
+        let main = tokio::spawn(server::run(listener, app.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        let _ = stop_tx.send(true);
+        main.await.context("server task")??;
+        if let Some(e) = extra {
+            e.await.context("metrics server task")??;
+        }
+        tracing::info!("stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers there is nothing to wait for but the end.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod decision;
 pub mod ops;
+pub mod report;
 pub mod window;
 
 use std::cmp::Ordering;

@@ -393,6 +393,14 @@ impl UsageStore for MemoryStore {
     ) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send {
         std::future::ready(Ok(self.run(op, now)))
     }
+
+    fn try_now(
+        &self,
+        op: &UsageOp<'_>,
+        now: Timestamp,
+    ) -> Option<Result<UsageOutcome, StoreError>> {
+        Some(Ok(self.run(op, now)))
+    }
 }
 
 #[cfg(test)]

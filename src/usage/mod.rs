@@ -33,6 +33,19 @@ pub trait UsageStore: Send + Sync {
         op: &UsageOp<'_>,
         now: Timestamp,
     ) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send;
+
+    /// Answers without waiting, when the store can (the in-memory store always can;
+    /// a remote store only from a local cache). `None` means "await [`Self::apply`]".
+    /// The server uses it to decide inside one synchronous step, with the snapshot
+    /// borrowed from the thread's cache instead of cloned.
+    fn try_now(
+        &self,
+        op: &UsageOp<'_>,
+        now: Timestamp,
+    ) -> Option<Result<UsageOutcome, StoreError>> {
+        let _ = (op, now);
+        None
+    }
 }
 
 /// Evaluates and completes a decision against the in-memory store, synchronously: for

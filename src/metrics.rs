@@ -1,0 +1,217 @@
+//! Every metric the sidecar exports: names, help texts and label sets, in one place.
+//!
+//! Recorded through the `metrics` facade and rendered by
+//! `metrics-exporter-prometheus`. Customer ids are never label values (a million
+//! customers would be a million series); features, plans and reasons are bounded by
+//! the catalog.
+
+use std::sync::OnceLock;
+
+use metrics::{
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::engine::{Op, Reason};
+use crate::policy::{Kind, Snapshot};
+use crate::time::{DAY, Timestamp};
+
+pub const DECISIONS: &str = "entitled_decisions_total";
+pub const DECISION_DURATION: &str = "entitled_decision_duration_seconds";
+pub const RELOADS: &str = "entitled_policy_reloads_total";
+pub const LAST_RELOAD_SUCCESS: &str = "entitled_policy_last_reload_success_timestamp_seconds";
+pub const SNAPSHOT_INFO: &str = "entitled_policy_snapshot_info";
+pub const CUSTOMERS: &str = "entitled_customers";
+pub const OVERRIDES_ACTIVE: &str = "entitled_overrides_active";
+pub const QUOTA_WARNINGS: &str = "entitled_quota_warnings_total";
+pub const SUBSCRIPTIONS_EXPIRING: &str = "entitled_subscriptions_expiring";
+pub const STORE_ERRORS: &str = "entitled_store_errors_total";
+pub const AUDIT_DROPPED: &str = "entitled_audit_dropped_total";
+pub const HTTP_ERRORS: &str = "entitled_http_errors_total";
+pub const CONNECTIONS_REJECTED: &str = "entitled_connections_rejected_total";
+
+/// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
+pub const EXPIRING_WINDOWS: [i64; 3] = [30, 60, 90];
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    // Decisions take microseconds; policy-driven latency alerts need the low buckets.
+    let buckets = [
+        0.000_001,
+        0.000_002_5,
+        0.000_005,
+        0.000_01,
+        0.000_025,
+        0.000_05,
+        0.000_1,
+        0.000_25,
+        0.000_5,
+        0.001,
+        0.002_5,
+        0.005,
+        0.01,
+        0.05,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(DECISION_DURATION.into()), &buckets)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        DECISIONS,
+        "Decisions made, by operation, feature kind, outcome and reason."
+    );
+    describe_histogram!(
+        DECISION_DURATION,
+        Unit::Seconds,
+        "Time to answer a decision request, from parsed request to encoded response."
+    );
+    describe_counter!(
+        RELOADS,
+        "Policy reload attempts, by result (success, failure, unchanged)."
+    );
+    describe_gauge!(
+        LAST_RELOAD_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the last successful policy load."
+    );
+    describe_gauge!(
+        SNAPSHOT_INFO,
+        "1 for the policy snapshot version being served, 0 for versions served before."
+    );
+    describe_gauge!(CUSTOMERS, "Customers in the served snapshot.");
+    describe_gauge!(OVERRIDES_ACTIVE, "Overrides in effect now.");
+    describe_counter!(
+        QUOTA_WARNINGS,
+        "Consumes that crossed a quota's warn_at threshold (an upsell signal), by feature."
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS_EXPIRING,
+        "Subscriptions ending within the window (30d, 60d, 90d)."
+    );
+    describe_counter!(STORE_ERRORS, "Usage store operations that failed.");
+    describe_counter!(
+        AUDIT_DROPPED,
+        "Audit records dropped because the audit queue was full."
+    );
+    describe_counter!(
+        HTTP_ERRORS,
+        "Requests answered with an error status (4xx, 5xx), by route and status."
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Connections closed at accept because the connection cap was reached."
+    );
+    // Series that alerts reference exist from the start, at zero.
+    counter!(STORE_ERRORS).absolute(0);
+    counter!(AUDIT_DROPPED).absolute(0);
+    for result in ["success", "failure"] {
+        counter!(RELOADS, "result" => result).absolute(0);
+    }
+}
+
+const OPS: [Op; 4] = [Op::Check, Op::Consume, Op::SeatAcquire, Op::SeatRelease];
+const KINDS: [Option<Kind>; 6] = [
+    None,
+    Some(Kind::Flag),
+    Some(Kind::Quota),
+    Some(Kind::Rate),
+    Some(Kind::Seats),
+    Some(Kind::Value),
+];
+
+/// Pre-resolved metric handles for the request path: incrementing one is an atomic
+/// add, with no label hashing or registry lookup per decision.
+#[derive(Debug)]
+pub struct DecisionMetrics {
+    counters: Vec<OnceLock<Counter>>,
+    duration: Histogram,
+}
+
+impl Default for DecisionMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DecisionMetrics {
+    pub fn new() -> Self {
+        DecisionMetrics {
+            counters: (0..OPS.len() * KINDS.len() * Reason::ALL.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            duration: histogram!(DECISION_DURATION),
+        }
+    }
+
+    #[inline]
+    pub fn decision(&self, op: Op, kind: Option<Kind>, reason: Reason) {
+        let o = OPS.iter().position(|x| *x == op).unwrap_or(0);
+        let k = KINDS.iter().position(|x| *x == kind).unwrap_or(0);
+        let r = Reason::ALL.iter().position(|x| *x == reason).unwrap_or(0);
+        let i = (o * KINDS.len() + k) * Reason::ALL.len() + r;
+        let Some(slot) = self.counters.get(i) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            let allowed = if reason == Reason::Granted { "true" } else { "false" };
+            let kind = kind.map_or("none", Kind::as_str);
+            counter!(DECISIONS, "op" => op.as_str(), "kind" => kind, "allowed" => allowed, "reason" => reason.as_str())
+        })
+        .increment(1);
+    }
+
+    pub fn duration(&self, seconds: f64) {
+        self.duration.record(seconds);
+    }
+}
+
+pub fn quota_warning(feature: &str) {
+    counter!(QUOTA_WARNINGS, "feature" => feature.to_string()).increment(1);
+}
+
+pub fn reload(result: &'static str) {
+    counter!(RELOADS, "result" => result).increment(1);
+}
+
+/// Records a newly served snapshot: its version, size and load time.
+pub fn snapshot_served(snap: &Snapshot, previous: Option<&str>, at: Timestamp) {
+    if let Some(prev) = previous {
+        gauge!(SNAPSHOT_INFO, "version" => prev.to_string()).set(0.0);
+    }
+    gauge!(SNAPSHOT_INFO, "version" => snap.version.to_string()).set(1.0);
+    gauge!(LAST_RELOAD_SUCCESS).set(at.as_secs_f64());
+    gauge!(CUSTOMERS).set(snap.customers.len() as f64);
+}
+
+/// Refreshes the gauges that move with time rather than with reloads (overrides that
+/// expire, subscriptions approaching their end). Called before each scrape.
+pub fn refresh_time_gauges(snap: &Snapshot, now: Timestamp) {
+    gauge!(OVERRIDES_ACTIVE).set(snap.overrides_active(now) as f64);
+    let mut counts = [0u64; EXPIRING_WINDOWS.len()];
+    for s in &snap.customers.subs {
+        if s.ends <= now || s.ends == Timestamp::MAX {
+            continue;
+        }
+        for (i, days) in EXPIRING_WINDOWS.iter().enumerate() {
+            if s.ends.0 - now.0 < days * DAY {
+                counts[i] += 1;
+            }
+        }
+    }
+    for (i, days) in EXPIRING_WINDOWS.iter().enumerate() {
+        gauge!(SUBSCRIPTIONS_EXPIRING, "within" => format!("{days}d")).set(counts[i] as f64);
+    }
+}
+
+pub fn store_error() {
+    counter!(STORE_ERRORS).increment(1);
+}
+
+pub fn http_error(route: &'static str, status: u16) {
+    counter!(HTTP_ERRORS, "route" => route, "status" => status.to_string()).increment(1);
+}

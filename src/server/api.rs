@@ -1,0 +1,472 @@
+//! Routing and handlers. Each handler turns a request into JSON; errors become HTTP
+//! statuses only in `ApiError::response`.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+
+use super::App;
+use super::error::ApiError;
+use super::request::{self, MAX_BATCH, Parsed, Shape};
+use crate::engine::{self, Decision, Op, Reason};
+use crate::policy::{Kind, Snapshot};
+use crate::time::Timestamp;
+use crate::usage::UsageStore;
+
+type Resp = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn json_value(status: StatusCode, v: &impl serde::Serialize) -> Resp {
+    json(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// Routes one request.
+pub async fn handle<S: UsageStore>(app: &App<S>, req: Request<Incoming>) -> Resp {
+    let started = std::time::Instant::now();
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let decision_route = matches!(
+        path.as_str(),
+        "/v1/check" | "/v1/consume" | "/v1/batch" | "/v1/seats/acquire" | "/v1/seats/release"
+    );
+    let result = route(app, &method, &path, req).await;
+    if decision_route {
+        app.metrics.duration(started.elapsed().as_secs_f64());
+    }
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            crate::metrics::http_error(route_label(&path), e.status().as_u16());
+            e.response()
+        }
+    }
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/check" => "check",
+        "/v1/consume" => "consume",
+        "/v1/batch" => "batch",
+        "/v1/seats/acquire" => "seats_acquire",
+        "/v1/seats/release" => "seats_release",
+        "/v1/expiring" => "expiring",
+        "/v1/status" => "status",
+        "/healthz" | "/readyz" => "health",
+        "/metrics" => "metrics",
+        p if p.starts_with("/v1/customers/") => "customers",
+        _ => "other",
+    }
+}
+
+async fn route<S: UsageStore>(
+    app: &App<S>,
+    method: &Method,
+    path: &str,
+    req: Request<Incoming>,
+) -> Result<Resp, ApiError> {
+    let allow = |allow: &'static str| ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        allow,
+    };
+    let get = method == Method::GET || method == Method::HEAD;
+    match path {
+        "/v1/check" | "/v1/consume" | "/v1/seats/acquire" | "/v1/seats/release" | "/v1/batch" => {
+            if method != Method::POST {
+                return Err(allow("POST"));
+            }
+            let mut body = read_body(app, req).await?;
+            let shape = match path {
+                "/v1/check" => Shape::Check,
+                "/v1/consume" => Shape::Consume,
+                "/v1/seats/acquire" => Shape::Seat(Op::SeatAcquire),
+                "/v1/seats/release" => Shape::Seat(Op::SeatRelease),
+                _ => return batch(app, &mut body).await,
+            };
+            single(app, shape, &mut body).await
+        }
+        "/healthz" if get => Ok(json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())),
+        "/readyz" if get => Ok(readyz(app)),
+        "/v1/status" if get => Ok(status(app)),
+        "/v1/expiring" if get => expiring(app, req.uri().query()),
+        "/metrics" if get => Ok(metrics(app)),
+        p if p.starts_with("/v1/customers/") && get => {
+            customer(app, &p["/v1/customers/".len()..], req.uri().query()).await
+        }
+        "/healthz" | "/readyz" | "/v1/status" | "/v1/expiring" | "/metrics" => {
+            Err(allow("GET, HEAD"))
+        }
+        p if p.starts_with("/v1/customers/") => Err(allow("GET, HEAD")),
+        _ => Err(ApiError::NotFound {
+            path: path.to_string(),
+        }),
+    }
+}
+
+async fn read_body<S>(app: &App<S>, req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
+    let limit = app.limits.body_limit;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes().to_vec()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::TooLarge { limit })
+        }
+        Err(e) => Err(ApiError::BadRequest {
+            field: None,
+            message: format!("could not read the request body: {e}"),
+        }),
+    }
+}
+
+/// A decision encoded, or the need to wait for the store.
+enum Attempt {
+    Done(Result<Vec<u8>, ApiError>),
+    Wait,
+}
+
+fn context<'p>(p: &'p Parsed<'_>) -> Vec<(&'p str, &'p str)> {
+    p.context
+        .iter()
+        .map(|(k, v)| (k.as_ref(), v.as_ref()))
+        .collect()
+}
+
+fn engine_request<'p>(p: &'p Parsed<'_>, ctx: &'p [(&'p str, &'p str)]) -> engine::Request<'p> {
+    engine::Request {
+        customer: &p.customer,
+        feature: &p.feature,
+        amount: p.amount,
+        context: ctx,
+        at: p.at,
+        holder: p.holder.as_deref(),
+    }
+}
+
+/// Counts the decision in metrics and encodes it.
+fn encode<S>(app: &App<S>, op: Op, d: &Decision<'_>) -> Result<Vec<u8>, ApiError> {
+    app.metrics.decision(op, d.kind, d.reason);
+    if d.warning_crossed {
+        crate::metrics::quota_warning(d.feature);
+    }
+    serde_json::to_vec(d).map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: e.to_string(),
+    })
+}
+
+/// Decides within one synchronous step when the store can answer at once.
+fn try_sync<S: UsageStore>(
+    app: &App<S>,
+    snap: Option<&Snapshot>,
+    p: &Parsed<'_>,
+    now: Timestamp,
+) -> Attempt {
+    let Some(snap) = snap else {
+        return Attempt::Done(Err(ApiError::NotReady));
+    };
+    let ctx = context(p);
+    let req = engine_request(p, &ctx);
+    let mut d = Decision::blank(&p.feature);
+    let pending = match engine::evaluate(snap, p.op, &req, now, &mut d) {
+        Err(e) => return Attempt::Done(Err(e.into())),
+        Ok(pending) => pending,
+    };
+    if let Some(pending) = pending {
+        match app.store.try_now(&pending.op, now) {
+            Some(Ok(outcome)) => pending.finish(outcome, &mut d),
+            Some(Err(e)) => {
+                crate::metrics::store_error();
+                return Attempt::Done(Err(ApiError::Unavailable(e.to_string())));
+            }
+            None => return Attempt::Wait,
+        }
+    }
+    Attempt::Done(encode(app, p.op, &d))
+}
+
+/// Decides against an owned snapshot, awaiting the store.
+async fn decide_async<S: UsageStore>(
+    app: &App<S>,
+    snap: &Snapshot,
+    p: &Parsed<'_>,
+    now: Timestamp,
+) -> Result<Vec<u8>, ApiError> {
+    let ctx = context(p);
+    let req = engine_request(p, &ctx);
+    let mut d = Decision::blank(&p.feature);
+    if let Some(pending) = engine::evaluate(snap, p.op, &req, now, &mut d)? {
+        match app.store.apply(&pending.op, now).await {
+            Ok(outcome) => pending.finish(outcome, &mut d),
+            Err(e) => {
+                crate::metrics::store_error();
+                return Err(ApiError::Unavailable(e.to_string()));
+            }
+        }
+    }
+    encode(app, p.op, &d)
+}
+
+async fn single<S: UsageStore>(
+    app: &App<S>,
+    shape: Shape,
+    body: &mut [u8],
+) -> Result<Resp, ApiError> {
+    let v = request::parse_body(body)?;
+    let p = request::parse_request(&v, shape)?;
+    let now = app.clock.now();
+    let out = match app.snapshot.with(|snap| try_sync(app, snap, &p, now)) {
+        Attempt::Done(r) => r?,
+        Attempt::Wait => {
+            let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
+            decide_async(app, &snap, &p, now).await?
+        }
+    };
+    Ok(json(StatusCode::OK, out))
+}
+
+/// `{requests: [...]}` → `{results: [...]}`, in order; a bad item is an error result in
+/// its place and the others still answer. All items see the same snapshot.
+async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, ApiError> {
+    let v = request::parse_body(body)?;
+    use simd_json::prelude::*;
+    let obj = v.as_object().ok_or_else(|| ApiError::BadRequest {
+        field: None,
+        message: "expected a JSON object with `requests`".into(),
+    })?;
+    if let Some(k) = obj.keys().find(|k| k.as_ref() != "requests") {
+        return Err(ApiError::field(
+            k,
+            format!("unknown field `{k}`; expected `requests`"),
+        ));
+    }
+    let items = obj
+        .get("requests")
+        .ok_or_else(|| ApiError::field("requests", "missing field `requests`"))?
+        .as_array()
+        .ok_or_else(|| ApiError::field("requests", "`requests` must be an array"))?;
+    // Collected up front: the container's iterator is not `Send` across the awaits below.
+    let items: Vec<&simd_json::BorrowedValue> = items.iter().collect();
+    if items.len() > MAX_BATCH {
+        return Err(ApiError::field(
+            "requests",
+            format!(
+                "a batch holds at most {MAX_BATCH} requests, found {}",
+                items.len()
+            ),
+        ));
+    }
+    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = app.clock.now();
+    let mut out = Vec::with_capacity(64 + items.len() * 256);
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, item) in items.as_slice().iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let result = match request::parse_request(item, Shape::BatchItem) {
+            Ok(p) => match try_sync(app, Some(&snap), &p, now) {
+                Attempt::Done(r) => r,
+                Attempt::Wait => decide_async(app, &snap, &p, now).await,
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(bytes) => out.extend_from_slice(&bytes),
+            Err(e) => {
+                let mut body = e.body();
+                body["index"] = serde_json::json!(i);
+                out.extend_from_slice(
+                    &serde_json::to_vec(&serde_json::json!({ "error": body })).unwrap_or_default(),
+                );
+            }
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok(json(StatusCode::OK, out))
+}
+
+fn readyz<S>(app: &App<S>) -> Resp {
+    match app.snapshot.load_full() {
+        Some(s) => json_value(
+            StatusCode::OK,
+            &serde_json::json!({ "ready": true, "snapshot": &*s.version }),
+        ),
+        None => {
+            let st = app.reload.status();
+            json_value(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "ready": false, "reason": "no policy snapshot loaded yet", "last_error": st.last_error }),
+            )
+        }
+    }
+}
+
+fn status<S>(app: &App<S>) -> Resp {
+    let st = app.reload.status();
+    let now = app.clock.now();
+    let snapshot = app.snapshot.load_full().map(|s| {
+        serde_json::json!({
+            "version": &*s.version,
+            "loaded_at": st.loaded_at,
+            "features": s.features.len(),
+            "plans": s.plans().count(),
+            "groups": s.bundles.iter().filter(|b| !b.is_plan).count(),
+            "customers": s.customers.len(),
+            "routes": s.routes.len(),
+            "overrides_active": s.overrides_active(now),
+            "files": s.files,
+        })
+    });
+    json_value(
+        StatusCode::OK,
+        &serde_json::json!({
+            "ready": snapshot.is_some(),
+            "snapshot": snapshot,
+            "generation": st.generation,
+            "reloads_ok": st.reloads_ok,
+            "reloads_failed": st.reloads_failed,
+            "last_error": st.last_error,
+        }),
+    )
+}
+
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn expiring<S>(app: &App<S>, query: Option<&str>) -> Result<Resp, ApiError> {
+    let mut within = "90d".to_string();
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "within" => within = v,
+            other => {
+                return Err(ApiError::field(
+                    other,
+                    format!("unknown parameter `{other}`; expected `within`"),
+                ));
+            }
+        }
+    }
+    let us = crate::policy::units::parse_duration(&within)
+        .map_err(|e| ApiError::field("within", format!("`within`: {e}")))?;
+    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = app.clock.now();
+    let items = engine::report::expiring(&snap, now, us);
+    Ok(json_value(
+        StatusCode::OK,
+        &serde_json::json!({ "now": now, "within": within, "snapshot": &*snap.version, "items": items }),
+    ))
+}
+
+/// Every entitlement of a customer now: value or limit, usage, resets, expiry, source.
+/// Query parameters are the context for scoped grants (`?asset=chiller-7`); `at`
+/// evaluates as of another time.
+async fn customer<S: UsageStore>(
+    app: &App<S>,
+    raw_id: &str,
+    query: Option<&str>,
+) -> Result<Resp, ApiError> {
+    let id: Cow<str> = percent_encoding::percent_decode_str(raw_id).decode_utf8_lossy();
+    let pairs = query_pairs(query);
+    let mut at = None;
+    let mut ctx: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in &pairs {
+        if k == "at" {
+            at =
+                Some(Timestamp::parse(v).map_err(|e| ApiError::field("at", format!("`at`: {e}")))?);
+        } else {
+            ctx.push((k, v));
+        }
+    }
+    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = app.clock.now();
+    let Some(c) = snap.customers.get(&id) else {
+        return Ok(json_value(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({ "error": { "code": "unknown_customer", "message": format!("no customer `{id}`"), "field": "id" } }),
+        ));
+    };
+    let t = at.unwrap_or(now);
+    let mut entitlements = Vec::new();
+    for f in &snap.features {
+        let req = engine::Request {
+            context: &ctx,
+            at,
+            ..engine::Request::new(&id, &f.name)
+        };
+        let mut d = Decision::blank(&f.name);
+        if let Some(p) = engine::evaluate(&snap, Op::Check, &req, now, &mut d)? {
+            match app.store.apply(&p.op, now).await {
+                Ok(o) => p.finish(o, &mut d),
+                Err(e) => {
+                    crate::metrics::store_error();
+                    return Err(ApiError::Unavailable(e.to_string()));
+                }
+            }
+        }
+        // A summary shows what the customer has or had, not every feature there is.
+        let relevant = d.source.is_some()
+            || matches!(
+                d.reason,
+                Reason::Expired | Reason::NotYetActive | Reason::OutOfScope
+            );
+        // Seats: a check with no holder says whether one more seat fits.
+        if relevant || (f.kind == Kind::Seats && d.allowed) {
+            entitlements.push(serde_json::to_value(&d).unwrap_or_default());
+        }
+    }
+    let (subscriptions, overrides) = engine::report::records(&snap, &c, t);
+    Ok(json_value(
+        StatusCode::OK,
+        &serde_json::json!({
+            "id": c.id,
+            "name": c.name,
+            "at": t,
+            "snapshot": &*snap.version,
+            "subscriptions": subscriptions,
+            "overrides": overrides,
+            "entitlements": entitlements,
+        }),
+    ))
+}
+
+fn metrics<S>(app: &App<S>) -> Resp {
+    let Some(handle) = &app.prometheus else {
+        return ApiError::NotFound {
+            path: "/metrics".into(),
+        }
+        .response();
+    };
+    if let Some(snap) = app.snapshot.load_full() {
+        crate::metrics::refresh_time_gauges(&snap, app.clock.now());
+    }
+    let mut r = Response::new(Full::new(Bytes::from(handle.render())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}

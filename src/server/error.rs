@@ -1,0 +1,95 @@
+//! API errors and their HTTP mapping, in one place.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode, header};
+
+use crate::engine::RequestError;
+
+/// Every way a request can fail before (or instead of) a decision.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, a missing or mistyped field: names the field.
+    #[error("{message}")]
+    BadRequest {
+        field: Option<String>,
+        message: String,
+    },
+    #[error("request body over the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("no route for `{path}`")]
+    NotFound { path: String },
+    #[error("method `{method}` not allowed here; allowed: {allow}")]
+    MethodNotAllowed { method: String, allow: &'static str },
+    #[error("no policy snapshot loaded yet")]
+    NotReady,
+    #[error("usage store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "bad_request",
+            ApiError::TooLarge { .. } => "payload_too_large",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::NotReady => "not_ready",
+            ApiError::Unavailable(_) => "store_unavailable",
+        }
+    }
+
+    /// The JSON error object: `{"code": .., "message": .., "field": ..}`.
+    pub fn body(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "code": self.code(), "message": self.to_string() });
+        if let ApiError::BadRequest { field: Some(f), .. } = self {
+            v["field"] = serde_json::Value::String(f.clone());
+        }
+        v
+    }
+
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let body =
+            serde_json::to_vec(&serde_json::json!({ "error": self.body() })).unwrap_or_default();
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = self.status();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        if let ApiError::MethodNotAllowed { allow, .. } = self {
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+        }
+        r
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let field = match e {
+            RequestError::WrongKind { .. } => "feature",
+            RequestError::ZeroAmount => "amount",
+            RequestError::MissingHolder => "holder",
+            RequestError::AtNotAllowed => "at",
+        };
+        ApiError::field(field, e.to_string())
+    }
+}

@@ -1,0 +1,145 @@
+//! The HTTP adapter: hyper 1 on tokio, HTTP/1.1 keep-alive and h2c on one port.
+//!
+//! `run` takes a bound listener and a shutdown future (as mini-redis does), so tests
+//! bind `127.0.0.1:0` and run many servers side by side. The server owns no policy
+//! logic: it parses, asks the engine, runs the usage step, encodes.
+
+mod api;
+pub mod error;
+pub mod request;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::metrics::DecisionMetrics;
+use crate::reload::ReloadState;
+use crate::shared::SnapshotCell;
+use crate::time::Clock;
+use crate::usage::UsageStore;
+
+/// Server limits. Every one is on by default: a sidecar in front of every request
+/// must not be held open by slow or abusive clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body (413 beyond).
+    pub body_limit: usize,
+    /// Time to receive a request's headers. hyper starts it whenever an HTTP/1
+    /// connection waits for a request, so it is also the keep-alive idle timeout.
+    pub header_read_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval; a peer that does not answer within the same
+    /// time is dropped.
+    pub h2_keepalive: Duration,
+    /// Most open connections; further ones wait in the accept backlog.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_limit: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            h2_keepalive: Duration::from_secs(30),
+            max_connections: 4096,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything a request handler needs. Shared by all connections.
+pub struct App<S> {
+    /// The served snapshot; read lock-free through a per-thread cache.
+    pub snapshot: SnapshotCell,
+    pub store: S,
+    pub clock: Arc<dyn Clock>,
+    pub reload: Arc<ReloadState>,
+    pub metrics: DecisionMetrics,
+    pub prometheus: Option<PrometheusHandle>,
+    pub limits: Limits,
+}
+
+impl<S> std::fmt::Debug for App<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then stops accepting, lets in-flight
+/// requests finish (up to `shutdown_timeout`) and returns.
+pub async fn run<S: UsageStore + 'static>(
+    listener: TcpListener,
+    app: Arc<App<S>>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.limits.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(app.limits.h2_keepalive)
+        .keep_alive_timeout(app.limits.h2_keepalive)
+        .max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(app.limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(api::handle(&app, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(app.limits.shutdown_timeout) => {
+            tracing::warn!("shutdown timeout: closing connections with requests still in flight");
+        }
+    }
+    Ok(())
+}

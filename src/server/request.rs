@@ -1,0 +1,312 @@
+//! Decision request bodies, parsed with simd-json and validated field by field, so
+//! every error names the field it is about. Strings borrow from the request buffer
+//! where JSON escapes allow.
+
+use std::borrow::Cow;
+
+use simd_json::BorrowedValue as Value;
+use simd_json::prelude::*;
+
+use super::error::ApiError;
+use crate::engine::Op;
+use crate::time::Timestamp;
+
+/// The largest `amount` accepted: beyond it a number is a bug, not usage.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
+/// Longest customer id, feature name, holder, context key or value.
+pub const MAX_STRING: usize = 1024;
+/// Most context pairs.
+pub const MAX_CONTEXT: usize = 32;
+/// Most items in a batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// A parsed decision request.
+#[derive(Debug, Clone)]
+pub struct Parsed<'a> {
+    pub op: Op,
+    pub customer: Cow<'a, str>,
+    pub feature: Cow<'a, str>,
+    pub amount: u64,
+    pub context: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    pub at: Option<Timestamp>,
+    pub holder: Option<Cow<'a, str>>,
+}
+
+/// Which fields an endpoint accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Check,
+    Consume,
+    Seat(Op),
+    /// A batch item: `op` picks check or consume.
+    BatchItem,
+}
+
+impl Shape {
+    fn allowed(self) -> &'static [&'static str] {
+        match self {
+            Shape::Check => &["customer", "feature", "amount", "context", "at"],
+            Shape::Consume => &[
+                "customer",
+                "feature",
+                "amount",
+                "context",
+                "idempotency_key",
+            ],
+            Shape::Seat(_) => &[
+                "customer",
+                "feature",
+                "holder",
+                "context",
+                "idempotency_key",
+            ],
+            Shape::BatchItem => &[
+                "op",
+                "customer",
+                "feature",
+                "amount",
+                "context",
+                "at",
+                "idempotency_key",
+            ],
+        }
+    }
+}
+
+/// Parses a whole body (mutated in place by simd-json).
+pub fn parse_body(buf: &mut [u8]) -> Result<Value<'_>, ApiError> {
+    if buf.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::BadRequest {
+            field: None,
+            message: "expected a JSON object, found an empty body".into(),
+        });
+    }
+    simd_json::to_borrowed_value(buf).map_err(|e| ApiError::BadRequest {
+        field: None,
+        message: format!("malformed JSON: {e}"),
+    })
+}
+
+fn string<'a>(v: &Value<'a>, field: &str) -> Result<Cow<'a, str>, ApiError> {
+    match v {
+        Value::String(s) if s.is_empty() => Err(ApiError::field(
+            field,
+            format!("`{field}` must not be empty"),
+        )),
+        Value::String(s) if s.len() > MAX_STRING => Err(ApiError::field(
+            field,
+            format!("`{field}` is longer than {MAX_STRING} bytes"),
+        )),
+        Value::String(s) => Ok(s.clone()),
+        other => Err(ApiError::field(
+            field,
+            format!("`{field}` must be a string, found {}", type_name(other)),
+        )),
+    }
+}
+
+fn type_name(v: &Value<'_>) -> &'static str {
+    match v.value_type() {
+        ValueType::Null => "null",
+        ValueType::Bool => "a boolean",
+        ValueType::I64 | ValueType::U64 | ValueType::I128 | ValueType::U128 => "an integer",
+        ValueType::F64 => "a fractional number",
+        ValueType::String => "a string",
+        ValueType::Array => "an array",
+        ValueType::Object => "an object",
+        _ => "an unsupported value",
+    }
+}
+
+/// Validates one decision request object.
+pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiError> {
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::BadRequest {
+            field: None,
+            message: format!("expected a JSON object, found {}", type_name(v)),
+        });
+    };
+    for key in obj.keys() {
+        if !shape.allowed().contains(&key.as_ref()) {
+            let hint = match (key.as_ref(), shape) {
+                ("at", Shape::Consume) => " (`at` is only allowed on checks)",
+                ("idempotency_key", Shape::Check) => {
+                    " (checks count nothing; idempotency keys apply to consume and seats)"
+                }
+                _ => "",
+            };
+            return Err(ApiError::field(
+                key,
+                format!(
+                    "unknown field `{key}`{hint}; expected one of {}",
+                    shape.allowed().join(", ")
+                ),
+            ));
+        }
+    }
+    let required = |name: &str| {
+        obj.get(name)
+            .ok_or_else(|| ApiError::field(name, format!("missing field `{name}`")))
+    };
+    let op = match shape {
+        Shape::Check => Op::Check,
+        Shape::Consume => Op::Consume,
+        Shape::Seat(op) => op,
+        Shape::BatchItem => match required("op")?.as_str() {
+            Some("check") => Op::Check,
+            Some("consume") => Op::Consume,
+            _ => {
+                return Err(ApiError::field(
+                    "op",
+                    "`op` must be \"check\" or \"consume\"",
+                ));
+            }
+        },
+    };
+    let customer = string(required("customer")?, "customer")?;
+    let feature = string(required("feature")?, "feature")?;
+    let amount = match obj.get("amount") {
+        None => 1,
+        Some(a) => match a.as_u64() {
+            Some(n) if (1..=MAX_AMOUNT).contains(&n) => n,
+            _ if a.is_f64() || a.is_i64() || a.is_u64() => {
+                return Err(ApiError::field(
+                    "amount",
+                    format!("`amount` must be a whole number from 1 to {MAX_AMOUNT}"),
+                ));
+            }
+            _ => {
+                return Err(ApiError::field(
+                    "amount",
+                    format!("`amount` must be a number, found {}", type_name(a)),
+                ));
+            }
+        },
+    };
+    let mut context = Vec::new();
+    if let Some(c) = obj.get("context") {
+        let Some(map) = c.as_object() else {
+            return Err(ApiError::field(
+                "context",
+                format!(
+                    "`context` must be an object of strings, found {}",
+                    type_name(c)
+                ),
+            ));
+        };
+        if map.len() > MAX_CONTEXT {
+            return Err(ApiError::field(
+                "context",
+                format!("`context` has more than {MAX_CONTEXT} keys"),
+            ));
+        }
+        for (k, val) in map.iter() {
+            let field = format!("context.{k}");
+            context.push((k.clone(), string(val, &field)?));
+        }
+    }
+    let at = match obj.get("at") {
+        None => None,
+        Some(a) => {
+            let s = a.as_str().ok_or_else(|| {
+                ApiError::field("at", "`at` must be an RFC 3339 timestamp string")
+            })?;
+            Some(Timestamp::parse(s).map_err(|e| ApiError::field("at", format!("`at`: {e}")))?)
+        }
+    };
+    if let Some(k) = obj.get("idempotency_key") {
+        string(k, "idempotency_key")?;
+        return Err(ApiError::field(
+            "idempotency_key",
+            "idempotency keys need the durable usage store, which this build does not have yet; retry without one",
+        ));
+    }
+    let holder = match (shape, obj.get("holder")) {
+        (Shape::Seat(_), Some(h)) => Some(string(h, "holder")?),
+        (Shape::Seat(_), None) => return Err(ApiError::field("holder", "missing field `holder`")),
+        _ => None,
+    };
+    Ok(Parsed {
+        op,
+        customer,
+        feature,
+        amount,
+        context,
+        at,
+        holder,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str, shape: Shape) -> Result<(String, u64), ApiError> {
+        let mut buf = body.as_bytes().to_vec();
+        let v = parse_body(&mut buf)?;
+        parse_request(&v, shape).map(|p| (p.customer.to_string(), p.amount))
+    }
+
+    fn field_of(e: ApiError) -> Option<String> {
+        match e {
+            ApiError::BadRequest { field, .. } => field,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        assert_eq!(
+            parse(
+                r#"{"customer":"a","feature":"f","amount":3}"#,
+                Shape::Consume
+            ),
+            Ok(("a".into(), 3))
+        );
+        let bad = [
+            (r#"{"feature":"f"}"#, Some("customer")),
+            (r#"{"customer":7,"feature":"f"}"#, Some("customer")),
+            (
+                r#"{"customer":"a","feature":"f","amount":0}"#,
+                Some("amount"),
+            ),
+            (
+                r#"{"customer":"a","feature":"f","amount":-1}"#,
+                Some("amount"),
+            ),
+            (
+                r#"{"customer":"a","feature":"f","amount":1.5}"#,
+                Some("amount"),
+            ),
+            (
+                r#"{"customer":"a","feature":"f","amount":1e30}"#,
+                Some("amount"),
+            ),
+            (
+                r#"{"customer":"a","feature":"f","amount":"1"}"#,
+                Some("amount"),
+            ),
+            (r#"{"customer":"a","feature":"f","amout":1}"#, Some("amout")),
+            (
+                r#"{"customer":"a","feature":"f","context":{"asset":1}}"#,
+                Some("context.asset"),
+            ),
+            (
+                r#"{"customer":"a","feature":"f","at":"yesterday"}"#,
+                Some("at"),
+            ),
+            (r#"{"customer":"a","feature":"f"#, None),
+            (r#"[1,2]"#, None),
+            ("", None),
+        ];
+        for (body, field) in bad {
+            let shape = if body.contains("\"at\"") {
+                Shape::Check
+            } else {
+                Shape::Consume
+            };
+            let e = parse(body, shape).expect_err(body);
+            assert_eq!(field_of(e), field.map(String::from), "{body}");
+        }
+    }
+}
