@@ -174,6 +174,7 @@ pub fn start(
         cell,
         state,
         last_fingerprint: 0,
+        retired: Vec::new(),
     };
     worker.reload();
     let stop2 = stop.clone();
@@ -192,6 +193,9 @@ struct Worker {
     cell: SnapshotCell,
     state: Arc<ReloadState>,
     last_fingerprint: u64,
+    /// Superseded snapshots, dropped here once no request thread holds them: freeing
+    /// a million customers takes milliseconds, and must not land on a request.
+    retired: Vec<Arc<crate::policy::Snapshot>>,
 }
 
 impl Worker {
@@ -200,6 +204,7 @@ impl Worker {
         let tick = Duration::from_millis(200).min(self.config.rescan);
         let mut next_rescan = Instant::now() + self.config.rescan;
         while !stop.load(Ordering::Acquire) {
+            self.retired.retain(|s| Arc::strong_count(s) > 1);
             match rx.recv_timeout(tick) {
                 Ok(()) => {
                     self.debounce(rx, stop);
@@ -255,7 +260,9 @@ impl Worker {
                 crate::metrics::reload("success");
                 tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
                 self.cell.store(snap.clone());
-                drop(previous);
+                // Request threads drop their cached reference on their next read;
+                // the last reference (and the freeing) stays on this thread.
+                self.retired.extend(previous);
                 self.state.update(|s| {
                     s.version = Some(snap.version.to_string());
                     s.loaded_at = Some(now);

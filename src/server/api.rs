@@ -139,9 +139,10 @@ async fn read_body<S>(app: &App<S>, req: Request<Incoming>) -> Result<Vec<u8>, A
     }
 }
 
-/// A decision encoded, or the need to wait for the store.
+/// A decision encoded (appended to the output buffer), or the need to wait for the
+/// store.
 enum Attempt {
-    Done(Result<Vec<u8>, ApiError>),
+    Done(Result<(), ApiError>),
     Wait,
 }
 
@@ -163,13 +164,13 @@ fn engine_request<'p>(p: &'p Parsed<'_>, ctx: &'p [(&'p str, &'p str)]) -> engin
     }
 }
 
-/// Counts the decision in metrics and encodes it.
-fn encode<S>(app: &App<S>, op: Op, d: &Decision<'_>) -> Result<Vec<u8>, ApiError> {
+/// Counts the decision in metrics and appends its JSON to `out`.
+fn encode<S>(app: &App<S>, op: Op, d: &Decision<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
     app.metrics.decision(op, d.kind, d.reason);
     if d.warning_crossed {
         crate::metrics::quota_warning(d.feature);
     }
-    serde_json::to_vec(d).map_err(|e| ApiError::BadRequest {
+    serde_json::to_writer(out, d).map_err(|e| ApiError::BadRequest {
         field: None,
         message: e.to_string(),
     })
@@ -181,6 +182,7 @@ fn try_sync<S: UsageStore>(
     snap: Option<&Snapshot>,
     p: &Parsed<'_>,
     now: Timestamp,
+    out: &mut Vec<u8>,
 ) -> Attempt {
     let Some(snap) = snap else {
         return Attempt::Done(Err(ApiError::NotReady));
@@ -202,7 +204,7 @@ fn try_sync<S: UsageStore>(
             None => return Attempt::Wait,
         }
     }
-    Attempt::Done(encode(app, p.op, &d))
+    Attempt::Done(encode(app, p.op, &d, out))
 }
 
 /// Decides against an owned snapshot, awaiting the store.
@@ -211,7 +213,8 @@ async fn decide_async<S: UsageStore>(
     snap: &Snapshot,
     p: &Parsed<'_>,
     now: Timestamp,
-) -> Result<Vec<u8>, ApiError> {
+    out: &mut Vec<u8>,
+) -> Result<(), ApiError> {
     let ctx = context(p);
     let req = engine_request(p, &ctx);
     let mut d = Decision::blank(&p.feature);
@@ -224,7 +227,7 @@ async fn decide_async<S: UsageStore>(
             }
         }
     }
-    encode(app, p.op, &d)
+    encode(app, p.op, &d, out)
 }
 
 async fn single<S: UsageStore>(
@@ -235,13 +238,17 @@ async fn single<S: UsageStore>(
     let v = request::parse_body(body)?;
     let p = request::parse_request(&v, shape)?;
     let now = app.clock.now();
-    let out = match app.snapshot.with(|snap| try_sync(app, snap, &p, now)) {
+    let mut out = Vec::with_capacity(512);
+    match app
+        .snapshot
+        .with(|snap| try_sync(app, snap, &p, now, &mut out))
+    {
         Attempt::Done(r) => r?,
         Attempt::Wait => {
             let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
-            decide_async(app, &snap, &p, now).await?
+            decide_async(app, &snap, &p, now, &mut out).await?
         }
-    };
+    }
     Ok(json(StatusCode::OK, out))
 }
 
@@ -284,16 +291,18 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
         if i > 0 {
             out.push(b',');
         }
+        let mark = out.len();
         let result = match request::parse_request(item, Shape::BatchItem) {
-            Ok(p) => match try_sync(app, Some(&snap), &p, now) {
+            Ok(p) => match try_sync(app, Some(&snap), &p, now, &mut out) {
                 Attempt::Done(r) => r,
-                Attempt::Wait => decide_async(app, &snap, &p, now).await,
+                Attempt::Wait => decide_async(app, &snap, &p, now, &mut out).await,
             },
             Err(e) => Err(e),
         };
         match result {
-            Ok(bytes) => out.extend_from_slice(&bytes),
+            Ok(()) => {}
             Err(e) => {
+                out.truncate(mark);
                 let mut body = e.body();
                 body["index"] = serde_json::json!(i);
                 out.extend_from_slice(
