@@ -185,21 +185,82 @@ pub fn parse_file(
             Err(e) => (None, vec![json_diag(&file.rel, &e, 0)]),
         },
         Format::Ndjson => {
-            let mut customers = Vec::new();
-            let mut errors = Vec::new();
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let n = i as u64 + 1;
-                match serde_json::from_str::<Customer>(line) {
-                    Ok(c) => customers.push((n, c)),
-                    Err(e) => errors.push(json_diag(&file.rel, &e, n - 1)),
-                }
-            }
+            let (customers, errors) = parse_ndjson(&file.rel, text);
             (Some(Content::Customers(customers)), errors)
         }
     }
+}
+
+/// Parses NDJSON customers, one per line; a big file is split at line boundaries and
+/// parsed on every core (bulk exports are the largest policy files there are).
+fn parse_ndjson(rel: &Path, text: &str) -> (Vec<(u64, Customer)>, Vec<Diagnostic>) {
+    let parse = |chunk: &str, first_line: u64| {
+        let mut customers = Vec::new();
+        let mut errors = Vec::new();
+        for (i, line) in chunk.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let n = first_line + i as u64;
+            match serde_json::from_str::<Customer>(line) {
+                Ok(c) => customers.push((n, c)),
+                Err(e) => errors.push(json_diag(rel, &e, n - 1)),
+            }
+        }
+        (customers, errors)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    if threads < 2 || text.len() < (1 << 20) {
+        return parse(text, 1);
+    }
+    // Chunk boundaries just after a newline, with each chunk's first line number.
+    let mut chunks = Vec::with_capacity(threads);
+    let mut start = 0;
+    let mut line = 1u64;
+    for k in 1..=threads {
+        let mut end = if k == threads {
+            text.len()
+        } else {
+            (text.len() * k / threads).max(start)
+        };
+        while end < text.len() && !text.is_char_boundary(end) {
+            end += 1;
+        }
+        if let Some(nl) = text[end..].find('\n') {
+            end += nl + 1;
+        } else {
+            end = text.len();
+        }
+        if end <= start {
+            continue;
+        }
+        let chunk = &text[start..end];
+        chunks.push((chunk, line));
+        line += chunk.bytes().filter(|&b| b == b'\n').count() as u64;
+        start = end;
+        if start >= text.len() {
+            break;
+        }
+    }
+    let parts: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|&(c, l)| s.spawn(move || parse(c, l)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut customers = Vec::with_capacity(parts.iter().map(|p| p.0.len()).sum());
+    let mut errors = Vec::new();
+    for (c, e) in parts {
+        customers.extend(c);
+        errors.extend(e);
+    }
+    (customers, errors)
 }
 
 /// Reads a file's text, refusing files over the size limit before reading them.

@@ -121,20 +121,28 @@ pub async fn run<S: UsageStore + 'static>(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let service = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(api::handle(&app, req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _ = conn.await;
+            // hyper's header read timeout starts only once it knows the protocol; a
+            // client that sends nothing (or half an HTTP/2 preface) would hold its
+            // connection slot for ever. Wait for enough bytes to tell, with a deadline.
+            let timeout = app.limits.header_read_timeout;
+            if sniff(&stream, timeout).await.is_ok() {
+                let service = service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(api::handle(&app, req).await) }
+                });
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            }
             drop(permit);
         });
     }
     drop(listener);
+    drop(builder);
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(app.limits.shutdown_timeout) => {
@@ -142,4 +150,38 @@ pub async fn run<S: UsageStore + 'static>(
         }
     }
     Ok(())
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits until the first bytes of a connection tell HTTP/1 from HTTP/2 (a byte that
+/// leaves the HTTP/2 preface, or the whole preface), without consuming them. Fails on
+/// EOF, error or when `within` runs out.
+async fn sniff(stream: &tokio::net::TcpStream, within: Duration) -> Result<(), ()> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 24];
+    loop {
+        // `timeout_at` polls its future first, and a socket with bytes waiting is
+        // always readable: check the deadline explicitly.
+        if tokio::time::Instant::now() >= deadline {
+            return Err(());
+        }
+        tokio::time::timeout_at(deadline, stream.readable())
+            .await
+            .map_err(|_| ())?
+            .map_err(|_| ())?;
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return Err(()),
+        };
+        if n == 0 {
+            return Err(());
+        }
+        if buf[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len() {
+            return Ok(());
+        }
+        // A strict prefix of the preface: more is coming (or the peer is stalling).
+        // `readable` would answer at once with the bytes already there, so pause.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }

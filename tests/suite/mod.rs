@@ -4,3 +4,6 @@ mod cases;
 mod exactness;
 mod examples;
 mod props;
+mod reload;
+mod server;
+mod support;

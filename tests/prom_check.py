@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Checks an `entitled` /metrics scrape (on stdin) against PRODUCT.md section 7.
+
+    curl -s http://127.0.0.1:4780/metrics | python3 tests/prom_check.py CUSTOMER_ID...
+
+Parses the text with prometheus_client's own parser (what a scraper would accept),
+then checks that every metric the product promises is there with its type and label
+names, and that no label value anywhere is one of the customer ids given as
+arguments (customer ids are never label values). Exits 1 with one line per problem.
+"""
+
+import sys
+
+try:
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError as e:  # the test must fail, not skip, without the module
+    sys.stderr.write(f"prom_check: cannot import prometheus_client ({e}); pip install prometheus_client\n")
+    sys.exit(2)
+
+# name -> (type, label names every sample must carry)
+REQUIRED = {
+    "entitled_decisions_total": ("counter", {"op", "kind", "allowed", "reason"}),
+    "entitled_decision_duration_seconds": ("histogram", set()),
+    "entitled_policy_reloads_total": ("counter", {"result"}),
+    "entitled_policy_last_reload_success_timestamp_seconds": ("gauge", set()),
+    "entitled_policy_snapshot_info": ("gauge", {"version"}),
+    "entitled_customers": ("gauge", set()),
+    "entitled_overrides_active": ("gauge", set()),
+    "entitled_quota_warnings_total": ("counter", {"feature"}),
+    "entitled_subscriptions_expiring": ("gauge", {"within"}),
+    "entitled_store_errors_total": ("counter", set()),
+    "entitled_audit_dropped_total": ("counter", set()),
+}
+
+# Label values with a fixed vocabulary.
+VOCABULARY = {
+    ("entitled_decisions_total", "allowed"): {"true", "false"},
+    ("entitled_decisions_total", "reason"): {
+        "granted", "not_entitled", "expired", "not_yet_active", "out_of_scope",
+        "quota_exhausted", "rate_limited", "seats_exhausted", "unknown_customer",
+        "unknown_feature",
+    },
+    ("entitled_policy_reloads_total", "result"): {"success", "failure", "unchanged"},
+}
+
+
+def family_key(fam):
+    """The exposed metric name: the parser drops `_total` from counter families."""
+    if fam.type == "counter" and not fam.name.endswith("_total"):
+        return fam.name + "_total"
+    return fam.name
+
+
+def main(argv):
+    customer_ids = set(argv[1:])
+    text = sys.stdin.read()
+    problems = []
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as e:  # noqa: BLE001 - any parse failure is the finding
+        sys.stderr.write(f"prom_check: the scrape does not parse as Prometheus text: {e!r}\n")
+        return 1
+    by_name = {}
+    for fam in families:
+        key = family_key(fam)
+        if key in by_name:
+            problems.append(f"{key}: exposed twice")
+        by_name[key] = fam
+
+    for name, (want_type, want_labels) in REQUIRED.items():
+        fam = by_name.get(name)
+        if fam is None:
+            problems.append(f"{name}: missing")
+            continue
+        if fam.type != want_type:
+            problems.append(f"{name}: type {fam.type}, expected {want_type}")
+        if not fam.samples:
+            problems.append(f"{name}: no samples")
+        if want_type == "histogram":
+            suffixes = {s.name[len(name):] for s in fam.samples}
+            for part in ("_bucket", "_sum", "_count"):
+                if part not in suffixes:
+                    problems.append(f"{name}: histogram without {part}")
+            if not any(s.name.endswith("_bucket") and s.labels.get("le") == "+Inf" for s in fam.samples):
+                problems.append(f"{name}: histogram without an le=\"+Inf\" bucket")
+        for s in fam.samples:
+            labels = set(s.labels) - {"le"}
+            if want_labels and labels != want_labels:
+                problems.append(
+                    f"{name}: sample {s.name}{s.labels} has labels {sorted(labels)}, expected {sorted(want_labels)}"
+                )
+                break
+            for (metric, label), allowed in VOCABULARY.items():
+                if metric == name and label in s.labels and s.labels[label] not in allowed:
+                    problems.append(f"{name}: {label}={s.labels[label]!r} is not one of {sorted(allowed)}")
+
+    for fam in families:
+        for s in fam.samples:
+            for label, value in s.labels.items():
+                if value in customer_ids:
+                    problems.append(
+                        f"{s.name}: label {label}={value!r} is a customer id (customer ids are never label values)"
+                    )
+
+    if problems:
+        for p in problems:
+            sys.stderr.write(f"prom_check: {p}\n")
+        return 1
+    print(f"prom_check: ok, {len(families)} metric families, {len(REQUIRED)} required present")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

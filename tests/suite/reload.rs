@@ -1,0 +1,296 @@
+//! Hot reload against the real binary.
+//!
+//! Each test starts `entitled serve --reload-debounce 50ms` on its own tempdir, changes
+//! the directory the way an editor, a deploy script or kubelet does, and waits (with a
+//! deadline) until `GET /v1/status` or a decision shows the change.
+//!
+//! The periodic rescan (`--rescan-interval`) is not tested here: on this machine
+//! inotify always sees the change first, so a test could not tell which one reloaded.
+//! Its fingerprinting is unit-tested in `src/reload.rs`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::support::{PolicyDir, Server, metric_value, names_file_line_col, wait_for, wait_until};
+
+/// How long a reload may take to show.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const CATALOG: &str =
+    "features:\n  api.calls: { kind: quota, unit: call }\n  sso: { kind: flag }\n";
+
+fn plans(limit: u64) -> String {
+    format!("plans:\n  pro:\n    grants:\n      api.calls: {{ limit: {limit}, per: month }}\n")
+}
+
+const CUSTOMERS: &str =
+    "customers:\n  - id: acme\n    subscriptions:\n      - { plan: pro, starts: 2020-01-01 }\n";
+
+fn start(dir: &Path) -> Server {
+    Server::start_with(dir, &["--reload-debounce", "50ms"])
+}
+
+fn limit(s: &Server, customer: &str) -> Value {
+    s.check(customer, "api.calls")["limit"].clone()
+}
+
+/// Waits until acme's api.calls limit is `want`; fails with the status if not.
+fn await_limit(s: &Server, want: u64) {
+    assert!(
+        wait_until(DEADLINE, || limit(s, "acme") == json!(want)),
+        "limit {want} not served within {DEADLINE:?}; serving {}; status {}",
+        limit(s, "acme"),
+        s.status()
+    );
+}
+
+fn generation(s: &Server) -> u64 {
+    s.status()["generation"].as_u64().expect("generation")
+}
+
+fn standard_dir(limit: u64) -> PolicyDir {
+    PolicyDir::with(&[
+        ("catalog.yaml", CATALOG),
+        ("plans.yaml", &plans(limit)),
+        ("customers.yaml", CUSTOMERS),
+    ])
+}
+
+#[test]
+fn an_in_place_write_is_served() {
+    let dir = standard_dir(100);
+    let s = start(dir.path());
+    let v1 = s.version().expect("version");
+    let g1 = generation(&s);
+    assert_eq!(limit(&s, "acme"), 100);
+    // Counters survive the reload and the new limit applies to them.
+    s.decide(
+        "/v1/consume",
+        &json!({"customer": "acme", "feature": "api.calls", "amount": 40}),
+    );
+
+    dir.write("plans.yaml", &plans(200)); // truncate + write, same inode
+    await_limit(&s, 200);
+    let st = s.status();
+    assert_ne!(st["snapshot"]["version"], v1.as_str(), "{st}");
+    assert!(st["generation"].as_u64().is_some_and(|g| g > g1), "{st}");
+    assert!(st["last_error"].is_null(), "{st}");
+    let d = s.check("acme", "api.calls");
+    assert_eq!(
+        (d["used"].clone(), d["remaining"].clone()),
+        (json!(40), json!(160)),
+        "{d}"
+    );
+    assert_ne!(d["snapshot"], v1.as_str());
+}
+
+#[test]
+fn a_rename_over_the_file_is_served() {
+    let dir = standard_dir(100);
+    let s = start(dir.path());
+    let v1 = s.version().expect("version");
+    // What editors and `kubectl cp`-style deploys do: write a temp file, rename it in.
+    dir.write("plans.yaml.tmp", &plans(300));
+    std::fs::rename(dir.join("plans.yaml.tmp"), dir.join("plans.yaml")).expect("rename");
+    await_limit(&s, 300);
+    assert_ne!(s.version().expect("version"), v1);
+
+    // Again, through a dot-named temp file (skipped by discovery while it exists).
+    dir.write(".plans.yaml.swp", &plans(301));
+    std::fs::rename(dir.join(".plans.yaml.swp"), dir.join("plans.yaml")).expect("rename");
+    await_limit(&s, 301);
+}
+
+#[test]
+fn delete_then_recreate_is_served() {
+    let dir = standard_dir(100);
+    let s = start(dir.path());
+    assert_eq!(s.check("acme", "api.calls")["allowed"], true);
+    dir.remove("customers.yaml");
+    // Without its customers file the set still loads, and acme is gone.
+    assert!(
+        wait_until(DEADLINE, || s.check("acme", "api.calls")["reason"]
+            == "unknown_customer"),
+        "the deletion was not served; status {}",
+        s.status()
+    );
+    dir.write(
+        "customers.yaml",
+        "customers:\n  - id: acme\n    subscriptions:\n      - { plan: pro, starts: 2020-01-01 }\n  - id: globex\n    subscriptions:\n      - { plan: pro, starts: 2020-01-01 }\n",
+    );
+    assert!(
+        wait_until(DEADLINE, || s.check("globex", "api.calls")["allowed"]
+            == true),
+        "the recreated file was not served; status {}",
+        s.status()
+    );
+    assert_eq!(s.check("acme", "api.calls")["allowed"], true);
+    assert_eq!(s.status()["snapshot"]["customers"], 2);
+}
+
+#[test]
+fn a_new_file_in_a_new_subdirectory_is_served() {
+    let dir = standard_dir(100);
+    let s = start(dir.path());
+    assert_eq!(s.check("initech", "sso")["reason"], "unknown_customer");
+    let files_before = s.status()["snapshot"]["files"].clone();
+    dir.write(
+        "team-b/eu/more.yaml",
+        "plans:\n  sso-addon:\n    grants:\n      sso: true\ncustomers:\n  - id: initech\n    subscriptions:\n      - { plan: sso-addon, starts: 2020-01-01 }\n",
+    );
+    assert!(
+        wait_until(DEADLINE, || s.check("initech", "sso")["allowed"] == true),
+        "a file in a new subdirectory was not served; status {}",
+        s.status()
+    );
+    let st = s.status();
+    assert_ne!(st["snapshot"]["files"], files_before, "{st}");
+    assert_eq!(st["snapshot"]["customers"], 2, "{st}");
+}
+
+/// Lays out `dir` as kubelet mounts a ConfigMap: the files live in a timestamped
+/// folder, `..data` points at it, and each key is a symlink through `..data`.
+fn configmap_version(dir: &Path, stamp: &str, files: &[(&str, &str)]) {
+    let folder = dir.join(stamp);
+    std::fs::create_dir(&folder).expect("timestamped folder");
+    for (name, text) in files {
+        std::fs::write(folder.join(name), text).expect("writing a configmap key");
+    }
+}
+
+#[test]
+fn a_kubernetes_configmap_swap_is_served() {
+    use std::os::unix::fs::symlink;
+    let dir = PolicyDir::new();
+    let root = dir.path();
+    let old = "..2026_01_01_00_00_00.000000001";
+    let catalog_and_plans = |limit: u64| format!("{CATALOG}{}", plans(limit));
+    configmap_version(
+        root,
+        old,
+        &[
+            ("catalog.yaml", &catalog_and_plans(100)),
+            ("customers.yaml", CUSTOMERS),
+        ],
+    );
+    symlink(old, root.join("..data")).expect("..data symlink");
+    for key in ["catalog.yaml", "customers.yaml"] {
+        symlink(format!("..data/{key}"), root.join(key)).expect("key symlink");
+    }
+    let s = start(root);
+    assert_eq!(limit(&s, "acme"), 100, "status {}", s.status());
+    // The folder is reached only through the symlinks: no name is defined twice.
+    assert_eq!(s.status()["snapshot"]["customers"], 1);
+    let g1 = generation(&s);
+
+    // The swap, step by step as kubelet's atomic writer does it.
+    let new = "..2026_01_01_00_05_00.000000002";
+    configmap_version(
+        root,
+        new,
+        &[
+            ("catalog.yaml", &catalog_and_plans(250)),
+            ("customers.yaml", CUSTOMERS),
+        ],
+    );
+    symlink(new, root.join("..data_tmp")).expect("..data_tmp symlink");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swapping ..data");
+    std::fs::remove_dir_all(root.join(old)).expect("removing the old folder");
+
+    await_limit(&s, 250);
+    let st = s.status();
+    assert!(st["last_error"].is_null(), "{st}");
+    assert!(st["generation"].as_u64().is_some_and(|g| g > g1), "{st}");
+
+    // And a second swap (the watcher still follows after the first).
+    let newer = "..2026_01_01_00_10_00.000000003";
+    configmap_version(
+        root,
+        newer,
+        &[
+            ("catalog.yaml", &catalog_and_plans(275)),
+            ("customers.yaml", CUSTOMERS),
+        ],
+    );
+    symlink(newer, root.join("..data_tmp")).expect("..data_tmp symlink");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swapping ..data");
+    std::fs::remove_dir_all(root.join(new)).expect("removing the old folder");
+    await_limit(&s, 275);
+}
+
+#[test]
+fn a_burst_of_100_writes_collapses_into_few_reloads() {
+    let dir = standard_dir(1);
+    let s = start(dir.path());
+    let g0 = generation(&s);
+    for i in 1..=100u64 {
+        dir.write("plans.yaml", &plans(1000 + i));
+    }
+    await_limit(&s, 1100);
+    // Any reload still to come compiles the same final content and swaps nothing.
+    let st = s.status();
+    let g = st["generation"].as_u64().expect("generation");
+    let grew = g - g0;
+    eprintln!(
+        "100 writes -> {grew} new snapshot(s), {} failed load(s)",
+        st["reloads_failed"]
+    );
+    assert!(grew >= 1, "{st}");
+    assert!(
+        grew < 20,
+        "100 writes made {grew} snapshots: not debounced; {st}"
+    );
+    assert_eq!(limit(&s, "acme"), 1100);
+}
+
+#[test]
+fn a_broken_file_keeps_the_last_good_snapshot_until_fixed() {
+    let dir = standard_dir(100);
+    let s = start(dir.path());
+    let v1 = s.version().expect("version");
+    let before = s.check("acme", "api.calls");
+    let failed0 = s.status()["reloads_failed"]
+        .as_u64()
+        .expect("reloads_failed");
+
+    dir.write(
+        "plans.yaml",
+        "plans:\n  pro:\n    grants:\n      api.calls: { limit: 500, per: month ]\n",
+    );
+    let st = wait_for(DEADLINE, || {
+        let st = s.status();
+        (st["reloads_failed"].as_u64() > Some(failed0) && !st["last_error"].is_null()).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("the broken file was never reported; status {}", s.status()));
+    // Still the old snapshot, still the old decisions.
+    assert_eq!(st["snapshot"]["version"], v1.as_str(), "{st}");
+    assert_eq!(st["ready"], true, "{st}");
+    let during = s.check("acme", "api.calls");
+    assert_eq!(during["limit"], before["limit"], "{during}");
+    assert_eq!(during["snapshot"], v1.as_str(), "{during}");
+    assert_eq!(s.get("/readyz").status, 200);
+    let errors = st["last_error"]["errors"].as_array().expect("errors");
+    assert!(
+        errors.iter().any(|e| e
+            .as_str()
+            .is_some_and(|e| names_file_line_col(e, "plans.yaml"))),
+        "last_error does not name plans.yaml:line:col: {st}"
+    );
+    let metrics = s.get("/metrics").text();
+    assert!(
+        metric_value(
+            &metrics,
+            r#"entitled_policy_reloads_total{result="failure"}"#
+        )
+        .is_some_and(|v| v >= 1.0),
+        "no failed reload counted:\n{metrics}"
+    );
+
+    dir.write("plans.yaml", &plans(500));
+    await_limit(&s, 500);
+    let st = s.status();
+    assert!(st["last_error"].is_null(), "{st}");
+    assert_ne!(st["snapshot"]["version"], v1.as_str(), "{st}");
+}
