@@ -61,6 +61,45 @@ fn decisions(c: &mut Criterion) {
             continue;
         }
         let hot = common::customer_id(1);
+        // Floors, for reading the figures below: what a decision pays before deciding.
+        c.bench_function("floor: snapshot read + clock", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    black_box(s.map(|s| s.features.len()))
+                        .map(|n| n as i64 + clock.now().as_micros())
+                })
+            })
+        });
+        c.bench_function("floor: + feature lookup", |b| {
+            b.iter(|| {
+                snap.with(|s| black_box(s.unwrap().feature_id(black_box("analytics.advanced"))))
+            })
+        });
+        c.bench_function("floor: + hot customer lookup", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    black_box(
+                        s.unwrap()
+                            .customers
+                            .get(black_box(&hot))
+                            .map(|c| c.subs.len()),
+                    )
+                })
+            })
+        });
+        c.bench_function("floor: + feature and hot customer lookups", |b| {
+            b.iter(|| {
+                snap.with(|s| {
+                    let s = s.unwrap();
+                    let now = clock.now();
+                    black_box((
+                        s.feature_id(black_box("analytics.advanced")),
+                        s.customers.get(black_box(&hot)).map(|c| c.subs.len()),
+                        now,
+                    ))
+                })
+            })
+        });
         c.bench_function("flag check, hot customer", |b| {
             b.iter(|| {
                 snap.with(|s| {

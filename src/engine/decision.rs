@@ -185,3 +185,236 @@ impl<'a> Decision<'a> {
         self.reason = reason;
     }
 }
+
+/// Appends `s` as a JSON string. Names from policies and requests almost never need
+/// escaping, so the common case is one scan and one copy.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+fn write_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn write_limit(out: &mut Vec<u8>, l: Limit) {
+    match l {
+        Limit::Finite(n) => write_u64(out, n),
+        Limit::Unlimited => out.extend_from_slice(b"\"unlimited\""),
+    }
+}
+
+/// RFC 3339 in UTC, whole seconds without a fraction (as `Timestamp`'s `Display`),
+/// without going through a formatter.
+fn write_time(out: &mut Vec<u8>, t: Timestamp) {
+    let Some(ts) = t.to_jiff() else {
+        let _ = serde_json::to_writer(&mut *out, &t.to_string());
+        return;
+    };
+    let dt = jiff::tz::Offset::UTC.to_datetime(ts);
+    let two = |out: &mut Vec<u8>, v: i8| {
+        out.push(b'0' + (v / 10) as u8);
+        out.push(b'0' + (v % 10) as u8);
+    };
+    let year = dt.year();
+    if !(0..=9999).contains(&year) {
+        let _ = serde_json::to_writer(&mut *out, &t.to_string());
+        return;
+    }
+    out.push(b'"');
+    let y = year as u16;
+    out.extend_from_slice(&[
+        b'0' + (y / 1000) as u8,
+        b'0' + (y / 100 % 10) as u8,
+        b'0' + (y / 10 % 10) as u8,
+        b'0' + (y % 10) as u8,
+    ]);
+    out.push(b'-');
+    two(out, dt.month());
+    out.push(b'-');
+    two(out, dt.day());
+    out.push(b'T');
+    two(out, dt.hour());
+    out.push(b':');
+    two(out, dt.minute());
+    out.push(b':');
+    two(out, dt.second());
+    let us = dt.subsec_nanosecond() / 1_000;
+    if us != 0 {
+        // jiff prints the shortest fraction that is exact; match it.
+        let mut frac = format!("{:06}", us);
+        while frac.ends_with('0') {
+            frac.pop();
+        }
+        out.push(b'.');
+        out.extend_from_slice(frac.as_bytes());
+    }
+    out.extend_from_slice(b"Z\"");
+}
+
+impl Decision<'_> {
+    /// The decision as JSON, appended to `out`: the same document as its `Serialize`
+    /// implementation, written directly. Serialization through serde was a quarter of
+    /// the server's time on batches (every field name escaped, every option matched
+    /// twice); this is the request path's encoder, and a test keeps the two equal.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(if self.allowed {
+            b"{\"allowed\":true,\"reason\":\""
+        } else {
+            b"{\"allowed\":false,\"reason\":\""
+        });
+        out.extend_from_slice(self.reason.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"feature\":");
+        write_str(out, self.feature);
+        if let Some(k) = self.kind {
+            out.extend_from_slice(b",\"kind\":\"");
+            out.extend_from_slice(k.as_str().as_bytes());
+            out.push(b'"');
+        }
+        if let Some(v) = self.value {
+            out.extend_from_slice(b",\"value\":");
+            match v {
+                ValueRepr::Str(s) => write_str(out, s),
+                ValueRepr::Int(n) => {
+                    out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes())
+                }
+                ValueRepr::Float(_) => {
+                    let _ = serde_json::to_writer(&mut *out, v);
+                }
+                ValueRepr::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            }
+        }
+        if let Some(l) = self.limit {
+            out.extend_from_slice(b",\"limit\":");
+            write_limit(out, l);
+        }
+        if let Some(u) = self.used {
+            out.extend_from_slice(b",\"used\":");
+            write_u64(out, u);
+        }
+        if let Some(r) = self.remaining {
+            out.extend_from_slice(b",\"remaining\":");
+            write_limit(out, r);
+        }
+        if let Some(t) = self.resets_at {
+            out.extend_from_slice(b",\"resets_at\":");
+            write_time(out, t);
+        }
+        if let Some(o) = self.overage {
+            out.extend_from_slice(b",\"overage\":");
+            write_u64(out, o);
+        }
+        if let Some(w) = self.warning {
+            out.extend_from_slice(b",\"warning\":");
+            write_str(out, w);
+        }
+        if let Some(r) = self.retry_after {
+            out.extend_from_slice(b",\"retry_after\":");
+            let _ = serde_json::to_writer(&mut *out, &r);
+        }
+        if let Some(s) = &self.source {
+            out.extend_from_slice(b",\"source\":{\"type\":\"");
+            out.extend_from_slice(match s.kind {
+                SourceType::Subscription => b"subscription\"",
+                SourceType::Grant => b"grant\"",
+                SourceType::Override => b"override\"",
+            });
+            if let Some(p) = s.plan {
+                out.extend_from_slice(b",\"plan\":");
+                write_str(out, p);
+            }
+            if let Some(via) = s.via {
+                out.extend_from_slice(b",\"via\":[");
+                for (i, v) in via.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_str(out, v);
+                }
+                out.push(b']');
+            }
+            if let Some(p) = s.priority {
+                out.extend_from_slice(b",\"priority\":");
+                out.extend_from_slice(itoa::Buffer::new().format(p).as_bytes());
+            }
+            if let Some(o) = s.approval {
+                out.extend_from_slice(b",\"approved_by\":");
+                write_str(out, &o.approved_by);
+                out.extend_from_slice(b",\"reason\":");
+                write_str(out, &o.reason);
+                if let Some(t) = &o.ticket {
+                    out.extend_from_slice(b",\"ticket\":");
+                    write_str(out, t);
+                }
+            }
+            if let Some(n) = s.combined {
+                out.extend_from_slice(b",\"combined\":");
+                write_u64(out, n as u64);
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b",\"expires_at\":");
+        match self.expires_at {
+            Some(t) => write_time(out, t),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(if self.in_grace {
+            b",\"in_grace\":true"
+        } else {
+            b",\"in_grace\":false"
+        });
+        out.extend_from_slice(if self.trial {
+            b",\"trial\":true"
+        } else {
+            b",\"trial\":false"
+        });
+        if !self.upgrade.is_empty() {
+            out.extend_from_slice(b",\"upgrade\":[");
+            for (i, p) in self.upgrade.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, p);
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b",\"snapshot\":");
+        write_str(out, self.snapshot);
+        out.push(b'}');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_time_encoding_matches_display() {
+        for us in [
+            0i64,
+            1,
+            10,
+            120_000,
+            123_456,
+            500_000,
+            999_999,
+            1_796_116_088_969_372,
+            -1,
+            253_402_300_799_000_000,
+        ] {
+            let t = Timestamp(us);
+            let mut out = Vec::new();
+            write_time(&mut out, t);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(&t).unwrap(),
+                "{us}"
+            );
+        }
+    }
+}

@@ -268,7 +268,7 @@ pub struct CustomerRec {
 #[derive(Debug, Default)]
 pub struct Customers {
     pub(crate) index: HashTable<u32>,
-    pub(crate) hasher: foldhash::quality::FixedState,
+    pub(crate) hasher: foldhash::fast::FixedState,
     pub records: Vec<CustomerRec>,
     pub subs: Vec<Subscription>,
     pub grants: Vec<CustomerGrant>,

@@ -170,6 +170,16 @@ fn run_parsed(case: &Case) -> Result<usize, String> {
             }
             (Ok(d), None) => {
                 let got = serde_json::to_value(&d).map_err(|e| e.to_string())?;
+                // The server's direct encoder writes the same document.
+                let mut fast = Vec::new();
+                d.write_json(&mut fast);
+                let fast: serde_json::Value =
+                    serde_json::from_slice(&fast).map_err(|e| format!("write_json: {e}"))?;
+                if fast != got {
+                    return Err(at_step(format!(
+                        "write_json differs from Serialize:\n  {fast}\n  {got}"
+                    )));
+                }
                 for (k, want) in step.expect.iter().flatten() {
                     let have = got.get(k).unwrap_or(&serde_json::Value::Null);
                     if !json_eq(have, want) {
