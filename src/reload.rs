@@ -180,7 +180,14 @@ pub fn start(
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name("entitled-reload".into())
-        .spawn(move || worker.run(&rx, &stop2))?;
+        .spawn(move || {
+            // Lowest priority: on a small machine a large compile would otherwise take
+            // CPU from the request workers and show up as tail latency. Threads spawned
+            // from here (parsing in parallel) inherit it. Failing to lower it is harmless.
+            let _ =
+                thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min);
+            worker.run(&rx, &stop2)
+        })?;
     Ok(Reloader {
         stop,
         _watcher: Some(watcher),
