@@ -16,11 +16,34 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use entitled::engine::{Op, Request};
+use entitled::engine::{self, Decision, Op, Request};
 use entitled::policy::{self, Limits, Snapshot};
 use entitled::shared::SnapshotCell;
-use entitled::time::{Clock, CoarseClock};
-use entitled::usage::{self, MemoryStore};
+use entitled::time::{Clock, CoarseClock, Timestamp};
+use entitled::usage::MemoryStore;
+
+/// A decision the way the server makes one: evaluated into a decision on the stack,
+/// the usage step run against the memory store, completed in place.
+#[inline(always)]
+fn server_path(
+    snap: &Snapshot,
+    store: &MemoryStore,
+    op: Op,
+    req: &Request<'_>,
+    now: Timestamp,
+) -> bool {
+    let mut d = Decision::blank(req.feature);
+    match engine::evaluate(snap, op, req, now, &mut d) {
+        Ok(Some(p)) => {
+            let outcome = store.run(&p.op, now);
+            p.finish(outcome, &mut d);
+        }
+        Ok(None) => {}
+        Err(_) => return false,
+    }
+    black_box(&d);
+    d.allowed
+}
 
 fn load(n: usize) -> Snapshot {
     let dir = tempfile::tempdir().unwrap();
@@ -49,11 +72,13 @@ fn decisions(c: &mut Criterion) {
                 i = (i + 1) % count;
                 snap.with(|s| {
                     let req = Request::new(id(i), "analytics.advanced");
-                    black_box(
-                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
-                            .unwrap()
-                            .allowed,
-                    )
+                    black_box(server_path(
+                        s.unwrap(),
+                        &store,
+                        Op::Check,
+                        &req,
+                        clock.now(),
+                    ))
                 })
             })
         });
@@ -104,11 +129,13 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| {
                 snap.with(|s| {
                     let req = Request::new(black_box(&hot), "analytics.advanced");
-                    black_box(
-                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
-                            .unwrap()
-                            .allowed,
-                    )
+                    black_box(server_path(
+                        s.unwrap(),
+                        &store,
+                        Op::Check,
+                        &req,
+                        clock.now(),
+                    ))
                 })
             })
         });
@@ -116,11 +143,13 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| {
                 snap.with(|s| {
                     let req = Request::new(black_box(&hot), "support.response_time");
-                    black_box(
-                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
-                            .unwrap()
-                            .allowed,
-                    )
+                    black_box(server_path(
+                        s.unwrap(),
+                        &store,
+                        Op::Check,
+                        &req,
+                        clock.now(),
+                    ))
                 })
             })
         });
@@ -130,11 +159,13 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| {
                 snap.with(|s| {
                     let req = Request::new(black_box(&hot), "api.calls");
-                    black_box(
-                        usage::decide(s.unwrap(), &store, Op::Consume, &req, clock.now())
-                            .unwrap()
-                            .allowed,
-                    )
+                    black_box(server_path(
+                        s.unwrap(),
+                        &store,
+                        Op::Consume,
+                        &req,
+                        clock.now(),
+                    ))
                 })
             })
         });
@@ -143,11 +174,13 @@ fn decisions(c: &mut Criterion) {
                 i = (i + 1) % count;
                 snap.with(|s| {
                     let req = Request::new(id(i), "api.calls");
-                    black_box(
-                        usage::decide(s.unwrap(), &store, Op::Consume, &req, clock.now())
-                            .unwrap()
-                            .allowed,
-                    )
+                    black_box(server_path(
+                        s.unwrap(),
+                        &store,
+                        Op::Consume,
+                        &req,
+                        clock.now(),
+                    ))
                 })
             })
         });
@@ -155,11 +188,13 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| {
                 snap.with(|s| {
                     let req = Request::new(black_box(&hot), "api.rate");
-                    black_box(
-                        usage::decide(s.unwrap(), &store, Op::Check, &req, clock.now())
-                            .unwrap()
-                            .allowed,
-                    )
+                    black_box(server_path(
+                        s.unwrap(),
+                        &store,
+                        Op::Check,
+                        &req,
+                        clock.now(),
+                    ))
                 })
             })
         });
@@ -167,11 +202,13 @@ fn decisions(c: &mut Criterion) {
             b.iter(|| {
                 snap.with(|s| {
                     let req = Request::new(black_box(&hot), "api.rate");
-                    black_box(
-                        usage::decide(s.unwrap(), &store, Op::Consume, &req, clock.now())
-                            .unwrap()
-                            .allowed,
-                    )
+                    black_box(server_path(
+                        s.unwrap(),
+                        &store,
+                        Op::Consume,
+                        &req,
+                        clock.now(),
+                    ))
                 })
             })
         });
@@ -188,17 +225,13 @@ fn decisions(c: &mut Criterion) {
                             for _ in 0..iters {
                                 shared.0.with(|s| {
                                     let req = Request::new(hot, "api.calls");
-                                    black_box(
-                                        usage::decide(
-                                            s.unwrap(),
-                                            &shared.1,
-                                            Op::Consume,
-                                            &req,
-                                            clock.now(),
-                                        )
-                                        .unwrap()
-                                        .allowed,
-                                    )
+                                    black_box(server_path(
+                                        s.unwrap(),
+                                        &shared.1,
+                                        Op::Consume,
+                                        &req,
+                                        clock.now(),
+                                    ))
                                 });
                             }
                         });

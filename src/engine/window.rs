@@ -9,9 +9,6 @@
 //! - `per: <duration>`: fixed windows from the anchor (from the epoch with calendar).
 //! - `per: never`: one window for the record's lifetime.
 
-use jiff::civil::{Date, DateTime};
-use jiff::tz::Offset;
-
 use crate::policy::{Period, Reset};
 use crate::time::{DAY, HOUR, Timestamp};
 
@@ -36,8 +33,28 @@ impl Window {
 /// 1970-01-05T00:00:00Z, the first Monday after the epoch: calendar weeks start here.
 const MONDAY: i64 = 4 * DAY;
 
+/// The last window computed on this thread: consecutive decisions for the same grant
+/// (a busy customer, a batch) fall in the same window, and the calendar arithmetic
+/// was the largest single cost of a quota consume.
+type Memo = Option<(Period, Reset, Timestamp, Window)>;
+
+thread_local! {
+    static LAST: std::cell::Cell<Memo> = const { std::cell::Cell::new(None) };
+}
+
 /// The window of `period` that contains `t`, anchored at `anchor`.
 pub fn window(period: Period, reset: Reset, anchor: Timestamp, t: Timestamp) -> Window {
+    if let Some((p, r, a, w)) = LAST.with(|c| c.get()) {
+        if p == period && r == reset && a == anchor && w.contains(t) {
+            return w;
+        }
+    }
+    let w = compute(period, reset, anchor, t);
+    LAST.with(|c| c.set(Some((period, reset, anchor, w))));
+    w
+}
+
+fn compute(period: Period, reset: Reset, anchor: Timestamp, t: Timestamp) -> Window {
     // Records without a start date are anchored at the epoch.
     let anchor = if anchor == Timestamp::MIN {
         Timestamp(0)
@@ -60,6 +77,17 @@ pub fn window(period: Period, reset: Reset, anchor: Timestamp, t: Timestamp) -> 
 }
 
 fn fixed(base: i64, len: i64, t: Timestamp) -> Window {
+    // 64-bit on the common path; 128-bit only where an instant near the ends of time
+    // would overflow.
+    if let Some(d) = t.0.checked_sub(base) {
+        let start = base + d.div_euclid(len) * len;
+        if let Some(end) = start.checked_add(len) {
+            return Window {
+                start: Timestamp(start),
+                end: Timestamp(end),
+            };
+        }
+    }
     let n = (t.0 as i128 - base as i128).div_euclid(len as i128);
     let start = base as i128 + n * len as i128;
     let clamp = |v: i128| Timestamp(v.clamp(i64::MIN as i128, i64::MAX as i128) as i64);
@@ -69,45 +97,95 @@ fn fixed(base: i64, len: i64, t: Timestamp) -> Window {
     }
 }
 
-fn to_dt(t: Timestamp) -> Option<DateTime> {
-    Some(Offset::UTC.to_datetime(t.to_jiff()?))
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// `days_from_civil`). Quota windows are computed on every quota decision; plain integer
+/// calendar arithmetic is ~10× cheaper than going through a date-time library, and
+/// the tests cross-check it against jiff.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
-fn to_ts(dt: DateTime) -> Option<Timestamp> {
-    Offset::UTC.to_timestamp(dt).ok().map(Timestamp::from_jiff)
+/// The inverse of [`days_from_civil`]: `(year, month, day)`.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400;
+    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// The anchor moved by `n` months, the day clamped to the month's last day. Plain
-/// calendar arithmetic on fields: jiff's general `Span` addition was a third of a
-/// quota consume's time in profiles.
-fn add_months(anchor: DateTime, n: i64) -> Option<Timestamp> {
-    let total = anchor.year() as i64 * 12 + (anchor.month() as i64 - 1) + n;
-    let year = i16::try_from(total.div_euclid(12)).ok()?;
-    let month = (total.rem_euclid(12) + 1) as i8;
-    let first = Date::new(year, month, 1).ok()?;
-    let date = Date::new(year, month, anchor.day().min(first.days_in_month())).ok()?;
-    to_ts(date.to_datetime(anchor.time()))
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// A point on the calendar: `(year, month, day)` plus the time of day.
+#[derive(Debug, Clone, Copy)]
+struct Civil {
+    year: i64,
+    month: i64,
+    day: i64,
+    time: i64,
+}
+
+fn civil(t: Timestamp) -> Civil {
+    let (year, month, day) = civil_from_days(t.0.div_euclid(DAY));
+    Civil {
+        year,
+        month,
+        day,
+        time: t.0.rem_euclid(DAY),
+    }
+}
+
+/// `base` moved by `n` months, the day clamped to the month's last day (never
+/// chained: the 31st stays the 31st in long months). `None` past the ends of time.
+fn add_months(base: Civil, n: i64) -> Option<Timestamp> {
+    let total = base
+        .year
+        .checked_mul(12)?
+        .checked_add(base.month - 1)?
+        .checked_add(n)?;
+    let (y, m) = (total.div_euclid(12), total.rem_euclid(12) + 1);
+    let d = base.day.min(days_in_month(y, m));
+    days_from_civil(y, m, d)
+        .checked_mul(DAY)?
+        .checked_add(base.time)
+        .map(Timestamp)
 }
 
 fn months(anchor: Timestamp, t: Timestamp, step: i64, calendar: bool) -> Window {
-    // Outside jiff's range (years beyond ±9999) there are no months to speak of:
-    // one window covering all time.
     let all = Window {
         start: Timestamp::MIN,
         end: Timestamp::MAX,
     };
-    let Some(tdt) = to_dt(t) else { return all };
+    let tc = civil(t);
     let base = if calendar {
-        let m = if step == 12 { 1 } else { tdt.month() };
-        Date::new(tdt.year(), m, 1)
-            .ok()
-            .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+        Civil {
+            year: tc.year,
+            month: if step == 12 { 1 } else { tc.month },
+            day: 1,
+            time: 0,
+        }
     } else {
-        to_dt(anchor)
+        civil(anchor)
     };
-    let Some(base) = base else { return all };
-    let elapsed =
-        (tdt.year() as i64 - base.year() as i64) * 12 + (tdt.month() as i64 - base.month() as i64);
+    let elapsed = (tc.year - base.year) * 12 + (tc.month - base.month);
     let mut n = elapsed.div_euclid(step);
     // The n-th anniversary may still be ahead of t within its month (day or time of
     // day later than t's): then t is in the previous window.
@@ -215,6 +293,26 @@ mod tests {
             w(Period::Year, Reset::Anniversary, "2024-02-29", "2028-02-29"),
             ("2028-02-29T00:00:00Z".into(), "2029-02-28T00:00:00Z".into())
         );
+    }
+
+    #[test]
+    fn civil_arithmetic_agrees_with_jiff() {
+        // Every day from 1600 to 2400, both directions.
+        let first = days_from_civil(1600, 1, 1);
+        let last = days_from_civil(2400, 12, 31);
+        let mut date = jiff::civil::date(1600, 1, 1);
+        for z in first..=last {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(
+                (y, m, d),
+                (date.year() as i64, date.month() as i64, date.day() as i64),
+                "day {z}"
+            );
+            assert_eq!(days_from_civil(y, m, d), z);
+            assert_eq!(days_in_month(y, m), date.days_in_month() as i64);
+            date = date.tomorrow().unwrap();
+        }
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
     }
 
     #[test]

@@ -250,8 +250,9 @@ impl MemoryStore {
         now: Timestamp,
     ) -> UsageOutcome {
         let now_ns = now.0.saturating_mul(1_000);
-        // Emission interval: the time one request "costs".
-        let t = ((per_us as i128 * 1_000) / limit.max(1) as i128).max(1) as i64;
+        // Emission interval: the time one request "costs". (64-bit arithmetic: an i128
+        // division was a third of a rate check.)
+        let t = (per_us.saturating_mul(1_000) / limit.clamp(1, i64::MAX as u64) as i64).max(1);
         let tau = t.saturating_mul(burst as i64);
         let cost = t.saturating_mul(amount.min(i64::MAX as u64) as i64);
         let outcome = |tat: i64, admitted: bool| {
