@@ -122,7 +122,9 @@ pub struct Pending<'a> {
 #[derive(Debug, Clone, Copy)]
 struct UpgradeCtx<'a> {
     snap: &'a Snapshot,
-    customer: Option<CustomerView<'a>>,
+    /// The customer's index (a view is rebuilt on denial; keeping `Pending` small
+    /// keeps it in registers rather than `memmove`).
+    customer: Option<u32>,
     feature: FeatureId,
     t: Timestamp,
     current: Option<(&'a GrantValue, u32)>,
@@ -549,7 +551,7 @@ pub fn evaluate<'a>(
     for_each_candidate(snap, &c, fid, t, req.context, |cand| sel.offer(cand));
     let mut uctx = UpgradeCtx {
         snap,
-        customer: Some(c),
+        customer: Some(c.index),
         feature: fid,
         t,
         current: None,
@@ -671,11 +673,13 @@ fn upgrades<'a>(ctx: UpgradeCtx<'a>) -> Vec<&'a str> {
     };
     let feature = snap.feature(ctx.feature);
     let held = |plan: u32| {
-        ctx.customer.is_some_and(|c| {
-            c.subs
-                .iter()
-                .any(|s| s.plan == plan && s.starts <= ctx.t && ctx.t < s.grace_ends)
-        })
+        ctx.customer
+            .map(|i| snap.customers.view(i))
+            .is_some_and(|c| {
+                c.subs
+                    .iter()
+                    .any(|s| s.plan == plan && s.starts <= ctx.t && ctx.t < s.grace_ends)
+            })
     };
     list.iter()
         .filter(|(plan, _)| !held(*plan))
