@@ -170,10 +170,8 @@ fn encode<S>(app: &App<S>, op: Op, d: &Decision<'_>, out: &mut Vec<u8>) -> Resul
     if d.warning_crossed {
         crate::metrics::quota_warning(d.feature);
     }
-    serde_json::to_writer(out, d).map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: e.to_string(),
-    })
+    d.write_json(out);
+    Ok(())
 }
 
 /// Decides within one synchronous step when the store can answer at once.
