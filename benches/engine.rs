@@ -125,83 +125,35 @@ fn decisions(c: &mut Criterion) {
                 })
             })
         });
-        c.bench_function("flag check, hot customer", |b| {
-            b.iter(|| {
-                snap.with(|s| {
-                    let req = Request::new(black_box(&hot), "analytics.advanced");
-                    black_box(server_path(
-                        s.unwrap(),
-                        &store,
-                        Op::Check,
-                        &req,
-                        clock.now(),
-                    ))
+        // Hot-customer decisions of every kind, and consumes over random customers.
+        // The quota limit is effectively unreachable, so every consume takes the
+        // admitting path with its limit check.
+        let hot_cases = [
+            ("flag check, hot customer", "analytics.advanced", Op::Check),
+            (
+                "value check, hot customer",
+                "support.response_time",
+                Op::Check,
+            ),
+            ("quota consume, hot customer", "api.calls", Op::Consume),
+            ("rate check, hot customer", "api.rate", Op::Check),
+            ("rate consume, hot customer", "api.rate", Op::Consume),
+        ];
+        for (name, feature, op) in hot_cases {
+            c.bench_function(name, |b| {
+                b.iter(|| {
+                    snap.with(|s| {
+                        let req = Request::new(black_box(&hot), feature);
+                        black_box(server_path(s.unwrap(), &store, op, &req, clock.now()))
+                    })
                 })
-            })
-        });
-        c.bench_function("value check, hot customer", |b| {
-            b.iter(|| {
-                snap.with(|s| {
-                    let req = Request::new(black_box(&hot), "support.response_time");
-                    black_box(server_path(
-                        s.unwrap(),
-                        &store,
-                        Op::Check,
-                        &req,
-                        clock.now(),
-                    ))
-                })
-            })
-        });
-        // Quota consume on a customer whose limit is effectively unreachable, so every
-        // iteration takes the admitting path with its limit check.
-        c.bench_function("quota consume, hot customer", |b| {
-            b.iter(|| {
-                snap.with(|s| {
-                    let req = Request::new(black_box(&hot), "api.calls");
-                    black_box(server_path(
-                        s.unwrap(),
-                        &store,
-                        Op::Consume,
-                        &req,
-                        clock.now(),
-                    ))
-                })
-            })
-        });
+            });
+        }
         c.bench_function("quota consume, random customer of 1M", |b| {
             b.iter(|| {
                 i = (i + 1) % count;
                 snap.with(|s| {
                     let req = Request::new(id(i), "api.calls");
-                    black_box(server_path(
-                        s.unwrap(),
-                        &store,
-                        Op::Consume,
-                        &req,
-                        clock.now(),
-                    ))
-                })
-            })
-        });
-        c.bench_function("rate check, hot customer", |b| {
-            b.iter(|| {
-                snap.with(|s| {
-                    let req = Request::new(black_box(&hot), "api.rate");
-                    black_box(server_path(
-                        s.unwrap(),
-                        &store,
-                        Op::Check,
-                        &req,
-                        clock.now(),
-                    ))
-                })
-            })
-        });
-        c.bench_function("rate consume, hot customer", |b| {
-            b.iter(|| {
-                snap.with(|s| {
-                    let req = Request::new(black_box(&hot), "api.rate");
                     black_box(server_path(
                         s.unwrap(),
                         &store,
