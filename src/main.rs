@@ -278,6 +278,18 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         println!("entitled: listening on http://{addr}");
         tracing::info!(%addr, policies = %args.policies.display(), "serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Counters of ended windows are dead weight: drop them every minute.
+        let compactor = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let dropped = compactor.store.compact(compactor.clock.now());
+                if dropped > 0 {
+                    tracing::debug!(dropped, "dropped quota counters of ended windows");
+                }
+            }
+        });
         let mut extra = None;
         if let Some(m) = &args.metrics_listen {
             let l = tokio::net::TcpListener::bind(m)

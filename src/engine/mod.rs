@@ -179,7 +179,8 @@ impl<'a> Pending<'a> {
                 retry_after_us,
             } => {
                 d.remaining = Some(Limit::Finite(r));
-                d.resets_at = Some(now.saturating_add(reset_after_us));
+                d.resets_at =
+                    Some(now.saturating_add(reset_after_us)).filter(|t| t.to_jiff().is_some());
                 if !admitted {
                     d.deny(Reason::RateLimited);
                     d.retry_after = retry_after_us.map(|us| us as f64 / SECOND as f64);
@@ -558,6 +559,35 @@ pub fn evaluate<'a>(
         limit: None,
     };
 
+    // Releasing a seat always frees it, even after the entitlement has lapsed: a holder
+    // must never be stuck with a seat it can no longer give back.
+    if op == Op::SeatRelease {
+        let winner = sel.winner().filter(|(w, ..)| w.value.grants_something());
+        if let Some((w, rule, _)) = winner {
+            d.source = Some(source(snap, &c, &w, fid, rule, sel.summed));
+            d.expires_at = (w.ends != Timestamp::MAX).then_some(w.ends);
+            d.in_grace = w.status == Status::InGrace;
+            d.trial = w.trial;
+        }
+        d.allowed = true;
+        d.reason = Reason::Granted;
+        d.limit = winner.and_then(|(_, _, l)| l);
+        let op = UsageOp::Seat {
+            key: UsageKey {
+                customer: c.id,
+                feature: name,
+            },
+            limit: d.limit.unwrap_or(Limit::Unlimited),
+            holder: req.holder,
+            action: SeatAction::Release,
+        };
+        return Ok(Some(Pending {
+            op,
+            warn_units: None,
+            now,
+            ctx: uctx,
+        }));
+    }
     let Some((w, rule, limit)) = sel.winner() else {
         d.deny(sel.absent_reason());
         d.upgrade = upgrades(uctx);
@@ -590,9 +620,13 @@ pub fn evaluate<'a>(
             let limit = limit.unwrap_or(q.limit);
             let win = window(q.period, q.reset, w.starts, t);
             d.limit = Some(limit);
-            d.resets_at = win.resets_at();
+            // Past year 9999 there is no RFC 3339 to write: report no reset.
+            d.resets_at = win.resets_at().filter(|t| t.to_jiff().is_some());
             let warn_units = match (q.warn_at, limit) {
-                (Some(f), Limit::Finite(l)) => Some(((l as f64) * f).ceil() as u64),
+                (Some(bp), Limit::Finite(l)) => {
+                    let units = (l as u128 * bp as u128).div_ceil(10_000);
+                    Some(u64::try_from(units).unwrap_or(u64::MAX))
+                }
                 _ => None,
             };
             let mode = if op == Op::Consume {

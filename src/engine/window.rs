@@ -63,8 +63,10 @@ fn compute(period: Period, reset: Reset, anchor: Timestamp, t: Timestamp) -> Win
     };
     let calendar = reset == Reset::Calendar;
     match period {
+        // One window from the anchor on, whatever `t` is: a check `at` a time before
+        // the anchor must not open a second lifetime counter.
         Period::Never => Window {
-            start: anchor.min(t),
+            start: anchor,
             end: Timestamp::MAX,
         },
         Period::Hour => fixed(if calendar { 0 } else { anchor.0 }, HOUR, t),

@@ -649,7 +649,9 @@ fn quota(name: &str, m: &GrantFields) -> Result<GrantValue, GrantError> {
         }
     };
     let warn_at = match &m.warn_at {
-        Some(w) => Some(parse_percent(w).map_err(|e| (Some("warn_at"), e))?),
+        Some(w) => {
+            Some((parse_percent(w).map_err(|e| (Some("warn_at"), e))? * 10_000.0).round() as u32)
+        }
         None => None,
     };
     Ok(GrantValue::Quota(QuotaGrant {

@@ -69,8 +69,9 @@ pub struct QuotaGrant {
     pub limit: Limit,
     pub period: Period,
     pub reset: Reset,
-    /// Fraction of the limit at which `warning: soft_limit` starts.
-    pub warn_at: Option<f64>,
+    /// Share of the limit at which `warning: soft_limit` starts, in basis points
+    /// (1/100 of a percent): integers, so 7% of 100 is 7, not 8.
+    pub warn_at: Option<u32>,
     pub overage: Overage,
 }
 

@@ -81,10 +81,47 @@ pub fn parse_body(buf: &mut [u8]) -> Result<Value<'_>, ApiError> {
             message: "expected a JSON object, found an empty body".into(),
         });
     }
+    if nesting(buf) > MAX_DEPTH {
+        return Err(ApiError::BadRequest {
+            field: None,
+            message: format!("JSON nested deeper than {MAX_DEPTH} levels"),
+        });
+    }
     simd_json::to_borrowed_value(buf).map_err(|e| ApiError::BadRequest {
         field: None,
         message: format!("malformed JSON: {e}"),
     })
+}
+
+/// Deepest nesting a request body may have (a batch needs 4). simd-json's value
+/// builder recurses; a few kilobytes of `[[[[...` would otherwise overflow the stack.
+pub const MAX_DEPTH: usize = 32;
+
+/// The maximum bracket depth of a JSON text, ignoring brackets inside strings. One
+/// pass over bytes already in cache.
+fn nesting(buf: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in buf {
+        if in_str {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 fn string<'a>(v: &Value<'a>, field: &str) -> Result<Cow<'a, str>, ApiError> {
@@ -126,7 +163,14 @@ pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiE
             message: format!("expected a JSON object, found {}", type_name(v)),
         });
     };
+    let mut seen: Vec<&str> = Vec::with_capacity(8);
     for key in obj.keys() {
+        // Gateways and most JSON parsers keep the last of duplicated keys; refusing
+        // them means a proxy and the sidecar can never disagree about the customer.
+        if seen.contains(&key.as_ref()) {
+            return Err(ApiError::field(key, format!("field `{key}` appears twice")));
+        }
+        seen.push(key.as_ref());
         if !shape.allowed().contains(&key.as_ref()) {
             let hint = match (key.as_ref(), shape) {
                 ("at", Shape::Consume) => " (`at` is only allowed on checks)",
@@ -297,8 +341,21 @@ mod tests {
             ),
             (r#"{"customer":"a","feature":"f"#, None),
             (r#"[1,2]"#, None),
+            (
+                r#"{"customer":"nobody","feature":"f","customer":"a"}"#,
+                Some("customer"),
+            ),
             ("", None),
         ];
+        let deep = format!(
+            r#"{{"customer":"a","feature":"f","context":{}{}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert_eq!(
+            field_of(parse(&deep, Shape::Check).expect_err("deep")),
+            None
+        );
         for (body, field) in bad {
             let shape = if body.contains("\"at\"") {
                 Shape::Check

@@ -25,6 +25,20 @@ use crate::time::Timestamp;
 
 type Hasher_ = foldhash::fast::RandomState;
 
+/// `a × b / c` (rounded up or down), saturating at `i64::MAX`.
+fn mul_div(a: u64, b: u64, c: u64, round_up: bool) -> i64 {
+    let c = c.max(1);
+    let q = match a.checked_mul(b) {
+        Some(p) => p / c + u64::from(round_up && p % c != 0),
+        None => {
+            let p = a as u128 * b as u128;
+            let q = p / c as u128 + u128::from(round_up && p % c as u128 != 0);
+            u64::try_from(q).unwrap_or(u64::MAX)
+        }
+    };
+    i64::try_from(q).unwrap_or(i64::MAX)
+}
+
 /// An owned usage key.
 #[derive(Debug, Clone)]
 pub struct Key {
@@ -250,14 +264,15 @@ impl MemoryStore {
         now: Timestamp,
     ) -> UsageOutcome {
         let now_ns = now.0.saturating_mul(1_000);
-        // Emission interval: the time one request "costs". (64-bit arithmetic: an i128
-        // division was a third of a rate check.)
-        let t = (per_us.saturating_mul(1_000) / limit.clamp(1, i64::MAX as u64) as i64).max(1);
-        let tau = t.saturating_mul(burst as i64);
-        let cost = t.saturating_mul(amount.min(i64::MAX as u64) as i64);
-        let outcome = |tat: i64, admitted: bool| {
+        let per_ns = (per_us.max(1) as u64).saturating_mul(1_000);
+        // What `amount` requests cost in time (rounded up: fail closed), and how much
+        // backlog the burst allows. 64-bit unless the product overflows: an i128
+        // division on every check was a third of its time.
+        let cost = mul_div(amount, per_ns, limit, true);
+        let tau = mul_div(burst, per_ns, limit, false);
+        let outcome = |tat: i64, admitted: bool, took: bool| {
             let base = tat.max(now_ns);
-            let after = if admitted {
+            let after = if took {
                 base.saturating_add(cost)
             } else {
                 base
@@ -265,7 +280,7 @@ impl MemoryStore {
             let backlog = after - now_ns;
             UsageOutcome::Rate {
                 admitted,
-                remaining: ((tau - backlog).max(0) / t) as u64,
+                remaining: mul_div((tau - backlog).max(0) as u64, limit, per_ns, false) as u64,
                 reset_after_us: backlog.div_euclid(1_000),
                 retry_after_us: (!admitted).then(|| {
                     let ns = (base.saturating_add(cost) - now_ns - tau).max(0);
@@ -280,17 +295,18 @@ impl MemoryStore {
                 .rates
                 .get(&probe as &dyn KeyView)
                 .map_or(0, |c| c.load(Ordering::Acquire));
-            return outcome(tat, decide(tat));
+            // A check takes nothing: report what is left before this request.
+            return outcome(tat, decide(tat), false);
         }
         let step = |cell: &AtomicI64| {
             let mut tat = cell.load(Ordering::Acquire);
             loop {
                 if !decide(tat) {
-                    return outcome(tat, false);
+                    return outcome(tat, false, false);
                 }
                 let next = tat.max(now_ns).saturating_add(cost);
                 match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return outcome(tat, true),
+                    Ok(_) => return outcome(tat, true, true),
                     Err(actual) => tat = actual,
                 }
             }
@@ -519,6 +535,53 @@ mod tests {
             r(now.saturating_add(100_000)),
             UsageOutcome::Rate { admitted: true, .. }
         ));
+    }
+
+    #[test]
+    fn rate_checks_take_nothing_and_extreme_limits_hold() {
+        let s = MemoryStore::new();
+        let now = Timestamp(1_000 * SECOND);
+        let full = s.rate(KEY, 10, SECOND, 10, 1, false, now);
+        assert!(
+            matches!(
+                full,
+                UsageOutcome::Rate {
+                    admitted: true,
+                    remaining: 10,
+                    ..
+                }
+            ),
+            "{full:?}"
+        );
+        // A burst beyond i64 is "no burst limit", not "deny everything".
+        let big = s.rate(KEY, 10, SECOND, u64::MAX, 1, true, now);
+        assert!(
+            matches!(big, UsageOutcome::Rate { admitted: true, .. }),
+            "{big:?}"
+        );
+        // Two billion per second: the bucket is full again one second later.
+        let k = UsageKey {
+            customer: "b",
+            feature: "f",
+        };
+        let n = 2_000_000_000;
+        assert!(matches!(
+            s.rate(k, n, SECOND, n, n, true, now),
+            UsageOutcome::Rate { admitted: true, .. }
+        ));
+        let later = s.rate(
+            k,
+            n,
+            SECOND,
+            n,
+            1_500_000_000,
+            true,
+            now.saturating_add(1_200_000),
+        );
+        assert!(
+            matches!(later, UsageOutcome::Rate { admitted: true, .. }),
+            "{later:?}"
+        );
     }
 
     #[test]
