@@ -465,6 +465,22 @@ impl<'a> Selector<'a> {
     }
 }
 
+/// Records on `d` where the winning grant came from and how long it lasts.
+fn describe_winner<'a>(
+    d: &mut Decision<'a>,
+    snap: &'a Snapshot,
+    c: &CustomerView<'a>,
+    w: &Candidate<'a>,
+    feature: FeatureId,
+    rule: Rule,
+    summed: u32,
+) {
+    d.source = Some(source(snap, c, w, feature, rule, summed));
+    d.expires_at = (w.ends != Timestamp::MAX).then_some(w.ends);
+    d.in_grace = w.status == Status::InGrace;
+    d.trial = w.trial;
+}
+
 fn source<'a>(
     snap: &'a Snapshot,
     c: &CustomerView<'a>,
@@ -564,10 +580,7 @@ pub fn evaluate<'a>(
     if op == Op::SeatRelease {
         let winner = sel.winner().filter(|(w, ..)| w.value.grants_something());
         if let Some((w, rule, _)) = winner {
-            d.source = Some(source(snap, &c, &w, fid, rule, sel.summed));
-            d.expires_at = (w.ends != Timestamp::MAX).then_some(w.ends);
-            d.in_grace = w.status == Status::InGrace;
-            d.trial = w.trial;
+            describe_winner(d, snap, &c, &w, fid, rule, sel.summed);
         }
         d.allowed = true;
         d.reason = Reason::Granted;
@@ -593,10 +606,7 @@ pub fn evaluate<'a>(
         d.upgrade = upgrades(uctx);
         return Ok(None);
     };
-    d.source = Some(source(snap, &c, &w, fid, rule, sel.summed));
-    d.expires_at = (w.ends != Timestamp::MAX).then_some(w.ends);
-    d.in_grace = w.status == Status::InGrace;
-    d.trial = w.trial;
+    describe_winner(d, snap, &c, &w, fid, rule, sel.summed);
     if !w.value.grants_something() {
         d.deny(Reason::NotEntitled);
         d.upgrade = upgrades(uctx);

@@ -216,16 +216,29 @@ async fn decide_async<S: UsageStore>(
     let ctx = context(p);
     let req = engine_request(p, &ctx);
     let mut d = Decision::blank(&p.feature);
-    if let Some(pending) = engine::evaluate(snap, p.op, &req, now, &mut d)? {
+    evaluate_awaiting(app, snap, p.op, &req, now, &mut d).await?;
+    encode(app, p.op, &d, out)
+}
+
+/// Evaluates into `d`, awaiting the store for the usage step if there is one.
+async fn evaluate_awaiting<'a, S: UsageStore>(
+    app: &App<S>,
+    snap: &'a Snapshot,
+    op: Op,
+    req: &engine::Request<'a>,
+    now: Timestamp,
+    d: &mut Decision<'a>,
+) -> Result<(), ApiError> {
+    if let Some(pending) = engine::evaluate(snap, op, req, now, d)? {
         match app.store.apply(&pending.op, now).await {
-            Ok(outcome) => pending.finish(outcome, &mut d),
+            Ok(outcome) => pending.finish(outcome, d),
             Err(e) => {
                 crate::metrics::store_error();
                 return Err(ApiError::Unavailable(e.to_string()));
             }
         }
     }
-    encode(app, p.op, &d, out)
+    Ok(())
 }
 
 async fn single<S: UsageStore>(
@@ -425,15 +438,7 @@ async fn customer<S: UsageStore>(
             ..engine::Request::new(&id, &f.name)
         };
         let mut d = Decision::blank(&f.name);
-        if let Some(p) = engine::evaluate(&snap, Op::Check, &req, now, &mut d)? {
-            match app.store.apply(&p.op, now).await {
-                Ok(o) => p.finish(o, &mut d),
-                Err(e) => {
-                    crate::metrics::store_error();
-                    return Err(ApiError::Unavailable(e.to_string()));
-                }
-            }
-        }
+        evaluate_awaiting(app, &snap, Op::Check, &req, now, &mut d).await?;
         // A summary shows what the customer has or had, not every feature there is.
         let relevant = d.source.is_some()
             || matches!(
