@@ -254,7 +254,13 @@ pub struct Candidate<'a> {
     pub trial: bool,
 }
 
-fn status(starts: Timestamp, ends: Timestamp, grace_ends: Timestamp, t: Timestamp) -> Status {
+/// Where `t` falls in a record's life.
+pub(crate) fn status(
+    starts: Timestamp,
+    ends: Timestamp,
+    grace_ends: Timestamp,
+    t: Timestamp,
+) -> Status {
     if t < starts {
         Status::NotYetActive
     } else if t < ends {

@@ -110,14 +110,11 @@ pub fn records<'a>(
             grace_ends: (s.grace_ends != s.ends).then_some(s.grace_ends),
             quantity: s.quantity,
             trial: s.trial,
-            status: if now < s.starts {
-                "not_yet_active"
-            } else if now < s.ends {
-                "active"
-            } else if now < s.grace_ends {
-                "in_grace"
-            } else {
-                "expired"
+            status: match super::status(s.starts, s.ends, s.grace_ends, now) {
+                super::Status::NotYetActive => "not_yet_active",
+                super::Status::Active => "active",
+                super::Status::InGrace => "in_grace",
+                super::Status::Expired | super::Status::OutOfScope => "expired",
             },
         })
         .collect();
