@@ -21,8 +21,9 @@ use entitled::policy::{self, Limits};
 use entitled::reload::{self, ReloadConfig, ReloadState};
 use entitled::server::{self, App};
 use entitled::shared::SnapshotCell;
-use entitled::time::CoarseClock;
-use entitled::time::Timestamp;
+use entitled::time::{Clock, CoarseClock, ManualClock, Timestamp};
+use entitled::usage::durable::{DurableConfig, StateDir};
+use entitled::usage::journal::Durability;
 use entitled::usage::{self, MemoryStore};
 
 #[derive(Debug, Parser)]
@@ -35,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve decisions over HTTP from the policy directory, reloading it on change.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Load and compile a policy directory; print every error with file:line:col.
     Validate {
         /// The policy directory.
@@ -61,6 +62,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read the usage ledger of a state directory.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsageCommand {
+    /// Print usage events (CloudEvents, one JSON object per line), oldest first: for
+    /// OpenMeter, Lago or a billing job.
+    Export {
+        /// The state directory of a (running or stopped) `entitled serve`.
+        #[arg(long, env = "ENTITLED_STATE_DIR", default_value = "./state")]
+        state_dir: PathBuf,
+        /// Only events at or after this time (RFC 3339 or a date).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this time.
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DurabilityMode {
+    /// Journal flushed every --flush-interval; the hot path never waits for the disk.
+    Async,
+    /// A change is acknowledged only once it is on disk (group commit).
+    Sync,
+    /// No state directory: usage is lost on restart.
+    Memory,
 }
 
 /// Every flag is also an `ENTITLED_*` environment variable.
@@ -99,6 +132,38 @@ struct Serve {
     /// Largest policy file in bytes.
     #[arg(long, env = "ENTITLED_MAX_POLICY_FILE", default_value_t = 256 * 1024 * 1024)]
     max_policy_file: u64,
+    /// Where usage state (journal, checkpoints, ledger) is kept.
+    #[arg(long, env = "ENTITLED_STATE_DIR", default_value = "./state")]
+    state_dir: PathBuf,
+    /// How usage is made durable.
+    #[arg(long, env = "ENTITLED_DURABILITY", value_enum, default_value = "async")]
+    durability: DurabilityMode,
+    /// Async durability: how often the journal is written and synced (a crash loses
+    /// at most this much).
+    #[arg(long, env = "ENTITLED_FLUSH_INTERVAL", default_value = "10ms", value_parser = duration)]
+    flush_interval: Duration,
+    /// Fold the journal into a checkpoint this often (and past 256 MiB of journal).
+    #[arg(long, env = "ENTITLED_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = duration)]
+    checkpoint_interval: Duration,
+    /// How long an idempotency key answers retries.
+    #[arg(long, env = "ENTITLED_IDEMPOTENCY_TTL", default_value = "24h", value_parser = duration)]
+    idempotency_ttl: Duration,
+    /// Default time to live of a reservation (a reserve's `ttl` overrides it).
+    #[arg(long, env = "ENTITLED_RESERVATION_TTL", default_value = "5m", value_parser = duration)]
+    reservation_ttl: Duration,
+    /// Start a new usage ledger segment past this many bytes.
+    #[arg(long, env = "ENTITLED_LEDGER_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    ledger_segment_bytes: u64,
+    /// Start a new usage ledger segment once the current one is this old.
+    #[arg(long, env = "ENTITLED_LEDGER_SEGMENT_AGE", default_value = "1h", value_parser = duration)]
+    ledger_segment_age: Duration,
+    /// Delete usage ledger segments whose events are all older than this.
+    #[arg(long, env = "ENTITLED_LEDGER_RETENTION", default_value = "30d", value_parser = duration)]
+    ledger_retention: Duration,
+    /// For tests and staging: serve time from a clock that starts here (RFC 3339) and
+    /// moves only through `POST /v1/test-clock`.
+    #[arg(long, env = "ENTITLED_TEST_CLOCK")]
+    test_clock: Option<String>,
     /// Log filter (`info`, `entitled=debug`, ...).
     #[arg(long, env = "ENTITLED_LOG", default_value = "info")]
     log: String,
@@ -106,6 +171,10 @@ struct Serve {
 
 fn duration(s: &str) -> Result<Duration, String> {
     entitled::policy::units::parse_duration(s).map(|us| Duration::from_micros(us as u64))
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 fn main() -> ExitCode {
@@ -121,7 +190,32 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
+        Command::Usage {
+            command:
+                UsageCommand::Export {
+                    state_dir,
+                    since,
+                    until,
+                },
+        } => {
+            let time = |s: Option<String>, flag: &str| {
+                s.map(|s| Timestamp::parse(&s).map_err(anyhow::Error::msg))
+                    .transpose()
+                    .with_context(|| flag.to_string())
+            };
+            let since = time(since, "--since")?;
+            let until = time(until, "--until")?;
+            let dir = state_dir.join("ledger");
+            if !dir.is_dir() {
+                anyhow::bail!("{}: no usage ledger here", dir.display());
+            }
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            usage::ledger::export(&dir, since, until, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { dir } => match policy::load_dir(&dir, &Limits::default()) {
             Ok(s) => {
                 println!(
@@ -252,12 +346,58 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
             "no valid policy yet: decisions answer 503 until the policy directory loads"
         );
     }
-    let clock =
-        Arc::new(CoarseClock::start(Duration::from_millis(1)).context("starting the clock")?);
+    let (clock, test_clock): (Arc<dyn Clock>, _) = match &args.test_clock {
+        Some(t) => {
+            let t = Timestamp::parse(t)
+                .map_err(anyhow::Error::msg)
+                .context("--test-clock")?;
+            let c = Arc::new(ManualClock::new(t));
+            tracing::warn!(now = %t, "serving time from a test clock: POST /v1/test-clock moves it");
+            (c.clone(), Some(c))
+        }
+        None => (
+            Arc::new(CoarseClock::start(Duration::from_millis(1)).context("starting the clock")?),
+            None,
+        ),
+    };
+    let (state_dir, store) = match args.durability {
+        DurabilityMode::Memory => {
+            tracing::warn!("--durability memory: usage is not kept across restarts");
+            (None, MemoryStore::new())
+        }
+        mode => {
+            let mut cfg = DurableConfig::new(&args.state_dir);
+            cfg.journal.durability = match mode {
+                DurabilityMode::Sync => Durability::Sync,
+                _ => Durability::Async(args.flush_interval),
+            };
+            cfg.checkpoint_interval = args.checkpoint_interval;
+            cfg.store.idempotency_ttl_us = micros(args.idempotency_ttl);
+            cfg.store.reservation_ttl_us = micros(args.reservation_ttl);
+            cfg.ledger.segment_bytes = args.ledger_segment_bytes;
+            cfg.ledger.segment_age_us = micros(args.ledger_segment_age);
+            cfg.ledger.retention_us = micros(args.ledger_retention);
+            let (dir, store, report) = StateDir::open(cfg, clock.clone())
+                .with_context(|| format!("opening state directory {}", args.state_dir.display()))?;
+            tracing::info!(
+                dir = %args.state_dir.display(),
+                checkpoint_lsn = report.checkpoint_lsn,
+                replayed = report.replayed,
+                last_lsn = report.last_lsn,
+                quota_counters = report.quota_counters,
+                lost_records = report.lost_records,
+                ledger_caught_up = report.ledger_caught_up,
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "usage state recovered"
+            );
+            (Some(dir), store)
+        }
+    };
     let app = Arc::new(App {
         snapshot: cell,
-        store: MemoryStore::new(),
+        store,
         clock,
+        test_clock,
         reload: state,
         metrics: DecisionMetrics::new(),
         prometheus: Some(prometheus),
@@ -278,16 +418,24 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         println!("entitled: listening on http://{addr}");
         tracing::info!(%addr, policies = %args.policies.display(), "serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        // Counters of ended windows are dead weight: drop them every minute.
+        // Expired reservations go back to their quotas within a second; counters of
+        // ended windows are dead weight, dropped every minute.
         let compactor = app.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n = 0u64;
             loop {
                 tick.tick().await;
-                let dropped = compactor.store.compact(compactor.clock.now());
-                if dropped > 0 {
-                    tracing::debug!(dropped, "dropped quota counters of ended windows");
+                let now = compactor.clock.now();
+                compactor.store.expire(now);
+                n += 1;
+                if n.is_multiple_of(60) {
+                    let dropped = compactor.store.compact(now);
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "dropped quota counters of ended windows");
+                    }
                 }
+                entitled::metrics::usage_state(&compactor.store.counts());
             }
         });
         let mut extra = None;
@@ -312,9 +460,13 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         if let Some(e) = extra {
             e.await.context("metrics server task")??;
         }
-        tracing::info!("stopped");
         Ok::<_, anyhow::Error>(())
     })?;
+    if let Some(dir) = state_dir {
+        // Nothing is in flight now: flush, sync and fold the journal.
+        dir.close().context("closing the state directory")?;
+    }
+    tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -30,6 +30,15 @@ pub const STORE_ERRORS: &str = "entitled_store_errors_total";
 pub const AUDIT_DROPPED: &str = "entitled_audit_dropped_total";
 pub const HTTP_ERRORS: &str = "entitled_http_errors_total";
 pub const CONNECTIONS_REJECTED: &str = "entitled_connections_rejected_total";
+pub const JOURNAL_FLUSHES: &str = "entitled_journal_flushes_total";
+pub const JOURNAL_BYTES: &str = "entitled_journal_bytes_total";
+pub const JOURNAL_FLUSH_DURATION: &str = "entitled_journal_flush_duration_seconds";
+pub const JOURNAL_ERRORS: &str = "entitled_journal_errors_total";
+pub const STATE_DAMAGED: &str = "entitled_state_damaged_records_total";
+pub const CHECKPOINTS: &str = "entitled_state_checkpoints_total";
+pub const CHECKPOINT_DURATION: &str = "entitled_state_checkpoint_duration_seconds";
+pub const USAGE_STATE: &str = "entitled_usage_state_entries";
+pub const IDEMPOTENT_REPLAYS: &str = "entitled_idempotent_replays_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
 pub const EXPIRING_WINDOWS: [i64; 3] = [30, 60, 90];
@@ -106,15 +115,55 @@ fn describe() {
         CONNECTIONS_REJECTED,
         "Connections closed at accept because the connection cap was reached."
     );
+    describe_counter!(
+        JOURNAL_FLUSHES,
+        "Batches of usage changes written and synced to the journal."
+    );
+    describe_counter!(JOURNAL_BYTES, Unit::Bytes, "Bytes written to the journal.");
+    describe_histogram!(
+        JOURNAL_FLUSH_DURATION,
+        Unit::Seconds,
+        "Time to write and fdatasync one journal batch."
+    );
+    describe_counter!(
+        JOURNAL_ERRORS,
+        "Failed writes to the state directory (journal, ledger, segments)."
+    );
+    describe_counter!(
+        STATE_DAMAGED,
+        "Damaged or torn records found in the state directory at start-up (each lost)."
+    );
+    describe_counter!(CHECKPOINTS, "State checkpoints written, by result.");
+    describe_histogram!(
+        CHECKPOINT_DURATION,
+        Unit::Seconds,
+        "Time to fold the journal into a new checkpoint."
+    );
+    describe_gauge!(
+        USAGE_STATE,
+        "Live usage state entries, by kind (quota counters, reservations, seats, idempotency keys)."
+    );
+    describe_counter!(
+        IDEMPOTENT_REPLAYS,
+        "Requests answered from an idempotency key instead of counted again."
+    );
     // Series that alerts reference exist from the start, at zero.
     counter!(STORE_ERRORS).absolute(0);
+    counter!(JOURNAL_ERRORS).absolute(0);
+    counter!(STATE_DAMAGED).absolute(0);
     counter!(AUDIT_DROPPED).absolute(0);
     for result in ["success", "failure"] {
         counter!(RELOADS, "result" => result).absolute(0);
     }
 }
 
-const OPS: [Op; 4] = [Op::Check, Op::Consume, Op::SeatAcquire, Op::SeatRelease];
+const OPS: [Op; 5] = [
+    Op::Check,
+    Op::Consume,
+    Op::Reserve,
+    Op::SeatAcquire,
+    Op::SeatRelease,
+];
 const KINDS: [Option<Kind>; 6] = [
     None,
     Some(Kind::Flag),
@@ -214,4 +263,37 @@ pub fn store_error() {
 
 pub fn http_error(route: &'static str, status: u16) {
     counter!(HTTP_ERRORS, "route" => route, "status" => status.to_string()).increment(1);
+}
+
+pub fn journal_flush(bytes: usize, seconds: f64) {
+    counter!(JOURNAL_FLUSHES).increment(1);
+    counter!(JOURNAL_BYTES).increment(bytes as u64);
+    histogram!(JOURNAL_FLUSH_DURATION).record(seconds);
+}
+
+pub fn journal_error() {
+    counter!(JOURNAL_ERRORS).increment(1);
+}
+
+pub fn state_damaged(records: u64) {
+    counter!(STATE_DAMAGED).increment(records);
+}
+
+pub fn checkpoint(result: &'static str, seconds: f64) {
+    counter!(CHECKPOINTS, "result" => result).increment(1);
+    if result == "success" {
+        histogram!(CHECKPOINT_DURATION).record(seconds);
+    }
+}
+
+pub fn usage_state(c: &crate::usage::memory::Counts) {
+    gauge!(USAGE_STATE, "kind" => "quota_counters").set(c.quota_counters as f64);
+    gauge!(USAGE_STATE, "kind" => "rate_limiters").set(c.rate_limiters as f64);
+    gauge!(USAGE_STATE, "kind" => "seat_pools").set(c.seat_pools as f64);
+    gauge!(USAGE_STATE, "kind" => "reservations").set(c.reservations as f64);
+    gauge!(USAGE_STATE, "kind" => "idempotency_keys").set(c.idempotency_keys as f64);
+}
+
+pub fn idempotent_replay() {
+    counter!(IDEMPOTENT_REPLAYS).increment(1);
 }

@@ -134,6 +134,12 @@ pub struct Decision<'a> {
     pub overage: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<&'static str>,
+    /// The hold taken by a reserve.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_reservation"
+    )]
+    pub reservation: Option<u128>,
     /// Seconds until the request would pass (rate limits).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<f64>,
@@ -169,6 +175,7 @@ impl<'a> Decision<'a> {
             resets_at: None,
             overage: None,
             warning: None,
+            reservation: None,
             retry_after: None,
             source: None,
             expires_at: None,
@@ -183,6 +190,13 @@ impl<'a> Decision<'a> {
     pub fn deny(&mut self, reason: Reason) {
         self.allowed = false;
         self.reason = reason;
+    }
+}
+
+fn serialize_reservation<S: serde::Serializer>(id: &Option<u128>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.serialize_str(&crate::usage::record::reservation_name(*id)),
+        None => s.serialize_none(),
     }
 }
 
@@ -312,6 +326,10 @@ impl Decision<'_> {
         if let Some(w) = self.warning {
             out.extend_from_slice(b",\"warning\":");
             write_str(out, w);
+        }
+        if let Some(id) = self.reservation {
+            out.extend_from_slice(b",\"reservation\":");
+            write_str(out, &crate::usage::record::reservation_name(id));
         }
         if let Some(r) = self.retry_after {
             out.extend_from_slice(b",\"retry_after\":");

@@ -48,6 +48,8 @@ use crate::time::{SECOND, Timestamp};
 pub enum Op {
     Check,
     Consume,
+    /// Hold units of a quota (committed or released later by reservation id).
+    Reserve,
     SeatAcquire,
     SeatRelease,
 }
@@ -57,6 +59,7 @@ impl Op {
         match self {
             Op::Check => "check",
             Op::Consume => "consume",
+            Op::Reserve => "reserve",
             Op::SeatAcquire => "seats_acquire",
             Op::SeatRelease => "seats_release",
         }
@@ -147,7 +150,16 @@ impl<'a> Pending<'a> {
                 admitted,
                 used,
                 used_before,
+            }
+            | UsageOutcome::Reserved {
+                admitted,
+                used,
+                used_before,
+                ..
             } => {
+                if let UsageOutcome::Reserved { reservation, .. } = outcome {
+                    d.reservation = reservation;
+                }
                 d.used = Some(used);
                 d.remaining = limit.map(|l| remaining(l, used));
                 if let (
@@ -157,16 +169,16 @@ impl<'a> Pending<'a> {
                         ..
                     },
                 ) = (limit, op)
+                    && admitted
+                    && used > l
                 {
-                    if admitted && used > l {
-                        d.overage = Some(used - used_before.max(l));
-                    }
+                    d.overage = Some(used - used_before.max(l));
                 }
-                if let Some(w) = warn_units {
-                    if used >= w {
-                        d.warning = Some("soft_limit");
-                        d.warning_crossed = used_before < w && used > used_before;
-                    }
+                if let Some(w) = warn_units
+                    && used >= w
+                {
+                    d.warning = Some("soft_limit");
+                    d.warning_crossed = used_before < w && used > used_before;
                 }
                 if !admitted {
                     d.deny(Reason::QuotaExhausted);
@@ -425,17 +437,15 @@ impl<'a> Selector<'a> {
                 self.best_priority = Some(c);
             }
         }
-        if self.feature.combine == Combine::Sum {
-            if let Some(l) = c.value.scaled_limit(c.quantity) {
-                self.summed += 1;
-                self.sum = Some(match (self.sum, l) {
-                    (None, l) => l,
-                    (Some(Limit::Unlimited), _) | (_, Limit::Unlimited) => Limit::Unlimited,
-                    (Some(Limit::Finite(a)), Limit::Finite(b)) => {
-                        Limit::Finite(a.saturating_add(b))
-                    }
-                });
-            }
+        if self.feature.combine == Combine::Sum
+            && let Some(l) = c.value.scaled_limit(c.quantity)
+        {
+            self.summed += 1;
+            self.sum = Some(match (self.sum, l) {
+                (None, l) => l,
+                (Some(Limit::Unlimited), _) | (_, Limit::Unlimited) => Limit::Unlimited,
+                (Some(Limit::Finite(a)), Limit::Finite(b)) => Limit::Finite(a.saturating_add(b)),
+            });
         }
         if self.best.as_ref().is_none_or(|b| self.more_generous(&c, b)) {
             self.best = Some(c);
@@ -550,6 +560,7 @@ pub fn evaluate<'a>(
     let fits = match op {
         Op::Check => true,
         Op::Consume => matches!(kind, Kind::Quota | Kind::Rate),
+        Op::Reserve => kind == Kind::Quota,
         Op::SeatAcquire | Op::SeatRelease => kind == Kind::Seats,
     };
     if !fits {
@@ -645,10 +656,10 @@ pub fn evaluate<'a>(
                 }
                 _ => None,
             };
-            let mode = if op == Op::Consume {
-                QuotaMode::Consume
-            } else {
-                QuotaMode::Check
+            let mode = match op {
+                Op::Consume => QuotaMode::Consume,
+                Op::Reserve => QuotaMode::Reserve,
+                _ => QuotaMode::Check,
             };
             let op = UsageOp::Quota {
                 key,

@@ -22,6 +22,8 @@ pub enum QuotaMode {
     Check,
     /// Count `amount` if it fits (or always, with overage allowed).
     Consume,
+    /// Hold `amount` if it fits (overage or not) until committed, released or expired.
+    Reserve,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +62,7 @@ pub enum UsageOp<'a> {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum UsageOutcome {
     Quota {
         admitted: bool,
@@ -69,6 +71,13 @@ pub enum UsageOutcome {
         used: u64,
         /// Units used before the step.
         used_before: u64,
+    },
+    /// A reservation: as `Quota`, with the hold's id when admitted.
+    Reserved {
+        admitted: bool,
+        used: u64,
+        used_before: u64,
+        reservation: Option<u128>,
     },
     Rate {
         admitted: bool,

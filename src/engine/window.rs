@@ -44,10 +44,13 @@ thread_local! {
 
 /// The window of `period` that contains `t`, anchored at `anchor`.
 pub fn window(period: Period, reset: Reset, anchor: Timestamp, t: Timestamp) -> Window {
-    if let Some((p, r, a, w)) = LAST.with(|c| c.get()) {
-        if p == period && r == reset && a == anchor && w.contains(t) {
-            return w;
-        }
+    if let Some((p, r, a, w)) = LAST.with(|c| c.get())
+        && p == period
+        && r == reset
+        && a == anchor
+        && w.contains(t)
+    {
+        return w;
     }
     let w = compute(period, reset, anchor, t);
     LAST.with(|c| c.set(Some((period, reset, anchor, w))));

@@ -1245,10 +1245,10 @@ fn compile_route(
         .rate
         .as_ref()
         .and_then(|n| feature(n, base(&[k("rate")]), &[Kind::Rate]));
-    if let Some(c) = &r.consume {
-        if c.amount == Some(0) {
-            issues.push(at(&["consume", "amount"]), "`amount` must be at least 1");
-        }
+    if let Some(c) = &r.consume
+        && c.amount == Some(0)
+    {
+        issues.push(at(&["consume", "amount"]), "`amount` must be at least 1");
     }
     if issues.0.len() > before {
         return None;

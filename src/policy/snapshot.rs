@@ -367,15 +367,15 @@ impl Route {
         path: &str,
         header: impl Fn(&str) -> Option<String>,
     ) -> bool {
-        if let Some(p) = &self.path {
-            if path != &**p {
-                return false;
-            }
+        if let Some(p) = &self.path
+            && path != &**p
+        {
+            return false;
         }
-        if let Some(p) = &self.path_prefix {
-            if !path.starts_with(&**p) {
-                return false;
-            }
+        if let Some(p) = &self.path_prefix
+            && !path.starts_with(&**p)
+        {
+            return false;
         }
         if !self.methods.is_empty() && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
         {

@@ -97,10 +97,10 @@ fn walk(
     visited: &mut HashSet<PathBuf>,
 ) -> Result<(), Diagnostic> {
     // A symlink cycle would otherwise walk forever.
-    if let Ok(canon) = std::fs::canonicalize(abs) {
-        if !visited.insert(canon) {
-            return Ok(());
-        }
+    if let Ok(canon) = std::fs::canonicalize(abs)
+        && !visited.insert(canon)
+    {
+        return Ok(());
     }
     let entries = std::fs::read_dir(abs).map_err(|e| io_diag(abs, &e, "cannot list directory"))?;
     for entry in entries {
@@ -381,15 +381,15 @@ fn clean_yaml_message(msg: &str) -> String {
         return format!("{what} ({breach}); the loader refuses it");
     }
     let msg = msg.as_str();
-    if let Some(rest) = msg.strip_prefix("line ") {
-        if let Some(i) = rest.find(": ") {
-            let head = &rest[..i];
-            if head
-                .split(" column ")
-                .all(|p| p.chars().all(|c| c.is_ascii_digit()))
-            {
-                return rest[i + 2..].to_string();
-            }
+    if let Some(rest) = msg.strip_prefix("line ")
+        && let Some(i) = rest.find(": ")
+    {
+        let head = &rest[..i];
+        if head
+            .split(" column ")
+            .all(|p| p.chars().all(|c| c.is_ascii_digit()))
+        {
+            return rest[i + 2..].to_string();
         }
     }
     msg.to_string()

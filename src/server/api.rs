@@ -14,7 +14,8 @@ use super::request::{self, MAX_BATCH, Parsed, Shape};
 use crate::engine::{self, Decision, Op, Reason};
 use crate::policy::{Kind, Snapshot};
 use crate::time::Timestamp;
-use crate::usage::UsageStore;
+use crate::usage::record::{parse_reservation, reservation_name};
+use crate::usage::{IdemKey, SettleAction, StepMeta, UsageStore};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -39,8 +40,13 @@ pub async fn handle<S: UsageStore>(app: &App<S>, req: Request<Incoming>) -> Resp
     let method = req.method().clone();
     let decision_route = matches!(
         path.as_str(),
-        "/v1/check" | "/v1/consume" | "/v1/batch" | "/v1/seats/acquire" | "/v1/seats/release"
-    );
+        "/v1/check"
+            | "/v1/consume"
+            | "/v1/reserve"
+            | "/v1/batch"
+            | "/v1/seats/acquire"
+            | "/v1/seats/release"
+    ) || path.starts_with("/v1/reservations/");
     let result = route(app, &method, &path, req).await;
     if decision_route {
         app.metrics.duration(started.elapsed().as_secs_f64());
@@ -58,7 +64,9 @@ fn route_label(path: &str) -> &'static str {
     match path {
         "/v1/check" => "check",
         "/v1/consume" => "consume",
+        "/v1/reserve" => "reserve",
         "/v1/batch" => "batch",
+        "/v1/test-clock" => "test_clock",
         "/v1/seats/acquire" => "seats_acquire",
         "/v1/seats/release" => "seats_release",
         "/v1/expiring" => "expiring",
@@ -66,6 +74,7 @@ fn route_label(path: &str) -> &'static str {
         "/healthz" | "/readyz" => "health",
         "/metrics" => "metrics",
         p if p.starts_with("/v1/customers/") => "customers",
+        p if p.starts_with("/v1/reservations/") => "reservations",
         _ => "other",
     }
 }
@@ -82,7 +91,8 @@ async fn route<S: UsageStore>(
     };
     let get = method == Method::GET || method == Method::HEAD;
     match path {
-        "/v1/check" | "/v1/consume" | "/v1/seats/acquire" | "/v1/seats/release" | "/v1/batch" => {
+        "/v1/check" | "/v1/consume" | "/v1/reserve" | "/v1/seats/acquire" | "/v1/seats/release"
+        | "/v1/batch" => {
             if method != Method::POST {
                 return Err(allow("POST"));
             }
@@ -90,11 +100,37 @@ async fn route<S: UsageStore>(
             let shape = match path {
                 "/v1/check" => Shape::Check,
                 "/v1/consume" => Shape::Consume,
+                "/v1/reserve" => Shape::Reserve,
                 "/v1/seats/acquire" => Shape::Seat(Op::SeatAcquire),
                 "/v1/seats/release" => Shape::Seat(Op::SeatRelease),
                 _ => return batch(app, &mut body).await,
             };
             single(app, shape, &mut body).await
+        }
+        p if p.starts_with("/v1/reservations/") => {
+            if method != Method::POST {
+                return Err(allow("POST"));
+            }
+            let rest = &p["/v1/reservations/".len()..];
+            let (id, commit) = match rest.rsplit_once('/') {
+                Some((id, "commit")) => (id, true),
+                Some((id, "release")) => (id, false),
+                _ => {
+                    return Err(ApiError::NotFound {
+                        path: path.to_string(),
+                    });
+                }
+            };
+            let id = id.to_string();
+            let mut body = read_body(app, req).await?;
+            settle(app, &id, commit, &mut body).await
+        }
+        "/v1/test-clock" if app.test_clock.is_some() => {
+            if method != Method::POST {
+                return Err(allow("POST"));
+            }
+            let mut body = read_body(app, req).await?;
+            test_clock(app, &mut body)
         }
         "/healthz" if get => Ok(json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())),
         "/readyz" if get => Ok(readyz(app)),
@@ -193,12 +229,10 @@ fn try_sync<S: UsageStore>(
         Ok(pending) => pending,
     };
     if let Some(pending) = pending {
-        match app.store.try_now(&pending.op, now) {
+        let meta = step_meta(snap, p);
+        match app.store.try_now(&pending.op, &meta, now) {
             Some(Ok(outcome)) => pending.finish(outcome, &mut d),
-            Some(Err(e)) => {
-                crate::metrics::store_error();
-                return Attempt::Done(Err(ApiError::Unavailable(e.to_string())));
-            }
+            Some(Err(e)) => return Attempt::Done(Err(e.into())),
             None => return Attempt::Wait,
         }
     }
@@ -216,8 +250,22 @@ async fn decide_async<S: UsageStore>(
     let ctx = context(p);
     let req = engine_request(p, &ctx);
     let mut d = Decision::blank(&p.feature);
-    evaluate_awaiting(app, snap, p.op, &req, now, &mut d).await?;
+    let meta = step_meta(snap, p);
+    evaluate_awaiting(app, snap, p.op, &req, &meta, now, &mut d).await?;
     encode(app, p.op, &d, out)
+}
+
+/// What the store keeps beside the step: the snapshot version for the ledger, the
+/// idempotency key, a reservation's time to live.
+fn step_meta<'a>(snap: &'a Snapshot, p: &'a Parsed<'_>) -> StepMeta<'a> {
+    StepMeta {
+        snapshot: &snap.version,
+        idempotency: p.idempotency_key.as_deref().map(|key| IdemKey {
+            key,
+            fingerprint: p.fingerprint(),
+        }),
+        ttl_us: p.ttl_us,
+    }
 }
 
 /// Evaluates into `d`, awaiting the store for the usage step if there is one.
@@ -226,17 +274,13 @@ async fn evaluate_awaiting<'a, S: UsageStore>(
     snap: &'a Snapshot,
     op: Op,
     req: &engine::Request<'a>,
+    meta: &StepMeta<'_>,
     now: Timestamp,
     d: &mut Decision<'a>,
 ) -> Result<(), ApiError> {
     if let Some(pending) = engine::evaluate(snap, op, req, now, d)? {
-        match app.store.apply(&pending.op, now).await {
-            Ok(outcome) => pending.finish(outcome, d),
-            Err(e) => {
-                crate::metrics::store_error();
-                return Err(ApiError::Unavailable(e.to_string()));
-            }
-        }
+        let outcome = app.store.apply(&pending.op, meta, now).await?;
+        pending.finish(outcome, d);
     }
     Ok(())
 }
@@ -438,7 +482,11 @@ async fn customer<S: UsageStore>(
             ..engine::Request::new(&id, &f.name)
         };
         let mut d = Decision::blank(&f.name);
-        evaluate_awaiting(app, &snap, Op::Check, &req, now, &mut d).await?;
+        let meta = StepMeta {
+            snapshot: &snap.version,
+            ..StepMeta::default()
+        };
+        evaluate_awaiting(app, &snap, Op::Check, &req, &meta, now, &mut d).await?;
         // A summary shows what the customer has or had, not every feature there is.
         let relevant = d.source.is_some()
             || matches!(
@@ -481,4 +529,128 @@ fn metrics<S>(app: &App<S>) -> Resp {
         header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     r
+}
+
+/// `POST /v1/reservations/{id}/commit` (`{amount}`) and `/release`: the final usage.
+async fn settle<S: UsageStore>(
+    app: &App<S>,
+    raw_id: &str,
+    commit: bool,
+    body: &mut [u8],
+) -> Result<Resp, ApiError> {
+    let parsed;
+    let b = if body.iter().all(|b| b.is_ascii_whitespace()) && !commit {
+        request::SettleBody {
+            amount: None,
+            idempotency_key: None,
+        }
+    } else {
+        parsed = request::parse_body(body)?;
+        request::parse_settle(&parsed, commit)?
+    };
+    let id = parse_reservation(raw_id).ok_or_else(|| {
+        ApiError::field(
+            "reservation",
+            format!("`{raw_id}` is not a reservation id (rsv_ and 32 hex digits)"),
+        )
+    })?;
+    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = app.clock.now();
+    let (action, op) = match b.amount {
+        Some(n) => (SettleAction::Commit(n), "commit"),
+        None => (SettleAction::Release, "release"),
+    };
+    let fingerprint = {
+        let mut h = blake3::Hasher::new();
+        h.update(op.as_bytes());
+        h.update(&id.to_le_bytes());
+        h.update(&b.amount.unwrap_or(0).to_le_bytes());
+        let mut out = [0; 8];
+        out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_le_bytes(out)
+    };
+    let meta = StepMeta {
+        snapshot: &snap.version,
+        idempotency: b
+            .idempotency_key
+            .as_deref()
+            .map(|key| IdemKey { key, fingerprint }),
+        ttl_us: None,
+    };
+    let s = app.store.settle(id, action, &meta, now).await?;
+    let o = s.outcome;
+    if !o.found {
+        return Err(ApiError::UnknownReservation(reservation_name(id)));
+    }
+    let limit = o.limit.map_or(serde_json::json!("unlimited"), |l| l.into());
+    let remaining = o.limit.map_or(serde_json::json!("unlimited"), |l| {
+        l.saturating_sub(o.used).into()
+    });
+    let resets_at =
+        Some(Timestamp(o.window_end)).filter(|t| t.to_jiff().is_some() && *t != Timestamp::MAX);
+    let mut v = serde_json::json!({
+        "allowed": !o.denied,
+        "reason": if o.denied { "quota_exhausted" } else { "granted" },
+        "feature": s.feature,
+        "kind": "quota",
+        "reservation": reservation_name(id),
+        "operation": op,
+        "committed": o.committed,
+        "released": o.released,
+        "limit": limit,
+        "used": o.used,
+        "remaining": remaining,
+        "resets_at": resets_at,
+        "snapshot": &*snap.version,
+    });
+    if o.overage > 0 {
+        v["overage"] = o.overage.into();
+    }
+    Ok(json_value(StatusCode::OK, &v))
+}
+
+/// `POST /v1/test-clock` (only with `--test-clock`): `{"advance": "6m"}` or
+/// `{"set": "2026-01-01T00:00:00Z"}` moves the served clock; reservations that expire
+/// return to their quotas at once.
+fn test_clock<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, ApiError> {
+    use simd_json::prelude::*;
+    let Some(clock) = &app.test_clock else {
+        return Err(ApiError::NotFound {
+            path: "/v1/test-clock".into(),
+        });
+    };
+    let v = request::parse_body(body)?;
+    let obj = v.as_object().ok_or_else(|| ApiError::BadRequest {
+        field: None,
+        message: "expected a JSON object with `advance` or `set`".into(),
+    })?;
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["advance", "set"].contains(&k.as_ref()))
+    {
+        return Err(ApiError::field(
+            k,
+            format!("unknown field `{k}`; expected `advance` or `set`"),
+        ));
+    }
+    if let Some(a) = obj.get("advance") {
+        let us = a
+            .as_str()
+            .and_then(|s| crate::policy::units::parse_duration(s).ok())
+            .ok_or_else(|| ApiError::field("advance", "`advance` must be a duration (\"6m\")"))?;
+        clock.advance(us);
+    }
+    if let Some(t) = obj.get("set") {
+        let t = t
+            .as_str()
+            .and_then(|s| Timestamp::parse(s).ok())
+            .ok_or_else(|| ApiError::field("set", "`set` must be an RFC 3339 timestamp"))?;
+        clock.set(t);
+    }
+    let now = app.clock.now();
+    let expired = app.store.expire(now);
+    Ok(json_value(
+        StatusCode::OK,
+        &serde_json::json!({ "now": now, "reservations_expired": expired }),
+    ))
 }

@@ -25,6 +25,28 @@ pub enum ApiError {
     NotReady,
     #[error("usage store unavailable: {0}")]
     Unavailable(String),
+    /// The first request with this idempotency key has not finished.
+    #[error("{0}")]
+    InFlight(String),
+    /// An idempotency key reused for a different request.
+    #[error("{0}")]
+    KeyReused(String),
+    #[error("no open reservation `{0}`: it was committed, released or expired, or never existed")]
+    UnknownReservation(String),
+}
+
+impl From<crate::usage::StoreError> for ApiError {
+    fn from(e: crate::usage::StoreError) -> Self {
+        use crate::usage::StoreError as S;
+        match e {
+            S::InFlight(_) => ApiError::InFlight(e.to_string()),
+            S::KeyReused(_) => ApiError::KeyReused(e.to_string()),
+            S::Unavailable(_) | S::Fatal(_) => {
+                crate::metrics::store_error();
+                ApiError::Unavailable(e.to_string())
+            }
+        }
+    }
 }
 
 impl ApiError {
@@ -42,6 +64,9 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InFlight(_) => StatusCode::CONFLICT,
+            ApiError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnknownReservation(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -53,14 +78,24 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::NotReady => "not_ready",
             ApiError::Unavailable(_) => "store_unavailable",
+            ApiError::InFlight(_) => "idempotency_key_in_flight",
+            ApiError::KeyReused(_) => "idempotency_key_reused",
+            ApiError::UnknownReservation(_) => "unknown_reservation",
         }
     }
 
     /// The JSON error object: `{"code": .., "message": .., "field": ..}`.
     pub fn body(&self) -> serde_json::Value {
         let mut v = serde_json::json!({ "code": self.code(), "message": self.to_string() });
-        if let ApiError::BadRequest { field: Some(f), .. } = self {
-            v["field"] = serde_json::Value::String(f.clone());
+        match self {
+            ApiError::BadRequest { field: Some(f), .. } => {
+                v["field"] = serde_json::Value::String(f.clone());
+            }
+            ApiError::InFlight(_) | ApiError::KeyReused(_) => {
+                v["field"] = "idempotency_key".into();
+            }
+            ApiError::UnknownReservation(_) => v["field"] = "reservation".into(),
+            _ => {}
         }
         v
     }

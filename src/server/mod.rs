@@ -67,6 +67,8 @@ pub struct App<S> {
     pub metrics: DecisionMetrics,
     pub prometheus: Option<PrometheusHandle>,
     pub limits: Limits,
+    /// With `--test-clock`: the clock `POST /v1/test-clock` moves (also `clock`).
+    pub test_clock: Option<Arc<crate::time::ManualClock>>,
 }
 
 impl<S> std::fmt::Debug for App<S> {

@@ -30,6 +30,30 @@ pub struct Parsed<'a> {
     pub context: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     pub at: Option<Timestamp>,
     pub holder: Option<Cow<'a, str>>,
+    pub idempotency_key: Option<Cow<'a, str>>,
+    /// A reserve's time to live (microseconds).
+    pub ttl_us: Option<i64>,
+}
+
+impl Parsed<'_> {
+    /// What a retry with the same idempotency key must repeat: everything that
+    /// decides what is counted.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = blake3::Hasher::new();
+        for part in [
+            self.op.as_str(),
+            &self.customer,
+            &self.feature,
+            self.holder.as_deref().unwrap_or(""),
+        ] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(&self.amount.to_le_bytes());
+        let mut out = [0; 8];
+        out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_le_bytes(out)
+    }
 }
 
 /// Which fields an endpoint accepts.
@@ -38,6 +62,7 @@ pub enum Shape {
     Check,
     Consume,
     Seat(Op),
+    Reserve,
     /// A batch item: `op` picks check or consume.
     BatchItem,
 }
@@ -58,6 +83,14 @@ impl Shape {
                 "feature",
                 "holder",
                 "context",
+                "idempotency_key",
+            ],
+            Shape::Reserve => &[
+                "customer",
+                "feature",
+                "amount",
+                "context",
+                "ttl",
                 "idempotency_key",
             ],
             Shape::BatchItem => &[
@@ -175,7 +208,7 @@ pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiE
             let hint = match (key.as_ref(), shape) {
                 ("at", Shape::Consume) => " (`at` is only allowed on checks)",
                 ("idempotency_key", Shape::Check) => {
-                    " (checks count nothing; idempotency keys apply to consume and seats)"
+                    " (checks count nothing; idempotency keys apply to consume, reserve and seats)"
                 }
                 _ => "",
             };
@@ -196,6 +229,7 @@ pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiE
         Shape::Check => Op::Check,
         Shape::Consume => Op::Consume,
         Shape::Seat(op) => op,
+        Shape::Reserve => Op::Reserve,
         Shape::BatchItem => match required("op")?.as_str() {
             Some("check") => Op::Check,
             Some("consume") => Op::Consume,
@@ -258,13 +292,17 @@ pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiE
             Some(Timestamp::parse(s).map_err(|e| ApiError::field("at", format!("`at`: {e}")))?)
         }
     };
-    if let Some(k) = obj.get("idempotency_key") {
-        string(k, "idempotency_key")?;
+    let idempotency_key = idempotency_key(obj.get("idempotency_key"))?;
+    if idempotency_key.is_some() && op == Op::Check {
         return Err(ApiError::field(
             "idempotency_key",
-            "idempotency keys need the durable usage store, which this build does not have yet; retry without one",
+            "checks count nothing; idempotency keys apply to consume, reserve and seats",
         ));
     }
+    let ttl_us = match obj.get("ttl") {
+        None => None,
+        Some(t) => Some(ttl(t)?),
+    };
     let holder = match (shape, obj.get("holder")) {
         (Shape::Seat(_), Some(h)) => Some(string(h, "holder")?),
         (Shape::Seat(_), None) => return Err(ApiError::field("holder", "missing field `holder`")),
@@ -278,6 +316,89 @@ pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiE
         context,
         at,
         holder,
+        idempotency_key,
+        ttl_us,
+    })
+}
+
+/// Longest idempotency key (Stripe allows 255).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// An optional `idempotency_key` field.
+pub fn idempotency_key<'a>(v: Option<&Value<'a>>) -> Result<Option<Cow<'a, str>>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    let k = string(v, "idempotency_key")?;
+    if k.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::field(
+            "idempotency_key",
+            format!("`idempotency_key` is longer than {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    Ok(Some(k))
+}
+
+/// A `ttl`: a duration string (`"30s"`, `"5m"`) or whole seconds.
+fn ttl(v: &Value<'_>) -> Result<i64, ApiError> {
+    let us = match (v.as_u64(), v.as_str()) {
+        (Some(secs), _) => i64::try_from(secs)
+            .ok()
+            .and_then(|s| s.checked_mul(crate::time::SECOND)),
+        (_, Some(s)) => crate::policy::units::parse_duration(s).ok(),
+        _ => None,
+    };
+    match us {
+        Some(us) if us > 0 => Ok(us),
+        _ => Err(ApiError::field(
+            "ttl",
+            "`ttl` must be a positive duration (\"30s\", \"5m\") or whole seconds",
+        )),
+    }
+}
+
+/// A commit or release body: `{amount}` (commit) and an optional `idempotency_key`.
+#[derive(Debug, Clone)]
+pub struct SettleBody<'a> {
+    pub amount: Option<u64>,
+    pub idempotency_key: Option<Cow<'a, str>>,
+}
+
+pub fn parse_settle<'a>(v: &Value<'a>, commit: bool) -> Result<SettleBody<'a>, ApiError> {
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::BadRequest {
+            field: None,
+            message: format!("expected a JSON object, found {}", type_name(v)),
+        });
+    };
+    let allowed: &[&str] = if commit {
+        &["amount", "idempotency_key"]
+    } else {
+        &["idempotency_key"]
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_ref())) {
+        return Err(ApiError::field(
+            k,
+            format!(
+                "unknown field `{k}`; expected one of {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let amount = match (commit, obj.get("amount")) {
+        (false, _) => None,
+        (true, None) => return Err(ApiError::field("amount", "missing field `amount`")),
+        (true, Some(a)) => match a.as_u64() {
+            Some(n) if n <= MAX_AMOUNT => Some(n),
+            _ => {
+                return Err(ApiError::field(
+                    "amount",
+                    format!("`amount` must be a whole number from 0 to {MAX_AMOUNT}"),
+                ));
+            }
+        },
+    };
+    Ok(SettleBody {
+        amount,
+        idempotency_key: idempotency_key(obj.get("idempotency_key"))?,
     })
 }
 

@@ -4,11 +4,17 @@
 //! asynchronous because a shared store (Redis) is remote and can fail; the in-memory
 //! store answers with a ready future, so awaiting it costs nothing.
 
+pub mod durable;
+pub mod journal;
+pub mod ledger;
 pub mod memory;
+pub mod record;
+pub mod state;
 
 use std::future::Future;
 
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, StoreConfig};
+pub use record::{ReservationId, SettleOutcome, Settled};
 
 use crate::engine::{self, Decision, Op, Request, RequestError, UsageOp, UsageOutcome};
 use crate::policy::Snapshot;
@@ -23,6 +29,39 @@ pub enum StoreError {
     /// The store answered with something that cannot be right.
     #[error("usage store error: {0}")]
     Fatal(String),
+    /// The first request with this idempotency key is still running.
+    #[error("a request with idempotency key `{0}` is still in flight; retry shortly")]
+    InFlight(String),
+    /// The idempotency key was used before for a different request.
+    #[error("idempotency key `{0}` was already used for a different request")]
+    KeyReused(String),
+}
+
+/// An idempotency key and what it must match: a retry is the same request (same
+/// operation, customer, feature, amount, holder) with the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdemKey<'a> {
+    pub key: &'a str,
+    pub fingerprint: u64,
+}
+
+/// What a store keeps beside a usage step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepMeta<'a> {
+    /// The snapshot the decision was made on (recorded in the ledger).
+    pub snapshot: &'a str,
+    pub idempotency: Option<IdemKey<'a>>,
+    /// A reserve's time to live (microseconds); the store's default otherwise.
+    pub ttl_us: Option<i64>,
+}
+
+/// Ending a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleAction {
+    /// Count this many units (the rest of the hold returns to the quota).
+    Commit(u64),
+    /// Count nothing.
+    Release,
 }
 
 /// Runs usage steps atomically: a consume that does not fit counts nothing, and N
@@ -31,8 +70,18 @@ pub trait UsageStore: Send + Sync {
     fn apply(
         &self,
         op: &UsageOp<'_>,
+        meta: &StepMeta<'_>,
         now: Timestamp,
     ) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send;
+
+    /// Commits or releases the reservation `id`.
+    fn settle(
+        &self,
+        id: ReservationId,
+        action: SettleAction,
+        meta: &StepMeta<'_>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Settled, StoreError>> + Send;
 
     /// Answers without waiting, when the store can (the in-memory store always can;
     /// a remote store only from a local cache). `None` means "await [`Self::apply`]".
@@ -41,10 +90,18 @@ pub trait UsageStore: Send + Sync {
     fn try_now(
         &self,
         op: &UsageOp<'_>,
+        meta: &StepMeta<'_>,
         now: Timestamp,
     ) -> Option<Result<UsageOutcome, StoreError>> {
-        let _ = (op, now);
+        let _ = (op, meta, now);
         None
+    }
+
+    /// Returns expired reservations to their quotas and forgets expired idempotency
+    /// keys. Returns how many reservations expired.
+    fn expire(&self, now: Timestamp) -> usize {
+        let _ = now;
+        0
     }
 }
 

@@ -1,0 +1,355 @@
+//! The state directory: opening, recovering, checkpointing and closing it.
+//!
+//! ```text
+//! state/
+//!   FORMAT                      {"format": 1, "id": "<uuid>"}: refused if newer
+//!   LOCK                        held (flock) by the one process using the directory
+//!   checkpoint-<lsn>.ckpt       the state as of <lsn>
+//!   journal-<first lsn>.log     changes after it, in segments
+//!   ledger/usage-<lsn>-<t>.ndjson   the billing ledger (CloudEvents)
+//!   damaged/                    files recovery found damaged, kept for inspection
+//! ```
+//!
+//! Start-up replays checkpoint and journal, re-derives ledger events a crash cut off,
+//! and if it found damage (a torn tail, flipped bytes) logs and counts what was lost,
+//! writes a clean checkpoint at once and moves the damaged files aside, so the next
+//! start never meets them again. A background thread folds the journal into a new
+//! checkpoint every interval or past a size; a graceful close flushes and folds.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::journal::{self, Journal, JournalConfig};
+use super::ledger::{self, Ledger, LedgerConfig};
+use super::memory::{MemoryStore, StoreConfig};
+use super::record::FORMAT_VERSION;
+use super::state;
+use crate::time::Clock;
+
+#[derive(Debug, Clone)]
+pub struct DurableConfig {
+    pub dir: PathBuf,
+    pub journal: JournalConfig,
+    pub ledger: LedgerConfig,
+    pub store: StoreConfig,
+    /// Fold the journal into a checkpoint this often...
+    pub checkpoint_interval: Duration,
+    /// ...or as soon as the journal outgrows this.
+    pub checkpoint_bytes: u64,
+}
+
+impl DurableConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DurableConfig {
+            dir: dir.into(),
+            journal: JournalConfig::default(),
+            ledger: LedgerConfig::default(),
+            store: StoreConfig::default(),
+            checkpoint_interval: Duration::from_secs(300),
+            checkpoint_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Format {
+    format: u32,
+    id: String,
+}
+
+/// What start-up found.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    pub state_id: String,
+    pub checkpoint_lsn: u64,
+    pub last_lsn: u64,
+    pub replayed: u64,
+    pub lost_records: u64,
+    pub ledger_caught_up: u64,
+    pub ledger_truncated_bytes: u64,
+    pub quota_counters: usize,
+    pub elapsed: Duration,
+}
+
+struct Inner {
+    dir: PathBuf,
+    journal: Arc<Journal>,
+    clock: Arc<dyn Clock>,
+    config: DurableConfig,
+    stop: Mutex<bool>,
+    wake: Condvar,
+    /// One fold at a time (the background thread and close).
+    folding: Mutex<()>,
+    closed: AtomicBool,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open state directory. [`StateDir::close`] it for a graceful stop.
+#[derive(Debug)]
+pub struct StateDir {
+    inner: Arc<Inner>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Reads and checks `FORMAT` (creating it for a new directory).
+fn format(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("FORMAT");
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let f: Format = serde_json::from_slice(&bytes).with_context(|| {
+                format!("{}: not a state directory format file", path.display())
+            })?;
+            if f.format > FORMAT_VERSION {
+                anyhow::bail!(
+                    "{}: state directory written by format version {}; this entitled reads up to version {FORMAT_VERSION}. Run a newer entitled, or point --state-dir at another directory",
+                    dir.display(),
+                    f.format
+                );
+            }
+            Ok(f.id)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let f = Format {
+                format: FORMAT_VERSION,
+                id: uuid::Uuid::new_v4().to_string(),
+            };
+            let tmp = dir.join("FORMAT.tmp");
+            fs::write(&tmp, serde_json::to_vec(&f)?)?;
+            File::open(&tmp)?.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(dir)?.sync_all()?;
+            Ok(f.id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+impl StateDir {
+    /// Opens (or creates) the state directory, recovers it into a store and starts
+    /// journaling.
+    pub fn open(
+        config: DurableConfig,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<(StateDir, MemoryStore, OpenReport)> {
+        let started = Instant::now();
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock = File::create(dir.join("LOCK"))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "{} is in use by another entitled process (LOCK is held)",
+                dir.display()
+            )
+        })?;
+        let id = format(&dir)?;
+        let source = format!("urn:entitled:state:{id}");
+        let mut ledger = Ledger::open(&dir.join("ledger"), source.clone(), config.ledger.clone())
+            .with_context(|| format!("opening the ledger in {}", dir.display()))?;
+        let floor = ledger.last_lsn();
+        let mut events = Vec::new();
+        let mut first = None;
+        let mut last = 0;
+        let mut rec = state::recover(&dir, None, |lsn, r| {
+            if lsn > floor && ledger::counts(r) {
+                first.get_or_insert((lsn, journal::record_time(r)));
+                last = lsn;
+                ledger::write_event(&mut events, &source, lsn, r);
+            }
+        })?;
+        let caught_up = events.iter().filter(|b| **b == b'\n').count() as u64;
+        if let Some(first) = first {
+            ledger
+                .append(&events, first, last)
+                .context("bringing the ledger up to date")?;
+            ledger.sync()?;
+        }
+        let lost = rec.lost_records();
+        for (path, d) in &rec.damaged {
+            tracing::error!(
+                file = %path.display(),
+                damaged_regions = d.regions,
+                torn_tail = d.torn_tail,
+                bytes_skipped = d.bytes,
+                "state directory damage: the valid records around it were recovered; the damaged ones are lost"
+            );
+        }
+        if lost > 0 {
+            crate::metrics::state_damaged(lost);
+        }
+        let now = clock.now();
+        if !rec.damaged.is_empty() {
+            // Never meet the same damage twice: fold what was recovered into a clean
+            // checkpoint now and move the damaged files aside.
+            state::write_checkpoint(&dir, &rec.state, rec.last_lsn)?;
+            state::remove_folded(&dir, rec.last_lsn, &rec)?;
+        }
+        rec.state.prune(now.0);
+        let store_cfg = config.store;
+        let truncated = ledger.truncated_bytes;
+        if truncated > 0 {
+            tracing::warn!(
+                bytes = truncated,
+                "cut a torn last line off the usage ledger; its events are re-derived from the journal"
+            );
+        }
+        let journal = Arc::new(Journal::start(
+            &dir,
+            rec.last_lsn + 1,
+            config.journal.clone(),
+            ledger,
+        )?);
+        let store = MemoryStore::with_journal(Some(journal.clone()), store_cfg);
+        let report = OpenReport {
+            state_id: id,
+            checkpoint_lsn: rec.checkpoint_lsn,
+            last_lsn: rec.last_lsn,
+            replayed: rec.replayed,
+            lost_records: lost,
+            ledger_caught_up: caught_up,
+            ledger_truncated_bytes: truncated,
+            quota_counters: rec.state.quotas.len(),
+            elapsed: Duration::ZERO,
+        };
+        store.restore(rec.state);
+        let inner = Arc::new(Inner {
+            dir,
+            journal,
+            clock,
+            config,
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+            folding: Mutex::new(()),
+            closed: AtomicBool::new(false),
+            _lock: lock,
+        });
+        let bg = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("entitled-checkpoint".into())
+            .spawn(move || bg.run())?;
+        Ok((
+            StateDir {
+                inner,
+                thread: Some(thread),
+            },
+            store,
+            OpenReport {
+                elapsed: started.elapsed(),
+                ..report
+            },
+        ))
+    }
+
+    /// Folds the journal into a new checkpoint now. Returns the entries it holds, or
+    /// `None` if nothing changed since the last one.
+    pub fn checkpoint(&self) -> anyhow::Result<Option<usize>> {
+        self.inner.fold()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Flushes and syncs the journal, folds it into a checkpoint (so the next start
+    /// reads one file) and stops the background thread.
+    pub fn close(mut self) -> anyhow::Result<()> {
+        self.stop_thread();
+        let r = self.inner.fold();
+        self.inner.journal.close();
+        self.inner.closed.store(true, Ordering::Release);
+        r.map(|_| ())
+    }
+
+    fn stop_thread(&mut self) {
+        if let Ok(mut s) = self.inner.stop.lock() {
+            *s = true;
+        }
+        self.inner.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        self.stop_thread();
+        self.inner.journal.close();
+    }
+}
+
+impl Inner {
+    fn run(&self) {
+        let _ = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min);
+        let mut last = Instant::now();
+        loop {
+            let stopped = match self.stop.lock() {
+                Ok(s) => match self.wake.wait_timeout(s, Duration::from_secs(1)) {
+                    Ok((s, _)) => *s,
+                    Err(_) => return,
+                },
+                Err(_) => return,
+            };
+            if stopped {
+                return;
+            }
+            let due = last.elapsed() >= self.config.checkpoint_interval
+                || journal_bytes(&self.dir) >= self.config.checkpoint_bytes;
+            if due {
+                if let Err(e) = self.fold() {
+                    tracing::error!(error = %format!("{e:#}"), "checkpoint failed; the journal keeps everything meanwhile");
+                }
+                last = Instant::now();
+            }
+        }
+    }
+
+    fn fold(&self) -> anyhow::Result<Option<usize>> {
+        let _one = self
+            .folding
+            .lock()
+            .map_err(|_| anyhow::anyhow!("checkpoint lock poisoned"))?;
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let upto = self.journal.seal()?;
+        let r = state::fold(&self.dir, upto, self.clock.now().0);
+        match &r {
+            Ok(Some(n)) => {
+                crate::metrics::checkpoint("success", started.elapsed().as_secs_f64());
+                tracing::info!(
+                    lsn = upto,
+                    entries = n,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "checkpoint written"
+                );
+            }
+            Ok(None) => {}
+            Err(_) => crate::metrics::checkpoint("failure", 0.0),
+        }
+        Ok(r?)
+    }
+}
+
+fn journal_bytes(dir: &Path) -> u64 {
+    journal::segments(dir)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(_, p)| fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}

@@ -1,0 +1,387 @@
+//! The usage ledger: every counted consumption as one CloudEvents 1.0 JSON line, for
+//! billing (OpenMeter, Lago or a billing job read it as it is).
+//!
+//! The journal is the source of truth and the ledger is derived from it: the journal's
+//! writer appends the events of each flushed batch after the batch is in the journal,
+//! so the ledger is never ahead of the journal. An event's `id` is the journal record's
+//! sequence number (lsn) and `source` names the state directory, so on start-up the
+//! ledger resumes after the last lsn it holds and re-derives whatever a crash cut off:
+//! each consumption appears exactly once, across restarts.
+//!
+//! Segments are `ledger/usage-<first lsn>-<start unix seconds>.ndjson`, rotated by
+//! size and age and deleted after the retention period (measured in event time, so a
+//! test clock drives it too).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::record::{Record, reservation_name};
+use crate::time::{SECOND, Timestamp};
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    /// Rotate a segment past this size.
+    pub segment_bytes: u64,
+    /// Rotate a segment once its first event is this old (microseconds).
+    pub segment_age_us: i64,
+    /// Delete segments whose events are all older than this (microseconds).
+    pub retention_us: i64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            segment_bytes: 64 << 20,
+            segment_age_us: 3600 * SECOND,
+            retention_us: 30 * 86_400 * SECOND,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    subject: &'a str,
+    time: Timestamp,
+    datacontenttype: &'static str,
+    data: Data<'a>,
+}
+
+#[derive(Serialize)]
+struct Data<'a> {
+    feature: &'a str,
+    /// Units counted; a seat release is -1, so a sum is the seats held.
+    amount: i64,
+    window_start: Option<Timestamp>,
+    overage: u64,
+    snapshot: &'a str,
+    operation: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reservation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holder: Option<&'a str>,
+}
+
+/// Appends the event for `record` (if it counts usage) to `out`.
+pub fn write_event(out: &mut Vec<u8>, source: &str, lsn: u64, record: &Record<'_>) {
+    let mut id = itoa::Buffer::new();
+    let id = id.format(lsn);
+    let (subject, time, data) = match *record {
+        Record::Consume {
+            customer,
+            feature,
+            window_start,
+            amount,
+            overage,
+            time,
+            snapshot,
+            ..
+        } => (
+            customer,
+            time,
+            Data {
+                feature,
+                amount: i64::try_from(amount).unwrap_or(i64::MAX),
+                window_start: Some(Timestamp(window_start)),
+                overage,
+                snapshot,
+                operation: "consume",
+                reservation: None,
+                holder: None,
+            },
+        ),
+        Record::Settle {
+            id: rid,
+            customer,
+            feature,
+            window_start,
+            committed,
+            overage,
+            time,
+            snapshot,
+            ..
+        } if committed > 0 => (
+            customer,
+            time,
+            Data {
+                feature,
+                amount: i64::try_from(committed).unwrap_or(i64::MAX),
+                window_start: Some(Timestamp(window_start)),
+                overage,
+                snapshot,
+                operation: "commit",
+                reservation: Some(reservation_name(rid)),
+                holder: None,
+            },
+        ),
+        Record::Seat {
+            customer,
+            feature,
+            holder,
+            acquire,
+            time,
+            snapshot,
+        } => (
+            customer,
+            time,
+            Data {
+                feature,
+                amount: if acquire { 1 } else { -1 },
+                window_start: None,
+                overage: 0,
+                snapshot,
+                operation: if acquire {
+                    "seat_acquire"
+                } else {
+                    "seat_release"
+                },
+                reservation: None,
+                holder: Some(holder),
+            },
+        ),
+        _ => return,
+    };
+    let ev = Event {
+        specversion: "1.0",
+        id,
+        source,
+        ty: "entitled.usage",
+        subject,
+        time: Timestamp(time),
+        datacontenttype: "application/json",
+        data,
+    };
+    if serde_json::to_writer(&mut *out, &ev).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+/// Whether `record` produces a ledger event.
+pub fn counts(record: &Record<'_>) -> bool {
+    match record {
+        Record::Consume { .. } | Record::Seat { .. } => true,
+        Record::Settle { committed, .. } => *committed > 0,
+        _ => false,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    path: PathBuf,
+    first_lsn: u64,
+    start_secs: i64,
+}
+
+fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name
+            .strip_prefix("usage-")
+            .and_then(|n| n.strip_suffix(".ndjson"))
+        else {
+            continue;
+        };
+        let Some((lsn, secs)) = stem.split_once('-') else {
+            continue;
+        };
+        let (Ok(first_lsn), Ok(start_secs)) = (lsn.parse(), secs.parse()) else {
+            continue;
+        };
+        out.push(Segment {
+            path: e.path(),
+            first_lsn,
+            start_secs,
+        });
+    }
+    out.sort_by_key(|s| s.first_lsn);
+    Ok(out)
+}
+
+/// The ledger's writer. Lives on the journal's writer thread.
+#[derive(Debug)]
+pub struct Ledger {
+    dir: PathBuf,
+    source: String,
+    config: LedgerConfig,
+    file: Option<File>,
+    size: u64,
+    start_us: i64,
+    /// The last lsn the ledger holds an event for (0: none).
+    last_lsn: u64,
+    /// Torn bytes cut off the last segment when it was opened.
+    pub truncated_bytes: u64,
+}
+
+impl Ledger {
+    /// Opens `dir` (creating it), cuts a torn last line and finds the last lsn.
+    pub fn open(dir: &Path, source: String, config: LedgerConfig) -> io::Result<Ledger> {
+        fs::create_dir_all(dir)?;
+        let mut ledger = Ledger {
+            dir: dir.to_path_buf(),
+            source,
+            config,
+            file: None,
+            size: 0,
+            start_us: 0,
+            last_lsn: 0,
+            truncated_bytes: 0,
+        };
+        let segs = segments(dir)?;
+        for seg in segs.iter().rev() {
+            let mut f = OpenOptions::new().read(true).write(true).open(&seg.path)?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            let keep = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if keep < buf.len() {
+                ledger.truncated_bytes += (buf.len() - keep) as u64;
+                f.set_len(keep as u64)?;
+            }
+            let last_line = buf[..keep]
+                .split(|&b| b == b'\n')
+                .rev()
+                .find(|l| !l.is_empty());
+            if let Some(line) = last_line {
+                ledger.last_lsn = event_lsn(line).unwrap_or(0);
+            }
+            if ledger.file.is_none() {
+                f.seek(SeekFrom::End(0))?;
+                ledger.size = keep as u64;
+                ledger.start_us = seg.start_secs.saturating_mul(SECOND);
+                ledger.file = Some(f);
+            }
+            if ledger.last_lsn > 0 {
+                break;
+            }
+            ledger.last_lsn = ledger.last_lsn.max(seg.first_lsn.saturating_sub(1));
+        }
+        Ok(ledger)
+    }
+
+    pub fn last_lsn(&self) -> u64 {
+        self.last_lsn
+    }
+
+    /// Appends encoded event lines (all with lsn > [`Self::last_lsn`]) whose last lsn
+    /// is `last`; `first` is the first event's (lsn, time), used to name a new segment.
+    pub fn append(&mut self, lines: &[u8], first: (u64, i64), last: u64) -> io::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let (first_lsn, first_time) = first;
+        let stale = first_time.saturating_sub(self.start_us) >= self.config.segment_age_us;
+        if self.file.is_none() || self.size >= self.config.segment_bytes || stale {
+            self.rotate(first_lsn, first_time)?;
+        }
+        if let Some(f) = &mut self.file {
+            f.write_all(lines)?;
+            self.size += lines.len() as u64;
+        }
+        self.last_lsn = last;
+        Ok(())
+    }
+
+    fn rotate(&mut self, first_lsn: u64, time_us: i64) -> io::Result<()> {
+        if let Some(f) = self.file.take() {
+            f.sync_data()?;
+        }
+        let secs = time_us.div_euclid(SECOND);
+        let path = self
+            .dir
+            .join(format!("usage-{first_lsn:020}-{secs}.ndjson"));
+        let f = OpenOptions::new().create(true).append(true).open(&path)?;
+        self.file = Some(f);
+        self.size = 0;
+        self.start_us = time_us;
+        self.expire(time_us)?;
+        Ok(())
+    }
+
+    /// Deletes segments whose every event is older than the retention: a segment's
+    /// events end where the next one starts.
+    fn expire(&self, now_us: i64) -> io::Result<()> {
+        let segs = segments(&self.dir)?;
+        let horizon = now_us.saturating_sub(self.config.retention_us);
+        for pair in segs.windows(2) {
+            if pair[1].start_secs.saturating_mul(SECOND) < horizon {
+                fs::remove_file(&pair[0].path)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sync(&mut self) -> io::Result<()> {
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// The lsn in an event line's `id`.
+fn event_lsn(line: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: &'a str,
+    }
+    serde_json::from_slice::<Id<'_>>(line).ok()?.id.parse().ok()
+}
+
+/// Prints every event at or after `since` (and before `until`) to `out`, oldest
+/// first. Segments that end before `since` are skipped unread.
+pub fn export(
+    dir: &Path,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+    out: &mut impl Write,
+) -> io::Result<u64> {
+    #[derive(serde::Deserialize)]
+    struct Time<'a> {
+        #[serde(borrow)]
+        time: &'a str,
+    }
+    let segs = segments(dir)?;
+    let mut n = 0;
+    for (i, seg) in segs.iter().enumerate() {
+        let ends = segs.get(i + 1).map(|s| s.start_secs.saturating_mul(SECOND));
+        if let (Some(since), Some(ends)) = (since, ends)
+            && ends < since.0
+        {
+            continue;
+        }
+        let r = BufReader::new(File::open(&seg.path)?);
+        for line in r.split(b'\n') {
+            let line = line?;
+            if line.is_empty() {
+                continue;
+            }
+            let t = serde_json::from_slice::<Time<'_>>(&line)
+                .ok()
+                .and_then(|t| Timestamp::parse(t.time).ok());
+            let keep = match t {
+                Some(t) => since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u),
+                None => false,
+            };
+            if keep {
+                out.write_all(&line)?;
+                out.write_all(b"\n")?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
