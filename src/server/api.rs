@@ -15,7 +15,7 @@ use crate::engine::{self, Decision, Op, Reason};
 use crate::policy::{Kind, Snapshot};
 use crate::time::Timestamp;
 use crate::usage::record::{parse_reservation, reservation_name};
-use crate::usage::{IdemKey, SettleAction, StepMeta, UsageStore};
+use crate::usage::{Ack, IdemKey, SettleAction, StepMeta, UsageStore};
 
 type Resp = Response<Full<Bytes>>;
 
@@ -217,6 +217,7 @@ fn try_sync<S: UsageStore>(
     p: &Parsed<'_>,
     now: Timestamp,
     out: &mut Vec<u8>,
+    ack: &mut Ack,
 ) -> Attempt {
     let Some(snap) = snap else {
         return Attempt::Done(Err(ApiError::NotReady));
@@ -231,7 +232,10 @@ fn try_sync<S: UsageStore>(
     if let Some(pending) = pending {
         let meta = step_meta(snap, p);
         match app.store.try_now(&pending.op, &meta, now) {
-            Some(Ok(outcome)) => pending.finish(outcome, &mut d),
+            Some(Ok((outcome, a))) => {
+                *ack = ack.and(a);
+                pending.finish(outcome, &mut d)
+            }
             Some(Err(e)) => return Attempt::Done(Err(e.into())),
             None => return Attempt::Wait,
         }
@@ -294,11 +298,17 @@ async fn single<S: UsageStore>(
     let p = request::parse_request(&v, shape)?;
     let now = app.clock.now();
     let mut out = Vec::with_capacity(512);
+    let mut ack = Ack::default();
     match app
         .snapshot
-        .with(|snap| try_sync(app, snap, &p, now, &mut out))
+        .with(|snap| try_sync(app, snap, &p, now, &mut out, &mut ack))
     {
-        Attempt::Done(r) => r?,
+        Attempt::Done(r) => {
+            r?;
+            if ack.0.is_some() {
+                app.store.ack(ack).await?;
+            }
+        }
         Attempt::Wait => {
             let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
             decide_async(app, &snap, &p, now, &mut out).await?
@@ -341,6 +351,7 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
     let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
     let now = app.clock.now();
     let mut out = Vec::with_capacity(64 + items.len() * 256);
+    let mut ack = Ack::default();
     out.extend_from_slice(b"{\"results\":[");
     for (i, item) in items.as_slice().iter().enumerate() {
         if i > 0 {
@@ -348,7 +359,7 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
         }
         let mark = out.len();
         let result = match request::parse_request(item, Shape::BatchItem) {
-            Ok(p) => match try_sync(app, Some(&snap), &p, now, &mut out) {
+            Ok(p) => match try_sync(app, Some(&snap), &p, now, &mut out, &mut ack) {
                 Attempt::Done(r) => r,
                 Attempt::Wait => decide_async(app, &snap, &p, now, &mut out).await,
             },
@@ -367,6 +378,10 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
         }
     }
     out.extend_from_slice(b"]}");
+    // One acknowledgement for the whole batch: its changes share one sync.
+    if ack.0.is_some() {
+        app.store.ack(ack).await?;
+    }
     Ok(json(StatusCode::OK, out))
 }
 

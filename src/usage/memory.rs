@@ -24,7 +24,7 @@ use super::journal::Journal;
 use super::record::{
     Answer, EntryRef, Record, ReservationId, SettleOutcome, Settled, reservation_name,
 };
-use super::{IdemKey, SettleAction, StepMeta, StoreError, UsageStore};
+use super::{Ack, IdemKey, SettleAction, StepMeta, StoreError, UsageStore};
 use crate::engine::{QuotaMode, SeatAction, UsageKey, UsageOp, UsageOutcome};
 use crate::policy::Limit;
 use crate::time::{SECOND, Timestamp};
@@ -1019,12 +1019,15 @@ impl UsageStore for MemoryStore {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Option<Result<UsageOutcome, StoreError>> {
-        // Sync mode acknowledges only once on disk: the caller must await.
-        if self.journal.as_ref().is_some_and(|j| j.is_sync()) && mutates(op) {
-            return None;
-        }
-        Some(self.step(op, meta, now).map(|(o, _)| o))
+    ) -> Option<Result<(UsageOutcome, Ack), StoreError>> {
+        Some(
+            self.step(op, meta, now)
+                .map(|(o, lsn)| (o, self.ack_for(lsn))),
+        )
+    }
+
+    async fn ack(&self, ack: Ack) -> Result<(), StoreError> {
+        self.durable(ack.0).await
     }
 
     async fn settle(
@@ -1045,20 +1048,20 @@ impl UsageStore for MemoryStore {
 }
 
 impl MemoryStore {
+    /// What a reply reporting the change at `lsn` must wait for.
+    fn ack_for(&self, lsn: Logged) -> Ack {
+        match &self.journal {
+            Some(j) if j.is_sync() => Ack(lsn),
+            _ => Ack(None),
+        }
+    }
+
     /// In sync mode, waits until `lsn` is on disk.
     async fn durable(&self, lsn: Logged) -> Result<(), StoreError> {
         match (&self.journal, lsn) {
             (Some(j), Some(lsn)) if j.is_sync() => j.wait_durable(lsn).await,
             _ => Ok(()),
         }
-    }
-}
-
-fn mutates(op: &UsageOp<'_>) -> bool {
-    match op {
-        UsageOp::Quota { mode, .. } => *mode != QuotaMode::Check,
-        UsageOp::Rate { .. } => false,
-        UsageOp::Seat { action, .. } => *action != SeatAction::Check,
     }
 }
 

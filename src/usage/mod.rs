@@ -37,6 +37,18 @@ pub enum StoreError {
     KeyReused(String),
 }
 
+/// What a reply must wait for before it is sent: the journal position of the last
+/// change it reports (sync durability), or nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ack(pub Option<u64>);
+
+impl Ack {
+    /// Both acknowledged: the later journal position.
+    pub fn and(self, other: Ack) -> Ack {
+        Ack(self.0.max(other.0))
+    }
+}
+
 /// An idempotency key and what it must match: a retry is the same request (same
 /// operation, customer, feature, amount, holder) with the same key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,14 +99,24 @@ pub trait UsageStore: Send + Sync {
     /// a remote store only from a local cache). `None` means "await [`Self::apply`]".
     /// The server uses it to decide inside one synchronous step, with the snapshot
     /// borrowed from the thread's cache instead of cloned.
+    ///
+    /// The answer may not be acknowledged yet (`--durability sync`: not on disk yet):
+    /// the caller must await [`Self::ack`] before replying. A batch answers every item
+    /// and then acknowledges once, so its items share one sync.
     fn try_now(
         &self,
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Option<Result<UsageOutcome, StoreError>> {
+    ) -> Option<Result<(UsageOutcome, Ack), StoreError>> {
         let _ = (op, meta, now);
         None
+    }
+
+    /// Waits until the steps behind `ack` are acknowledged (durable).
+    fn ack(&self, ack: Ack) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = ack;
+        std::future::ready(Ok(()))
     }
 
     /// Returns expired reservations to their quotas and forgets expired idempotency
