@@ -414,6 +414,7 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let stop = shutdown_signal()?;
         // A plain line on stdout, for scripts and tests that start us on port 0.
         println!("entitled: listening on http://{addr}");
         tracing::info!(%addr, policies = %args.policies.display(), "serving");
@@ -453,7 +454,7 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         let main = tokio::spawn(server::run(listener, app.clone(), async move {
             let _ = rx.wait_for(|s| *s).await;
         }));
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stop_tx.send(true);
         main.await.context("server task")??;
@@ -470,18 +471,16 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now (before the address is announced, so
+/// a stop sent the moment we are up is graceful) and returns the wait for either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers there is nothing to wait for but the end.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -71,6 +71,8 @@ pub struct OpenReport {
     pub last_lsn: u64,
     pub replayed: u64,
     pub lost_records: u64,
+    /// Consumptions lost with damaged journal records but found in the ledger.
+    pub healed_from_ledger: u64,
     pub ledger_caught_up: u64,
     pub ledger_truncated_bytes: u64,
     pub quota_counters: usize,
@@ -163,7 +165,11 @@ impl StateDir {
         let mut events = Vec::new();
         let mut first = None;
         let mut last = 0;
+        let mut seen = Vec::new();
         let mut rec = state::recover(&dir, None, |lsn, r| {
+            if ledger::counts(r) {
+                seen.push(lsn);
+            }
             if lsn > floor && ledger::counts(r) {
                 first.get_or_insert((lsn, journal::record_time(r)));
                 last = lsn;
@@ -190,12 +196,38 @@ impl StateDir {
         if lost > 0 {
             crate::metrics::state_damaged(lost);
         }
+        let mut healed = 0;
+        if !rec.damaged.is_empty() && floor > rec.checkpoint_lsn {
+            // The ledger may hold events whose journal records were lost: they were
+            // served and billed, so count them again rather than give the units away.
+            seen.sort_unstable();
+            let events = ledger::events_after(&dir.join("ledger"), rec.checkpoint_lsn)
+                .context("reading the ledger to heal damaged journal records")?;
+            for (lsn, v) in &events {
+                if seen.binary_search(lsn).is_ok() {
+                    continue;
+                }
+                if let Some(r) = ledger::event_record(v) {
+                    rec.state.apply(&r);
+                    healed += 1;
+                }
+            }
+            if healed > 0 {
+                tracing::warn!(
+                    events = healed,
+                    "restored usage lost with damaged journal records from the usage ledger"
+                );
+            }
+        }
+        // Never reuse an lsn the ledger has already named an event with (the journal
+        // may have lost its tail while the ledger kept it).
+        let next_lsn = rec.last_lsn.max(floor) + 1;
         let now = clock.now();
         if !rec.damaged.is_empty() {
-            // Never meet the same damage twice: fold what was recovered into a clean
-            // checkpoint now and move the damaged files aside.
-            state::write_checkpoint(&dir, &rec.state, rec.last_lsn)?;
-            state::remove_folded(&dir, rec.last_lsn, &rec)?;
+            // Never meet the same damage twice: fold what was recovered (and healed)
+            // into a clean checkpoint now and move the damaged files aside.
+            state::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
+            state::remove_folded(&dir, next_lsn - 1, &rec)?;
         }
         rec.state.prune(now.0);
         let store_cfg = config.store;
@@ -208,7 +240,7 @@ impl StateDir {
         }
         let journal = Arc::new(Journal::start(
             &dir,
-            rec.last_lsn + 1,
+            next_lsn,
             config.journal.clone(),
             ledger,
         )?);
@@ -216,7 +248,8 @@ impl StateDir {
         let report = OpenReport {
             state_id: id,
             checkpoint_lsn: rec.checkpoint_lsn,
-            last_lsn: rec.last_lsn,
+            last_lsn: next_lsn - 1,
+            healed_from_ledger: healed,
             replayed: rec.replayed,
             lost_records: lost,
             ledger_caught_up: caught_up,
@@ -297,6 +330,7 @@ impl Inner {
         let mut last = Instant::now();
         loop {
             let stopped = match self.stop.lock() {
+                Ok(s) if *s => true,
                 Ok(s) => match self.wake.wait_timeout(s, Duration::from_secs(1)) {
                     Ok((s, _)) => *s,
                     Err(_) => return,

@@ -1,6 +1,7 @@
 //! Integration suites.
 
 mod cases;
+pub mod durable;
 mod exactness;
 mod examples;
 mod props;
