@@ -24,7 +24,8 @@ use entitled::shared::SnapshotCell;
 use entitled::time::{Clock, CoarseClock, ManualClock, Timestamp};
 use entitled::usage::durable::{DurableConfig, StateDir};
 use entitled::usage::journal::Durability;
-use entitled::usage::{self, MemoryStore};
+use entitled::usage::redis::{OnError, RedisConfig, RedisStore, StoreMode};
+use entitled::usage::{self, MemoryStore, UsageStore};
 
 #[derive(Debug, Parser)]
 #[command(name = "entitled", version, about = "Entitlement decision sidecar")]
@@ -84,6 +85,19 @@ enum UsageCommand {
         #[arg(long)]
         until: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreModeArg {
+    Strict,
+    Cached,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnErrorArg {
+    Local,
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -160,6 +174,38 @@ struct Serve {
     /// Delete usage ledger segments whose events are all older than this.
     #[arg(long, env = "ENTITLED_LEDGER_RETENTION", default_value = "30d", value_parser = duration)]
     ledger_retention: Duration,
+    /// Share usage with other replicas through Redis (`redis://[user:password@]host:port[/db]`).
+    /// Without it, usage is this process's own (made durable in --state-dir).
+    #[arg(long, env = "ENTITLED_STORE")]
+    store: Option<String>,
+    /// `strict`: every step is one atomic server-side script (exact). `cached`: the
+    /// local store answers and deltas are flushed in batches (bounded over-admission).
+    #[arg(
+        long,
+        env = "ENTITLED_STORE_MODE",
+        value_enum,
+        default_value = "strict"
+    )]
+    store_mode: StoreModeArg,
+    /// Longest wait for the shared store on a request.
+    #[arg(long, env = "ENTITLED_STORE_TIMEOUT", default_value = "50ms", value_parser = duration)]
+    store_timeout: Duration,
+    /// What to do while the shared store is unusable: `local` counts here and
+    /// reconciles later, `allow` admits without counting, `deny` answers 503.
+    #[arg(
+        long,
+        env = "ENTITLED_ON_STORE_ERROR",
+        value_enum,
+        default_value = "local"
+    )]
+    on_store_error: OnErrorArg,
+    /// Prefix of every key in the shared store.
+    #[arg(long, env = "ENTITLED_STORE_PREFIX", default_value = "entitled")]
+    store_prefix: String,
+    /// How often deltas counted here go to the shared store (cached mode, and
+    /// reconciliation after an outage).
+    #[arg(long, env = "ENTITLED_STORE_FLUSH_INTERVAL", default_value = "100ms", value_parser = duration)]
+    store_flush_interval: Duration,
     /// For tests and staging: serve time from a clock that starts here (RFC 3339) and
     /// moves only through `POST /v1/test-clock`.
     #[arg(long, env = "ENTITLED_TEST_CLOCK")]
@@ -393,14 +439,12 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
             (Some(dir), store)
         }
     };
-    let app = Arc::new(App {
+    let parts = Parts {
         snapshot: cell,
-        store,
         clock,
         test_clock,
         reload: state,
-        metrics: DecisionMetrics::new(),
-        prometheus: Some(prometheus),
+        prometheus,
         limits: server::Limits {
             body_limit: args.body_limit,
             header_read_timeout: args.header_read_timeout,
@@ -408,67 +452,148 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
             shutdown_timeout: args.shutdown_timeout,
             ..server::Limits::default()
         },
-    });
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        let addr = listener.local_addr()?;
-        let stop = shutdown_signal()?;
-        // A plain line on stdout, for scripts and tests that start us on port 0.
-        println!("entitled: listening on http://{addr}");
-        tracing::info!(%addr, policies = %args.policies.display(), "serving");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        // Expired reservations go back to their quotas within a second; counters of
-        // ended windows are dead weight, dropped every minute.
-        let compactor = app.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut n = 0u64;
-            loop {
-                tick.tick().await;
-                let now = compactor.clock.now();
-                compactor.store.expire(now);
-                n += 1;
-                if n.is_multiple_of(60) {
-                    let dropped = compactor.store.compact(now);
-                    if dropped > 0 {
-                        tracing::debug!(dropped, "dropped quota counters of ended windows");
-                    }
-                }
-                entitled::metrics::usage_state(&compactor.store.counts());
-            }
-        });
-        let mut extra = None;
-        if let Some(m) = &args.metrics_listen {
-            let l = tokio::net::TcpListener::bind(m)
-                .await
-                .with_context(|| format!("binding {m}"))?;
-            println!("entitled: metrics on http://{}", l.local_addr()?);
-            let mut rx = stop_rx.clone();
-            extra = Some(tokio::spawn(server::run(l, app.clone(), async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })));
+    };
+    match &args.store {
+        None => rt.block_on(run_with(&args, parts, store, None))?,
+        Some(url) => {
+            let mut cfg = RedisConfig::new(url);
+            cfg.mode = match args.store_mode {
+                StoreModeArg::Strict => StoreMode::Strict,
+                StoreModeArg::Cached => StoreMode::Cached,
+            };
+            cfg.timeout = args.store_timeout;
+            cfg.on_error = match args.on_store_error {
+                OnErrorArg::Local => OnError::Local,
+                OnErrorArg::Allow => OnError::Allow,
+                OnErrorArg::Deny => OnError::Deny,
+            };
+            cfg.prefix = args.store_prefix.clone();
+            cfg.flush_interval = args.store_flush_interval;
+            let shared = rt.block_on(async { RedisStore::open(cfg, store) })?;
+            tracing::info!(store = %redact(url), mode = ?args.store_mode, on_error = ?args.on_store_error, "usage shared through Redis");
+            let interval = args.store_flush_interval;
+            rt.block_on(run_with(&args, parts, shared, Some(interval)))?;
         }
-        let mut rx = stop_rx.clone();
-        let main = tokio::spawn(server::run(listener, app.clone(), async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
-        stop.await;
-        tracing::info!("shutting down: finishing requests in flight");
-        let _ = stop_tx.send(true);
-        main.await.context("server task")??;
-        if let Some(e) = extra {
-            e.await.context("metrics server task")??;
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
+    }
     if let Some(dir) = state_dir {
         // Nothing is in flight now: flush, sync and fold the journal.
         dir.close().context("closing the state directory")?;
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `App` needs besides the store.
+struct Parts {
+    snapshot: SnapshotCell,
+    clock: Arc<dyn Clock>,
+    test_clock: Option<Arc<ManualClock>>,
+    reload: Arc<ReloadState>,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    limits: server::Limits,
+}
+
+/// Hides a password in a store URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Something that moves usage to a shared store in the background.
+trait Flush: UsageStore + 'static {
+    fn flush(&self, now: Timestamp) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Flush for MemoryStore {
+    async fn flush(&self, _now: Timestamp) {}
+}
+
+impl Flush for RedisStore {
+    async fn flush(&self, now: Timestamp) {
+        if let Err(e) = RedisStore::flush(self, now).await {
+            tracing::debug!(error = %e, "deltas wait for Redis");
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then lets requests in flight finish.
+async fn run_with<S: Flush>(
+    args: &Serve,
+    parts: Parts,
+    store: S,
+    flush_every: Option<Duration>,
+) -> anyhow::Result<()> {
+    let app = Arc::new(App {
+        snapshot: parts.snapshot,
+        store,
+        clock: parts.clock,
+        test_clock: parts.test_clock,
+        reload: parts.reload,
+        metrics: DecisionMetrics::new(),
+        prometheus: Some(parts.prometheus),
+        limits: parts.limits,
+    });
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let stop = shutdown_signal()?;
+    // A plain line on stdout, for scripts and tests that start us on port 0.
+    println!("entitled: listening on http://{addr}");
+    tracing::info!(%addr, policies = %args.policies.display(), "serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Expired reservations go back to their quotas within a second; counters of
+    // ended windows are dead weight, dropped every minute.
+    let upkeep = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut n = 0u64;
+        loop {
+            tick.tick().await;
+            n += 1;
+            upkeep
+                .store
+                .maintain(upkeep.clock.now(), n.is_multiple_of(60));
+        }
+    });
+    if let Some(every) = flush_every {
+        let flusher = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                flusher.store.flush(flusher.clock.now()).await;
+            }
+        });
+    }
+    let mut extra = None;
+    if let Some(m) = &args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .with_context(|| format!("binding {m}"))?;
+        println!("entitled: metrics on http://{}", l.local_addr()?);
+        let mut rx = stop_rx.clone();
+        extra = Some(tokio::spawn(server::run(l, app.clone(), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })));
+    }
+    let mut rx = stop_rx.clone();
+    let main = tokio::spawn(server::run(listener, app.clone(), async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    stop.await;
+    tracing::info!("shutting down: finishing requests in flight");
+    let _ = stop_tx.send(true);
+    main.await.context("server task")??;
+    if let Some(e) = extra {
+        e.await.context("metrics server task")??;
+    }
+    // Last deltas counted here go to the shared store before the state is closed.
+    app.store.flush(app.clock.now()).await;
+    Ok(())
 }
 
 /// Installs the SIGTERM and SIGINT handlers now (before the address is announced, so

@@ -39,6 +39,9 @@ pub const CHECKPOINTS: &str = "entitled_state_checkpoints_total";
 pub const CHECKPOINT_DURATION: &str = "entitled_state_checkpoint_duration_seconds";
 pub const USAGE_STATE: &str = "entitled_usage_state_entries";
 pub const IDEMPOTENT_REPLAYS: &str = "entitled_idempotent_replays_total";
+pub const STORE_DEGRADED: &str = "entitled_store_degraded";
+pub const STORE_FALLBACKS: &str = "entitled_store_fallbacks_total";
+pub const STORE_DROPPED_DELTAS: &str = "entitled_store_dropped_deltas_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
 pub const EXPIRING_WINDOWS: [i64; 3] = [30, 60, 90];
@@ -146,6 +149,18 @@ fn describe() {
     describe_counter!(
         IDEMPOTENT_REPLAYS,
         "Requests answered from an idempotency key instead of counted again."
+    );
+    describe_gauge!(
+        STORE_DEGRADED,
+        "1 while the shared usage store (Redis) is unusable and --on-store-error answers."
+    );
+    describe_counter!(
+        STORE_FALLBACKS,
+        "Usage steps answered by --on-store-error instead of the shared store, by mode."
+    );
+    describe_counter!(
+        STORE_DROPPED_DELTAS,
+        "Locally counted windows not kept for reconciliation because the backlog was full."
     );
     // Series that alerts reference exist from the start, at zero.
     counter!(STORE_ERRORS).absolute(0);
@@ -296,4 +311,16 @@ pub fn usage_state(c: &crate::usage::memory::Counts) {
 
 pub fn idempotent_replay() {
     counter!(IDEMPOTENT_REPLAYS).increment(1);
+}
+
+pub fn store_degraded(on: bool) {
+    gauge!(STORE_DEGRADED).set(if on { 1.0 } else { 0.0 });
+}
+
+pub fn store_fallback(mode: &'static str) {
+    counter!(STORE_FALLBACKS, "on_error" => mode).increment(1);
+}
+
+pub fn store_dropped_delta() {
+    counter!(STORE_DROPPED_DELTAS).increment(1);
 }

@@ -385,7 +385,13 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
     Ok(json(StatusCode::OK, out))
 }
 
-fn readyz<S>(app: &App<S>) -> Resp {
+fn readyz<S: UsageStore>(app: &App<S>) -> Resp {
+    if let Err(reason) = app.store.ready() {
+        return json_value(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "ready": false, "reason": reason }),
+        );
+    }
     match app.snapshot.load_full() {
         Some(s) => json_value(
             StatusCode::OK,

@@ -45,6 +45,69 @@ fn mul_div(a: u64, b: u64, c: u64, round_up: bool) -> i64 {
     i64::try_from(q).unwrap_or(i64::MAX)
 }
 
+/// GCRA arithmetic for one request: `limit` per `per_us`, up to `burst` at once, in
+/// nanoseconds of theoretical arrival time (TAT).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gcra {
+    now_ns: i64,
+    per_ns: u64,
+    limit: u64,
+    /// What the request costs in time (rounded up: fail closed).
+    pub cost: i64,
+    /// How much backlog the burst allows.
+    pub tau: i64,
+}
+
+impl Gcra {
+    pub fn new(limit: u64, per_us: i64, burst: u64, amount: u64, now: Timestamp) -> Self {
+        let per_ns = (per_us.max(1) as u64).saturating_mul(1_000);
+        // 64-bit unless the product overflows: an i128 division on every check was a
+        // third of its time.
+        Gcra {
+            now_ns: now.0.saturating_mul(1_000),
+            per_ns,
+            limit,
+            cost: mul_div(amount, per_ns, limit, true),
+            tau: mul_div(burst, per_ns, limit, false),
+        }
+    }
+
+    /// Would the request pass with the limiter at `tat`?
+    pub fn admits(&self, tat: i64) -> bool {
+        tat.max(self.now_ns).saturating_add(self.cost) - self.now_ns <= self.tau
+    }
+
+    /// The TAT after taking the request.
+    pub fn after(&self, tat: i64) -> i64 {
+        tat.max(self.now_ns).saturating_add(self.cost)
+    }
+
+    /// The outcome reported with the limiter at `tat` before the step.
+    pub fn outcome(&self, tat: i64, admitted: bool, took: bool) -> UsageOutcome {
+        let base = tat.max(self.now_ns);
+        let after = if took {
+            base.saturating_add(self.cost)
+        } else {
+            base
+        };
+        let backlog = after - self.now_ns;
+        UsageOutcome::Rate {
+            admitted,
+            remaining: mul_div(
+                (self.tau - backlog).max(0) as u64,
+                self.limit,
+                self.per_ns,
+                false,
+            ) as u64,
+            reset_after_us: backlog.div_euclid(1_000),
+            retry_after_us: (!admitted).then(|| {
+                let ns = (base.saturating_add(self.cost) - self.now_ns - self.tau).max(0);
+                (ns + 999) / 1_000
+            }),
+        }
+    }
+}
+
 /// An owned usage key.
 #[derive(Debug, Clone)]
 pub struct Key {
@@ -671,6 +734,23 @@ impl MemoryStore {
         expired.len()
     }
 
+    /// Appends a record to the journal without changing state here: a shared store
+    /// decided it, and this replica's ledger records it.
+    pub fn journal_record(&self, record: Record<'_>) -> Result<Logged, StoreError> {
+        self.log(Some(record), None, unreachable_answer, Timestamp(0))
+    }
+
+    /// Adds `n` units to a window's counter (units counted elsewhere: another
+    /// replica, or a shared store's total). Negative to take back.
+    pub fn add_to_quota(&self, key: UsageKey<'_>, start: i64, end: i64, n: i64) {
+        let cell = self.cell(key, start, end);
+        if n >= 0 {
+            cell.used.fetch_add(n as u64, Ordering::AcqRel);
+        } else {
+            sub(&cell.used, n.unsigned_abs());
+        }
+    }
+
     /// The open reservation `id`, if any.
     pub fn hold(&self, id: ReservationId) -> Option<Hold> {
         self.holds.get(&id).map(|h| h.clone())
@@ -775,32 +855,9 @@ impl MemoryStore {
         consume: bool,
         now: Timestamp,
     ) -> UsageOutcome {
-        let now_ns = now.0.saturating_mul(1_000);
-        let per_ns = (per_us.max(1) as u64).saturating_mul(1_000);
-        // What `amount` requests cost in time (rounded up: fail closed), and how much
-        // backlog the burst allows. 64-bit unless the product overflows: an i128
-        // division on every check was a third of its time.
-        let cost = mul_div(amount, per_ns, limit, true);
-        let tau = mul_div(burst, per_ns, limit, false);
-        let outcome = |tat: i64, admitted: bool, took: bool| {
-            let base = tat.max(now_ns);
-            let after = if took {
-                base.saturating_add(cost)
-            } else {
-                base
-            };
-            let backlog = after - now_ns;
-            UsageOutcome::Rate {
-                admitted,
-                remaining: mul_div((tau - backlog).max(0) as u64, limit, per_ns, false) as u64,
-                reset_after_us: backlog.div_euclid(1_000),
-                retry_after_us: (!admitted).then(|| {
-                    let ns = (base.saturating_add(cost) - now_ns - tau).max(0);
-                    (ns + 999) / 1_000
-                }),
-            }
-        };
-        let decide = |tat: i64| tat.max(now_ns).saturating_add(cost) - now_ns <= tau;
+        let g = Gcra::new(limit, per_us, burst, amount, now);
+        let outcome = |tat: i64, admitted: bool, took: bool| g.outcome(tat, admitted, took);
+        let decide = |tat: i64| g.admits(tat);
         let probe = (key, 0i64);
         if !consume {
             let tat = self
@@ -816,7 +873,7 @@ impl MemoryStore {
                 if !decide(tat) {
                     return outcome(tat, false, false);
                 }
-                let next = tat.max(now_ns).saturating_add(cost);
+                let next = g.after(tat);
                 match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => return outcome(tat, true, true),
                     Err(actual) => tat = actual,
@@ -928,6 +985,19 @@ impl MemoryStore {
         self.quotas.retain(|_, c| c.window_end > now.0);
         self.seats.retain(|_, p| !p.is_empty());
         before - self.quotas.len()
+    }
+
+    /// Expires reservations; once a minute also drops ended windows. Updates the
+    /// state gauges.
+    pub fn maintain(&self, now: Timestamp, minute: bool) {
+        self.expire(now);
+        if minute {
+            let dropped = self.compact(now);
+            if dropped > 0 {
+                tracing::debug!(dropped, "dropped quota counters of ended windows");
+            }
+        }
+        crate::metrics::usage_state(&self.counts());
     }
 
     pub fn counts(&self) -> Counts {
@@ -1045,6 +1115,10 @@ impl UsageStore for MemoryStore {
     fn expire(&self, now: Timestamp) -> usize {
         MemoryStore::expire(self, now)
     }
+
+    fn maintain(&self, now: Timestamp, minute: bool) {
+        MemoryStore::maintain(self, now, minute);
+    }
 }
 
 impl MemoryStore {
@@ -1091,6 +1165,16 @@ fn deny(op: &UsageOp<'_>) -> UsageOutcome {
             unchanged: true,
         },
     }
+}
+
+/// `log` asks for an answer only with an idempotency key, which `journal_record`
+/// never passes.
+fn unreachable_answer() -> Answer {
+    Answer::Usage(UsageOutcome::Quota {
+        admitted: false,
+        used: 0,
+        used_before: 0,
+    })
 }
 
 fn reused(key: &str) -> StoreError {

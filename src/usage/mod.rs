@@ -9,6 +9,7 @@ pub mod journal;
 pub mod ledger;
 pub mod memory;
 pub mod record;
+pub mod redis;
 pub mod state;
 
 use std::future::Future;
@@ -124,6 +125,18 @@ pub trait UsageStore: Send + Sync {
     fn expire(&self, now: Timestamp) -> usize {
         let _ = now;
         0
+    }
+
+    /// Periodic upkeep, every second (`minute` once a minute): expiry, compaction,
+    /// state gauges.
+    fn maintain(&self, now: Timestamp, minute: bool) {
+        let _ = minute;
+        self.expire(now);
+    }
+
+    /// Whether decisions can be answered (`/readyz`).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 
