@@ -4,7 +4,7 @@
 # default) and sync, measured in one run, and how the journal group-commits in sync
 # mode, from the server's own metrics.
 #
-#   bash benches/durable.sh                      # all of it (~2.5 min)
+#   bash benches/durable.sh                      # all of it (~2 min, plus a release build if needed)
 #   DURATION=5 ROUNDS=1 bash benches/durable.sh  # shorter
 #
 # Setup, the same for the three modes: 64 connections, each request consumes 1 unit
@@ -16,6 +16,8 @@
 # requests per second, instead of being hidden by (or stolen from) the load
 # generator. The journal writer is a thread of its own in the durable modes and
 # shares the machine like everything else: its cost is part of what is measured.
+# (WORKERS=2, measured once: memory fell to ~101k req/s from ~110k and p99 tripled,
+# the second worker fighting wrk for a core; sync rose to ~69k.)
 # Every (round, mode) starts a new server, durable modes on a fresh, empty state
 # directory; a short warm-up creates the counters first.
 #

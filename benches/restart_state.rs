@@ -248,7 +248,7 @@ fn child_phases(dir: &Path) {
     let prune = t.elapsed();
     let counters = rec.state.quotas.len();
     let t = Instant::now();
-    let store = MemoryStore::new();
+    let mut store = MemoryStore::new();
     store.restore(rec.state);
     let restore = t.elapsed();
     let apply = recover.saturating_sub(read + decode + free);

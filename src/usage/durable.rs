@@ -244,7 +244,7 @@ impl StateDir {
             config.journal.clone(),
             ledger,
         )?);
-        let store = MemoryStore::with_journal(Some(journal.clone()), store_cfg);
+        let mut store = MemoryStore::with_journal(Some(journal.clone()), store_cfg);
         let report = OpenReport {
             state_id: id,
             checkpoint_lsn: rec.checkpoint_lsn,

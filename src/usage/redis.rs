@@ -87,10 +87,10 @@ impl RedisConfig {
 }
 
 /// Quota check-and-count, and reservations. KEYS: counter, holds, idempotency key,
-/// reservation key. ARGV: amount, limit (-1: unlimited), overage, mode (k check,
+/// reservation key, operation key. ARGV: amount, limit (-1: unlimited), overage, mode (k check,
 /// c consume, r reserve), now µs, window end µs, key expiry (unix ms), idempotency
 /// fingerprint ('' for none), idempotency ttl ms, reservation id, hold expiry µs,
-/// customer, feature, window start µs.
+/// customer, feature, window start µs, operation ttl ms.
 const QUOTA: &str = r#"
 local amount = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
@@ -115,6 +115,10 @@ for i = 1, #holds, 2 do
   end
 end
 local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+if mode == 'c' and not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[15]) then
+  -- Already applied (this call timed out and its units were sent again).
+  return {'ok', '1 ' .. used .. ' ' .. used}
+end
 local fits = limit < 0 or used + amount <= limit
 local admitted = 0
 local after = used
@@ -301,6 +305,10 @@ impl Keys {
         )
     }
 
+    fn op(&self, customer: &str, id: u64) -> String {
+        format!("{}:{{{}}}:o:{id:016x}", self.prefix, Self::tag(customer))
+    }
+
     /// A reservation id carries its customer's tag in its high 64 bits, so the
     /// reservation's key lands in the customer's slot.
     fn reservation_id(customer: &str) -> ReservationId {
@@ -331,12 +339,47 @@ struct Breaker {
 }
 
 /// A window's units counted here and not yet in Redis.
-#[derive(Debug, Clone, Copy)]
+///
+/// Units go to Redis in chunks, each with an operation id that Redis remembers for
+/// [`OP_TTL_MS`]: a chunk sent twice (a flush that timed out after Redis ran it, and
+/// its retry) counts once, and a consume that timed out and was counted here carries
+/// the id its original call had, so whichever of the two reaches Redis second does
+/// nothing.
+#[derive(Debug, Clone, Default)]
 struct Delta {
     window_end: i64,
-    units: u64,
+    /// Units counted since the last flush, not in a chunk yet.
+    open: u64,
+    /// Chunks waiting for Redis: (operation id, units).
+    chunks: Vec<(u64, u64)>,
     /// Cached mode: the shared total this replica last saw.
     known: u64,
+}
+
+/// How long Redis remembers an operation id: far longer than a call can sit in a
+/// socket before Redis runs it (every late execution happens as Redis resumes).
+const OP_TTL_MS: i64 = 60_000;
+
+/// Most chunks kept per window; beyond, units join the open chunk.
+const MAX_CHUNKS: usize = 10_000;
+
+/// Adds a chunk of units once per operation id. KEYS: counter, operation key. ARGV:
+/// units, window end µs, key expiry (unix ms), operation ttl ms. Answers the total.
+const APPLY: &str = r#"
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4]) then
+  local t = redis.call('HINCRBY', KEYS[1], 'used', ARGV[1])
+  redis.call('HSET', KEYS[1], 'window_end', ARGV[2])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+  return t
+end
+return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+"#;
+
+/// A window's shared total. KEYS: counter.
+const READ: &str = "return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')";
+
+fn op_id() -> u64 {
+    uuid::Uuid::new_v4().as_u128() as u64
 }
 
 type DeltaKey = (Box<str>, Box<str>, i64);
@@ -516,6 +559,7 @@ impl RedisStore {
         meta: &StepMeta<'_>,
         now: Timestamp,
         err: StoreError,
+        op_id: u64,
     ) -> Result<(UsageOutcome, Ack), StoreError> {
         match self.cfg.on_error {
             OnError::Deny => {
@@ -529,14 +573,15 @@ impl RedisStore {
             OnError::Local => {
                 crate::metrics::store_fallback("local");
                 let (o, lsn) = self.local.step(op, meta, now)?;
-                self.remember_delta(op, &o);
+                self.remember_delta(op, &o, Some(op_id));
                 Ok((o, Ack(lsn).filter_sync(&self.local)))
             }
         }
     }
 
-    /// Keeps a locally counted consume for Redis (bounded).
-    fn remember_delta(&self, op: &UsageOp<'_>, o: &UsageOutcome) {
+    /// Keeps a locally counted consume for Redis (bounded): as a chunk of its own
+    /// when its original call may still reach Redis (`op_id`), else in the open chunk.
+    fn remember_delta(&self, op: &UsageOp<'_>, o: &UsageOutcome, op_id: Option<u64>) {
         let (
             UsageOp::Quota {
                 key,
@@ -546,7 +591,11 @@ impl RedisStore {
                 mode: QuotaMode::Consume,
                 ..
             },
-            UsageOutcome::Quota { admitted: true, .. },
+            UsageOutcome::Quota {
+                admitted: true,
+                used_before,
+                ..
+            },
         ) = (op, o)
         else {
             return;
@@ -555,63 +604,67 @@ impl RedisStore {
             return;
         };
         let k: DeltaKey = (key.customer.into(), key.feature.into(), window_start.0);
-        let full = p.len() >= self.cfg.max_pending;
-        match p.get_mut(&k) {
-            Some(d) => d.units += amount,
-            None if full => {
+        if !p.contains_key(&k) {
+            if p.len() >= self.cfg.max_pending {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::store_dropped_delta();
+                return;
             }
-            None => {
-                p.insert(
-                    k,
-                    Delta {
-                        window_end: window_end.0,
-                        units: *amount,
-                        known: 0,
-                    },
-                );
+            // What this replica saw before its first delta is its view of the shared
+            // total (after a restart: what it counted itself before).
+            p.insert(
+                k.clone(),
+                Delta {
+                    window_end: window_end.0,
+                    known: *used_before,
+                    ..Delta::default()
+                },
+            );
+        }
+        if let Some(d) = p.get_mut(&k) {
+            match op_id {
+                Some(id) if d.chunks.len() < MAX_CHUNKS => d.chunks.push((id, *amount)),
+                _ => d.open += amount,
             }
         }
     }
 
     /// Sends deltas counted here to Redis, into the windows they were counted in
     /// (dropping windows that have ended); in cached mode, brings the others' counts
-    /// back into the local counters. Returns how many windows were sent.
+    /// back into the local counters. While Redis is degraded and nothing waits, it
+    /// probes Redis so that readiness returns without traffic. Returns how many
+    /// windows were sent.
     pub async fn flush(&self, now: Timestamp) -> Result<usize, StoreError> {
-        let batch: Vec<(DeltaKey, Delta)> = {
+        type Batch = Vec<(DeltaKey, i64, u64, Vec<(u64, u64)>)>;
+        let batch: Batch = {
             let Ok(mut p) = self.pending.lock() else {
                 return Ok(0);
             };
-            if p.is_empty() {
-                return Ok(0);
-            }
-            if self.cfg.mode == StoreMode::Strict {
-                p.drain().collect()
-            } else {
-                // Cached mode keeps every live window (to remember `known`), sending
-                // only what was counted since the last flush.
-                p.retain(|_, d| d.window_end > now.0);
-                p.iter_mut()
-                    .map(|(k, d)| {
-                        let out = (k.clone(), *d);
-                        d.units = 0;
-                        out
-                    })
-                    .collect()
-            }
+            // Windows that ended are never moved into another one: dropped.
+            p.retain(|_, d| d.window_end > now.0);
+            p.iter_mut()
+                .filter_map(|(k, d)| {
+                    if d.open > 0 {
+                        d.chunks.push((op_id(), d.open));
+                        d.open = 0;
+                    }
+                    // Cached mode also reads back the windows it sends nothing for.
+                    (!d.chunks.is_empty() || self.cfg.mode == StoreMode::Cached)
+                        .then(|| (k.clone(), d.window_end, d.known, d.chunks.clone()))
+                })
+                .collect()
         };
-        let live: Vec<&(DeltaKey, Delta)> =
-            batch.iter().filter(|(_, d)| d.window_end > now.0).collect();
-        if live.is_empty() {
+        if batch.is_empty() {
+            if self.is_degraded() && !self.breaker_open() {
+                self.probe().await;
+            }
             return Ok(0);
         }
         if self.breaker_open() {
-            self.restore(&batch);
             return Err(StoreError::Unavailable("circuit breaker open".into()));
         }
         let mut pipe = redis::pipe();
-        for ((c, f, start), d) in &live {
+        for ((c, f, start), end, _, chunks) in &batch {
             let key = self.keys.counter(
                 UsageKey {
                     customer: c,
@@ -619,16 +672,20 @@ impl RedisStore {
                 },
                 *start,
             );
-            pipe.cmd("HINCRBY").arg(&key).arg("used").arg(d.units);
-            pipe.cmd("HSET")
-                .arg(&key)
-                .arg("window_end")
-                .arg(d.window_end)
-                .ignore();
-            pipe.cmd("PEXPIREAT")
-                .arg(&key)
-                .arg(expire_at_ms(d.window_end))
-                .ignore();
+            if chunks.is_empty() {
+                pipe.cmd("EVAL").arg(READ).arg(1).arg(&key);
+            }
+            for (id, units) in chunks {
+                pipe.cmd("EVAL")
+                    .arg(APPLY)
+                    .arg(2)
+                    .arg(&key)
+                    .arg(self.keys.op(c, *id))
+                    .arg(*units)
+                    .arg(*end)
+                    .arg(expire_at_ms(*end))
+                    .arg(OP_TTL_MS);
+            }
         }
         let mut conn = self.conn.clone();
         let r = tokio::time::timeout(
@@ -644,24 +701,30 @@ impl RedisStore {
             Ok(Err(e)) => {
                 let e = StoreError::Unavailable(format!("flushing deltas: {e}"));
                 self.failed(&e);
-                self.restore(&batch);
                 return Err(e);
             }
             Err(_) => {
+                // Maybe applied, maybe not: the chunks stay, and their ids make the
+                // retry count each once.
                 let e = StoreError::Unavailable("flushing deltas: timed out".into());
                 self.failed(&e);
-                self.restore(&batch);
                 return Err(e);
             }
         };
-        if self.cfg.mode == StoreMode::Cached {
-            let Ok(mut p) = self.pending.lock() else {
-                return Ok(live.len());
-            };
-            for (((c, f, start), d), total) in live.iter().zip(&totals) {
-                let total = (*total).max(0) as u64;
-                // Others counted whatever the total grew by beyond our own delta.
-                let others = total as i64 - d.known as i64 - d.units as i64;
+        let Ok(mut p) = self.pending.lock() else {
+            return Ok(batch.len());
+        };
+        let mut totals = totals.into_iter();
+        for ((c, f, start), end, known, chunks) in &batch {
+            let mut total = *known as i64;
+            for _ in 0..chunks.len().max(1) {
+                total = totals.next().unwrap_or(total);
+            }
+            let sent: u64 = chunks.iter().map(|(_, u)| u).sum();
+            let k = (c.clone(), f.clone(), *start);
+            if self.cfg.mode == StoreMode::Cached {
+                // Others counted whatever the total grew by beyond our own chunks.
+                let others = total - *known as i64 - sent as i64;
                 if others != 0 {
                     self.local.add_to_quota(
                         UsageKey {
@@ -669,30 +732,39 @@ impl RedisStore {
                             feature: f,
                         },
                         *start,
-                        d.window_end,
+                        *end,
                         others,
                     );
                 }
-                if let Some(e) = p.get_mut(&(c.clone(), f.clone(), *start)) {
-                    e.known = total;
+            }
+            let drop_entry = match p.get_mut(&k) {
+                Some(e) => {
+                    e.chunks
+                        .retain(|(id, _)| !chunks.iter().any(|(s, _)| s == id));
+                    e.known = total.max(0) as u64;
+                    self.cfg.mode == StoreMode::Strict && e.chunks.is_empty() && e.open == 0
                 }
+                None => false,
+            };
+            if drop_entry {
+                p.remove(&k);
             }
         }
-        Ok(live.len())
+        Ok(batch.len())
     }
 
-    /// Puts a batch that could not be sent back (merging with what came since).
-    fn restore(&self, batch: &[(DeltaKey, Delta)]) {
-        let Ok(mut p) = self.pending.lock() else {
-            return;
-        };
-        for (k, d) in batch {
-            match p.get_mut(k) {
-                Some(e) => e.units += d.units,
-                None => {
-                    p.insert(k.clone(), *d);
-                }
-            }
+    /// One PING within the timeout: clears the degraded state when Redis answers.
+    async fn probe(&self) {
+        let mut conn = self.conn.clone();
+        let r = tokio::time::timeout(
+            self.cfg.timeout,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        match r {
+            Ok(Ok(_)) => self.succeeded(),
+            Ok(Err(e)) => self.failed(&StoreError::Unavailable(format!("probe: {e}"))),
+            Err(_) => self.failed(&StoreError::Unavailable("probe: timed out".into())),
         }
     }
 
@@ -710,6 +782,7 @@ impl RedisStore {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
+        op_id: u64,
     ) -> Result<(UsageOutcome, Ack), StoreError> {
         match *op {
             UsageOp::Quota {
@@ -738,6 +811,7 @@ impl RedisStore {
                     .key(&holds)
                     .key(idem.as_deref().unwrap_or(&counter))
                     .key(reservation.map_or(counter.clone(), |id| self.keys.reservation(id)))
+                    .key(self.keys.op(key.customer, op_id))
                     .arg(amount)
                     .arg(lua_limit(limit))
                     .arg(u8::from(allow_overage))
@@ -755,7 +829,8 @@ impl RedisStore {
                     .arg(hold_expires)
                     .arg(key.customer)
                     .arg(key.feature)
-                    .arg(window_start.0);
+                    .arg(window_start.0)
+                    .arg(OP_TTL_MS);
                 let v = self.call(inv, "quota").await?;
                 let (n, replay) = match Self::reply(v, "quota", meta.idempotency.map(|i| i.key))? {
                     Reply::Ok(n) => (n, false),
@@ -1073,11 +1148,16 @@ impl UsageStore for RedisStore {
     ) -> Result<UsageOutcome, StoreError> {
         let (o, ack) = match self.cfg.mode {
             StoreMode::Cached => self.cached(op, meta, now)?,
-            StoreMode::Strict => match self.strict(op, meta, now).await {
-                Ok(r) => r,
-                Err(e @ (StoreError::KeyReused(_) | StoreError::InFlight(_))) => return Err(e),
-                Err(e) => self.fallback(op, meta, now, e)?,
-            },
+            StoreMode::Strict => {
+                let id = op_id();
+                match self.strict(op, meta, now, id).await {
+                    Ok(r) => r,
+                    Err(e @ (StoreError::KeyReused(_) | StoreError::InFlight(_))) => {
+                        return Err(e);
+                    }
+                    Err(e) => self.fallback(op, meta, now, e, id)?,
+                }
+            }
         };
         self.local.ack(ack).await?;
         Ok(o)
@@ -1141,7 +1221,7 @@ impl RedisStore {
         now: Timestamp,
     ) -> Result<(UsageOutcome, Ack), StoreError> {
         let (o, lsn) = self.local.step(op, meta, now)?;
-        self.remember_delta(op, &o);
+        self.remember_delta(op, &o, None);
         Ok((o, Ack(lsn).filter_sync(&self.local)))
     }
 }

@@ -329,6 +329,7 @@ pub fn recover(
     {
         let buf = fs::read(path).map_err(io_at(path))?;
         let (frames, mut damage) = record::decode_all(&buf);
+        rec.state.quotas.reserve(frames.len());
         let mut records = 0u64;
         let mut end = None;
         for f in &frames {

@@ -5,6 +5,7 @@ pub mod durable;
 mod exactness;
 mod examples;
 mod props;
+pub mod redis;
 mod reload;
 mod server;
 mod support;
