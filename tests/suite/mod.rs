@@ -1,5 +1,6 @@
 //! Integration suites.
 
+mod backends;
 mod cases;
 pub mod durable;
 mod exactness;
