@@ -15,9 +15,13 @@
 #
 # The server gets one worker thread (as in load.sh); wrk and redis-server share the
 # other core, so strict mode's numbers include Redis's own CPU on this 2-core machine.
+# All three run with the same --durability (DURABILITY, default memory: no journal or
+# ledger), so the comparison is of the stores alone; DURABILITY=async adds the
+# journal to all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
+DURABILITY=${DURABILITY:-memory}
 CUSTOMERS=${CUSTOMERS:-10000}
 PORT=${PORT:-4795}
 WORK=$(mktemp -d /tmp/entitled-redis.XXXXXX)
@@ -90,9 +94,9 @@ load() { # connections seconds lua
 declare -A LAT TPUT
 for mode in memory strict cached; do
   case $mode in
-    memory) start --durability memory ;;
-    strict) start --store "redis://127.0.0.1:$RPORT" --store-mode strict --store-prefix "b$RANDOM" ;;
-    cached) start --store "redis://127.0.0.1:$RPORT" --store-mode cached --store-prefix "b$RANDOM" ;;
+    memory) start --durability "$DURABILITY" ;;
+    strict) start --durability "$DURABILITY" --store "redis://127.0.0.1:$RPORT" --store-mode strict --store-prefix "b$RANDOM" ;;
+    cached) start --durability "$DURABILITY" --store "redis://127.0.0.1:$RPORT" --store-mode cached --store-prefix "b$RANDOM" ;;
   esac
   load 8 2 api.calls >/dev/null # warm-up
   LAT[$mode]=$(load 1 "$DURATION" api.calls)
@@ -110,7 +114,7 @@ done
 
 field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 echo
-echo "== POST /v1/consume, random customer of $CUSTOMERS, ${DURATION}s runs, server --workers 1"
+echo "== POST /v1/consume, random customer of $CUSTOMERS, ${DURATION}s runs, server --workers 1, --durability $DURABILITY"
 python3 - "$(field "${LAT[strict]}" p50_us)" "$(field "${TPUT[memory]}" rps)" "$(field "${TPUT[cached]}" rps)" "$(field "${TPUT[strict]}" rps)" <<'PY'
 import sys
 p50, mem, cached, strict = map(float, sys.argv[1:])

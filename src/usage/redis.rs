@@ -354,6 +354,8 @@ struct Delta {
     chunks: Vec<(u64, u64)>,
     /// Cached mode: the shared total this replica last saw.
     known: u64,
+    /// The window's key in Redis, built once.
+    key: Box<str>,
 }
 
 /// How long Redis remembers an operation id: far longer than a call can sit in a
@@ -374,6 +376,41 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4]) then
 end
 return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
 "#;
+
+/// Cached mode's flush: many windows in one call, once per operation id. KEYS: the
+/// operation key, then counters. ARGV: operation ttl ms, then per counter: units,
+/// window end µs, key expiry (unix ms). Answers each counter's total.
+const APPLY_MANY: &str = r#"
+local fresh = redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1])
+local out = {}
+for i = 2, #KEYS do
+  local j = (i - 2) * 3 + 2
+  local u = tonumber(ARGV[j])
+  if fresh and u > 0 then
+    local t = redis.call('HINCRBY', KEYS[i], 'used', u)
+    out[#out + 1] = t
+    if t == u then
+      -- A new window key: its end and expiry, once.
+      redis.call('HSET', KEYS[i], 'window_end', ARGV[j + 1])
+      redis.call('PEXPIREAT', KEYS[i], ARGV[j + 2])
+    end
+  else
+    out[#out + 1] = tonumber(redis.call('HGET', KEYS[i], 'used') or '0')
+  end
+end
+return out
+"#;
+
+/// Windows per cached-mode flush call.
+const FLUSH_CALL: usize = 1_000;
+
+/// A cached-mode flush on its way: its id and, per window, the units it adds.
+#[derive(Debug)]
+struct Inflight {
+    id: u64,
+    /// (window, its key, window end, units)
+    windows: Vec<(DeltaKey, Box<str>, i64, u64)>,
+}
 
 /// A window's shared total. KEYS: counter.
 const READ: &str = "return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')";
@@ -399,6 +436,10 @@ pub struct RedisStore {
     breaker: Breaker,
     epoch: Instant,
     pending: Mutex<HashMap<DeltaKey, Delta>>,
+    /// Cached mode: the flush being sent (retried as it is, under the same
+    /// operation ids, until Redis answers).
+    inflight: Mutex<Option<Inflight>>,
+    apply_many: redis::Script,
     dropped: AtomicU64,
     degraded: AtomicBool,
 }
@@ -457,6 +498,8 @@ impl RedisStore {
             breaker: Breaker::default(),
             epoch: Instant::now(),
             pending: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(None),
+            apply_many: redis::Script::new(APPLY_MANY),
             dropped: AtomicU64::new(0),
             degraded: AtomicBool::new(false),
         })
@@ -617,6 +660,7 @@ impl RedisStore {
                 Delta {
                     window_end: window_end.0,
                     known: *used_before,
+                    key: self.keys.counter(*key, window_start.0).into(),
                     ..Delta::default()
                 },
             );
@@ -635,6 +679,9 @@ impl RedisStore {
     /// probes Redis so that readiness returns without traffic. Returns how many
     /// windows were sent.
     pub async fn flush(&self, now: Timestamp) -> Result<usize, StoreError> {
+        if self.cfg.mode == StoreMode::Cached {
+            return self.flush_cached(now).await;
+        }
         type Batch = Vec<(DeltaKey, i64, u64, Vec<(u64, u64)>)>;
         let batch: Batch = {
             let Ok(mut p) = self.pending.lock() else {
@@ -751,6 +798,98 @@ impl RedisStore {
             }
         }
         Ok(batch.len())
+    }
+
+    /// Cached mode: every live window's units since the last flush, in calls of
+    /// [`FLUSH_CALL`] windows; each answer's totals bring the others' counts into the
+    /// local counters.
+    async fn flush_cached(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let taken = self.inflight.lock().ok().and_then(|mut f| f.take());
+        let batch = match taken {
+            Some(b) => b,
+            None => {
+                let Ok(mut p) = self.pending.lock() else {
+                    return Ok(0);
+                };
+                p.retain(|_, d| d.window_end > now.0);
+                let windows = p
+                    .iter_mut()
+                    .map(|(k, d)| {
+                        let units = std::mem::take(&mut d.open);
+                        (k.clone(), d.key.clone(), d.window_end, units)
+                    })
+                    .collect();
+                Inflight {
+                    id: op_id(),
+                    windows,
+                }
+            }
+        };
+        if batch.windows.is_empty() {
+            if self.is_degraded() && !self.breaker_open() {
+                self.probe().await;
+            }
+            return Ok(0);
+        }
+        if self.breaker_open() {
+            if let Ok(mut f) = self.inflight.lock() {
+                *f = Some(batch);
+            }
+            return Err(StoreError::Unavailable("circuit breaker open".into()));
+        }
+        let mut totals: Vec<i64> = Vec::with_capacity(batch.windows.len());
+        for (i, part) in batch.windows.chunks(FLUSH_CALL).enumerate() {
+            let mut inv = self.apply_many.prepare_invoke();
+            inv.key(format!("{}:o:{:016x}:{i}", self.cfg.prefix, batch.id))
+                .arg(OP_TTL_MS);
+            for (_, key, end, units) in part {
+                inv.key(&**key)
+                    .arg(*units)
+                    .arg(*end)
+                    .arg(expire_at_ms(*end));
+            }
+            let mut conn = self.conn.clone();
+            let r = tokio::time::timeout(
+                self.cfg.timeout * 4,
+                inv.invoke_async::<Vec<i64>>(&mut conn),
+            )
+            .await;
+            match r {
+                Ok(Ok(t)) if t.len() == part.len() => totals.extend(t),
+                Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+                    let e = StoreError::Unavailable("flushing deltas failed or timed out".into());
+                    self.failed(&e);
+                    // Sent again as it is: the calls that did land count nothing twice.
+                    if let Ok(mut f) = self.inflight.lock() {
+                        *f = Some(batch);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.succeeded();
+        let Ok(mut p) = self.pending.lock() else {
+            return Ok(batch.windows.len());
+        };
+        for (((c, f, start), _, end, units), total) in batch.windows.iter().zip(totals) {
+            let k = (c.clone(), f.clone(), *start);
+            let Some(d) = p.get_mut(&k) else { continue };
+            // Others counted whatever the total grew by beyond our own units.
+            let others = total - d.known as i64 - *units as i64;
+            if others != 0 {
+                self.local.add_to_quota(
+                    UsageKey {
+                        customer: c,
+                        feature: f,
+                    },
+                    *start,
+                    *end,
+                    others,
+                );
+            }
+            d.known = total.max(0) as u64;
+        }
+        Ok(batch.windows.len())
     }
 
     /// One PING within the timeout: clears the degraded state when Redis answers.
