@@ -178,6 +178,9 @@ struct Serve {
     /// Without it, usage is this process's own (made durable in --state-dir).
     #[arg(long, env = "ENTITLED_STORE")]
     store: Option<String>,
+    /// With `rediss://`: a CA certificate (PEM) to trust instead of the system's roots.
+    #[arg(long, env = "ENTITLED_STORE_CA_FILE")]
+    store_ca_file: Option<PathBuf>,
     /// `strict`: every step is one atomic server-side script (exact). `cached`: the
     /// local store answers and deltas are flushed in batches (bounded over-admission).
     #[arg(
@@ -469,6 +472,9 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
             };
             cfg.prefix = args.store_prefix.clone();
             cfg.flush_interval = args.store_flush_interval;
+            cfg.ca_file = args.store_ca_file.clone();
+            // rustls is built with ring only: make it the process's provider.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let shared = rt.block_on(async { RedisStore::open(cfg, store) })?;
             tracing::info!(store = %redact(url), mode = ?args.store_mode, on_error = ?args.on_store_error, "usage shared through Redis");
             let interval = args.store_flush_interval;

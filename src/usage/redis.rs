@@ -68,6 +68,8 @@ pub struct RedisConfig {
     /// Most windows with deltas waiting for Redis; beyond, new ones are not kept
     /// for reconciliation (counted in `entitled_store_dropped_deltas_total`).
     pub max_pending: usize,
+    /// `rediss://`: trust this CA (PEM) instead of the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl RedisConfig {
@@ -82,6 +84,7 @@ impl RedisConfig {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_millis(500),
             max_pending: 100_000,
+            ca_file: None,
         }
     }
 }
@@ -474,8 +477,24 @@ impl RedisStore {
     /// `local` is this replica's own store (with the state directory's journal, for
     /// the ledger).
     pub fn open(cfg: RedisConfig, local: MemoryStore) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| StoreError::Fatal(format!("--store {}: {e}", redact(&cfg.url))))?;
+        let bad =
+            |e: redis::RedisError| StoreError::Fatal(format!("--store {}: {e}", redact(&cfg.url)));
+        let client = match &cfg.ca_file {
+            None => redis::Client::open(cfg.url.as_str()).map_err(bad)?,
+            Some(path) => {
+                let root = std::fs::read(path).map_err(|e| {
+                    StoreError::Fatal(format!("--store-ca-file {}: {e}", path.display()))
+                })?;
+                redis::Client::build_with_tls(
+                    cfg.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root),
+                    },
+                )
+                .map_err(bad)?
+            }
+        };
         let mc = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout.max(Duration::from_millis(10))))
             .set_response_timeout(Some(cfg.timeout))
