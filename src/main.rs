@@ -24,7 +24,7 @@ use entitled::shared::SnapshotCell;
 use entitled::time::{Clock, CoarseClock, ManualClock, Timestamp};
 use entitled::usage::durable::{DurableConfig, StateDir};
 use entitled::usage::journal::Durability;
-use entitled::usage::redis::{OnError, RedisConfig, RedisStore, StoreMode};
+use entitled::usage::redis::{OnError, RedisConfig, RedisStore, StoreMode, redact};
 use entitled::usage::{self, MemoryStore, UsageStore};
 
 #[derive(Debug, Parser)]
@@ -497,14 +497,6 @@ struct Parts {
     reload: Arc<ReloadState>,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
     limits: server::Limits,
-}
-
-/// Hides a password in a store URL for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 /// Something that moves usage to a shared store in the background.

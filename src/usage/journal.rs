@@ -14,7 +14,7 @@
 //! Segments are `journal-<first lsn>.log`; the writer starts a new one past a size, or
 //! when the checkpointer asks for everything so far to be sealed.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,22 +59,7 @@ pub fn segment_name(first_lsn: u64) -> String {
 
 /// Journal segments in `dir`, by first lsn.
 pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        let name = e.file_name();
-        let Some(lsn) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("journal-"))
-            .and_then(|n| n.strip_suffix(".log"))
-            .and_then(|n| n.parse().ok())
-        else {
-            continue;
-        };
-        out.push((lsn, e.path()));
-    }
-    out.sort();
-    Ok(out)
+    super::state::numbered(dir, "journal-", ".log")
 }
 
 #[derive(Debug)]

@@ -573,15 +573,26 @@ impl RedisStore {
             return Err(StoreError::Unavailable("circuit breaker open".into()));
         }
         let mut conn = self.conn.clone();
-        let r = tokio::time::timeout(
-            self.cfg.timeout,
+        self.bounded(
             inv.invoke_async::<redis::Value>(&mut conn),
+            what,
+            self.cfg.timeout,
         )
-        .await;
-        let r = match r {
+        .await
+    }
+
+    /// Awaits one exchange with Redis for at most `limit`, and feeds the breaker. A
+    /// script error is fatal; anything else (refused, reset, timed out) is a fault
+    /// worth the fail mode.
+    async fn bounded<T>(
+        &self,
+        exchange: impl std::future::Future<Output = redis::RedisResult<T>>,
+        what: &str,
+        limit: Duration,
+    ) -> Result<T, StoreError> {
+        let r = match tokio::time::timeout(limit, exchange).await {
             Err(_) => Err(StoreError::Unavailable(format!(
-                "{what}: no answer within {:?}",
-                self.cfg.timeout
+                "{what}: no answer within {limit:?}"
             ))),
             Ok(Err(e))
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
@@ -754,29 +765,15 @@ impl RedisStore {
             }
         }
         let mut conn = self.conn.clone();
-        let r = tokio::time::timeout(
-            self.cfg.timeout * 4,
-            pipe.query_async::<Vec<i64>>(&mut conn),
-        )
-        .await;
-        let totals = match r {
-            Ok(Ok(t)) => {
-                self.succeeded();
-                t
-            }
-            Ok(Err(e)) => {
-                let e = StoreError::Unavailable(format!("flushing deltas: {e}"));
-                self.failed(&e);
-                return Err(e);
-            }
-            Err(_) => {
-                // Maybe applied, maybe not: the chunks stay, and their ids make the
-                // retry count each once.
-                let e = StoreError::Unavailable("flushing deltas: timed out".into());
-                self.failed(&e);
-                return Err(e);
-            }
-        };
+        // A timeout leaves it unknown whether Redis applied the pipeline: the chunks
+        // stay, and their ids make the retry count each once.
+        let totals = self
+            .bounded(
+                pipe.query_async::<Vec<i64>>(&mut conn),
+                "flushing deltas",
+                self.cfg.timeout * 4,
+            )
+            .await?;
         let Ok(mut p) = self.pending.lock() else {
             return Ok(batch.len());
         };
@@ -868,21 +865,23 @@ impl RedisStore {
                     .arg(expire_at_ms(*end));
             }
             let mut conn = self.conn.clone();
-            let r = tokio::time::timeout(
-                self.cfg.timeout * 4,
-                inv.invoke_async::<Vec<i64>>(&mut conn),
-            )
-            .await;
+            let r = self
+                .bounded(
+                    inv.invoke_async::<Vec<i64>>(&mut conn),
+                    "flushing deltas",
+                    self.cfg.timeout * 4,
+                )
+                .await;
             match r {
-                Ok(Ok(t)) if t.len() == part.len() => totals.extend(t),
-                Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
-                    let e = StoreError::Unavailable("flushing deltas failed or timed out".into());
-                    self.failed(&e);
+                Ok(t) if t.len() == part.len() => totals.extend(t),
+                Ok(_) | Err(_) => {
                     // Sent again as it is: the calls that did land count nothing twice.
                     if let Ok(mut f) = self.inflight.lock() {
                         *f = Some(batch);
                     }
-                    return Err(e);
+                    return Err(StoreError::Unavailable(
+                        "flushing deltas failed or timed out".into(),
+                    ));
                 }
             }
         }
@@ -914,16 +913,14 @@ impl RedisStore {
     /// One PING within the timeout: clears the degraded state when Redis answers.
     async fn probe(&self) {
         let mut conn = self.conn.clone();
-        let r = tokio::time::timeout(
-            self.cfg.timeout,
-            redis::cmd("PING").query_async::<String>(&mut conn),
-        )
-        .await;
-        match r {
-            Ok(Ok(_)) => self.succeeded(),
-            Ok(Err(e)) => self.failed(&StoreError::Unavailable(format!("probe: {e}"))),
-            Err(_) => self.failed(&StoreError::Unavailable("probe: timed out".into())),
-        }
+        let ping = redis::cmd("PING");
+        let _ = self
+            .bounded(
+                ping.query_async::<String>(&mut conn),
+                "probe",
+                self.cfg.timeout,
+            )
+            .await;
     }
 
     /// Windows whose deltas wait for Redis.
@@ -1134,29 +1131,15 @@ impl RedisStore {
             return Err(StoreError::Unavailable("circuit breaker open".into()));
         }
         let mut conn = self.conn.clone();
-        let fields = tokio::time::timeout(
-            self.cfg.timeout,
-            redis::cmd("HGETALL")
-                .arg(&rkey)
-                .query_async::<HashMap<String, String>>(&mut conn),
-        )
-        .await;
-        let fields = match fields {
-            Ok(Ok(f)) => {
-                self.succeeded();
-                f
-            }
-            Ok(Err(e)) => {
-                let e = StoreError::Unavailable(format!("reservation: {e}"));
-                self.failed(&e);
-                return Err(e);
-            }
-            Err(_) => {
-                let e = StoreError::Unavailable("reservation: timed out".into());
-                self.failed(&e);
-                return Err(e);
-            }
-        };
+        let mut read = redis::cmd("HGETALL");
+        read.arg(&rkey);
+        let fields = self
+            .bounded(
+                read.query_async::<HashMap<String, String>>(&mut conn),
+                "reservation",
+                self.cfg.timeout,
+            )
+            .await?;
         let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
         let counter = get("counter");
         let holds = get("holds");
@@ -1280,7 +1263,7 @@ fn allow(op: &UsageOp<'_>) -> UsageOutcome {
 }
 
 /// Hides a password in a URL for messages.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
         _ => url.to_string(),

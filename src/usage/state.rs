@@ -214,24 +214,29 @@ pub fn checkpoint_name(lsn: u64) -> String {
     format!("checkpoint-{lsn:020}.ckpt")
 }
 
-/// Checkpoints in `dir`, by lsn.
-pub fn checkpoints(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+/// Files in `dir` named `<prefix><number><suffix>`, by number.
+pub fn numbered(dir: &Path, prefix: &str, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name();
-        let Some(lsn) = name
+        let Some(n) = name
             .to_str()
-            .and_then(|n| n.strip_prefix("checkpoint-"))
-            .and_then(|n| n.strip_suffix(".ckpt"))
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_suffix(suffix))
             .and_then(|n| n.parse().ok())
         else {
             continue;
         };
-        out.push((lsn, e.path()));
+        out.push((n, e.path()));
     }
     out.sort();
     Ok(out)
+}
+
+/// Checkpoints in `dir`, by lsn.
+pub fn checkpoints(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    numbered(dir, "checkpoint-", ".ckpt")
 }
 
 /// Writes `state` as the checkpoint of `lsn`: to a temporary file, synced, then
