@@ -1864,3 +1864,72 @@ fn tls_and_password_reach_redis() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+// ------------------------------------------------------- ended windows ----
+
+/// A partition that outlasts its window: units counted locally in January while Redis
+/// is away never land in February's counter when Redis returns in February — they are
+/// dropped with their window, and February starts from what February counted.
+#[test]
+fn deltas_of_an_ended_window_never_land_in_the_next() {
+    let _serial = serial();
+    let mut redis = Redis::start();
+    let dir = policy();
+    let r = replica(&dir, &redis, &["--store-timeout", "50ms"]);
+    assert_eq!(consume(&r, "acme", "bulk", 5)["used"], 5);
+    redis.kill();
+    for _ in 0..3 {
+        let d = consume(&r, "acme", "bulk", 7);
+        assert_eq!(d["allowed"], true, "counted locally: {d}");
+    }
+    assert!(fallbacks(&r, "local") >= 3.0);
+    // February 1st has come and gone while Redis was away.
+    let moved = r.post("/v1/test-clock", &json!({"set": "2030-02-10T00:00:00Z"}));
+    assert_eq!(moved.status, 200, "{}", moved.text());
+    redis.restart();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let _ = r.check("acme", "bulk");
+            metric(&r, DEGRADED) == 0.0
+        }),
+        "Redis was not used again"
+    );
+    let d = consume(&r, "acme", "bulk", 1);
+    assert_eq!(d["used"], 1, "February holds only February's unit: {d}");
+    // February's counter in Redis is 1. A January call that timed out may still have
+    // run when Redis came back (the client library resends what it had queued), but
+    // only into January's own key: no unit of January is in February.
+    let keys = redis.cli(&[
+        "--scan",
+        "--pattern",
+        &format!("{PREFIX}:*:q:4:acme:4:bulk:*"),
+    ]);
+    let keys: Vec<&str> = keys
+        .lines()
+        .filter(|k| !k.is_empty() && !k.ends_with(":h"))
+        .collect();
+    let feb = format!(":{}", micros("2030-02-01T00:00:00Z"));
+    let jan = format!(":{}", micros(WINDOW_START));
+    for k in &keys {
+        assert!(
+            k.ends_with(&feb) || k.ends_with(&jan),
+            "a counter of another window: {k}"
+        );
+    }
+    let feb_key = keys
+        .iter()
+        .find(|k| k.ends_with(&feb))
+        .expect("February's counter");
+    assert_eq!(
+        redis.cmd(&["HGET", feb_key, "used"]).text().as_deref(),
+        Some("1")
+    );
+    if let Some(jan_key) = keys.iter().find(|k| k.ends_with(&jan)) {
+        let end = redis.cmd(&["HGET", jan_key, "window_end"]).text();
+        assert_eq!(
+            end,
+            Some(micros(WINDOW_END).to_string()),
+            "January's key ends in January"
+        );
+    }
+}
