@@ -7,6 +7,7 @@
 pub mod engine;
 pub mod metrics;
 pub mod policy;
+pub mod policy_test;
 pub mod reload;
 pub mod server;
 pub mod shared;

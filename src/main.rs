@@ -12,6 +12,15 @@ use std::time::Duration;
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::process::ExitCode;
 
+/// `println!` that never panics: a reader that went away (`| head`) is not an error
+/// worth a panic.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -63,10 +72,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the policy tests (`tests/*.yaml`) of a policy directory; exit 1 on failure.
+    Test {
+        /// The policy directory.
+        dir: PathBuf,
+    },
+    /// Reports over a policy directory.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
     /// Read the usage ledger of a state directory.
     Usage {
         #[command(subcommand)]
         command: UsageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReportCommand {
+    /// Subscriptions, grants and overrides ending soon, soonest first.
+    Expiring {
+        dir: PathBuf,
+        /// How far ahead (`90d`, `2w`, `36h`).
+        #[arg(long, default_value = "90d")]
+        within: String,
+        /// As of this time (RFC 3339 or a date); default now.
+        #[arg(long)]
+        at: Option<String>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -240,6 +276,87 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Test { dir } => {
+            let snap = match policy::load_dir(&dir, &Limits::default()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let report = entitled::policy_test::run_dir(&dir, &snap)
+                .with_context(|| format!("reading the tests of {}", dir.display()))?;
+            for f in &report.failures {
+                out!("FAIL {f}");
+            }
+            out!(
+                "{} file(s), {} step(s), {} failure(s)",
+                report.files,
+                report.steps,
+                report.failures.len()
+            );
+            Ok(if report.failures.is_empty() && report.files > 0 {
+                ExitCode::SUCCESS
+            } else {
+                if report.files == 0 {
+                    eprintln!("no tests/*.yaml under {}", dir.display());
+                }
+                ExitCode::FAILURE
+            })
+        }
+        Command::Report {
+            command:
+                ReportCommand::Expiring {
+                    dir,
+                    within,
+                    at,
+                    json,
+                },
+        } => {
+            let us = entitled::policy::units::parse_duration(&within)
+                .map_err(anyhow::Error::msg)
+                .context("--within")?;
+            let now = at
+                .map(|s| Timestamp::parse(&s).map_err(anyhow::Error::msg))
+                .transpose()
+                .context("--at")?
+                .unwrap_or_else(Timestamp::now);
+            let snap = match policy::load_dir(&dir, &Limits::default()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let items = engine::report::expiring(&snap, now, us);
+            if json {
+                let doc = serde_json::json!({ "now": now, "within": within, "snapshot": &*snap.version, "items": items });
+                out!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                out!(
+                    "{:<24} {:<13} {:<24} {:<21} {:>9}",
+                    "CUSTOMER",
+                    "TYPE",
+                    "PLAN / FEATURE",
+                    "ENDS",
+                    "DAYS LEFT"
+                );
+                for i in &items {
+                    let what = i.plan.or(i.feature).unwrap_or("-");
+                    let trial = if i.trial { " (trial)" } else { "" };
+                    out!(
+                        "{:<24} {:<13} {:<24} {:<21} {:>9}",
+                        i.customer,
+                        i.kind,
+                        format!("{what}{trial}"),
+                        i.ends.to_string(),
+                        i.days_left
+                    );
+                }
+                out!("{} ending within {within} of {now}", items.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Usage {
             command:
                 UsageCommand::Export {
@@ -267,7 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Validate { dir } => match policy::load_dir(&dir, &Limits::default()) {
             Ok(s) => {
-                println!(
+                out!(
                     "ok: {} features, {} plans, {} customers, {} routes (snapshot {})",
                     s.features.len(),
                     s.plans().count(),
@@ -334,19 +451,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = MemoryStore::new();
             let decision = usage::decide(&snap, &store, Op::Check, &req, now)?;
             let body = serde_json::to_string_pretty(&decision)?;
-            println!("{body}");
+            out!("{body}");
             if !json {
                 let ex = engine::explain(&snap, &req, now);
-                println!("\nas of {}:", at.unwrap_or(now));
+                out!("\nas of {}:", at.unwrap_or(now));
                 if ex.considered.is_empty() {
-                    println!("  no grant of `{feature}` on `{customer}`");
+                    out!("  no grant of `{feature}` on `{customer}`");
                 }
                 for g in &ex.considered {
                     let mark = if g.won { "=>" } else { "  " };
-                    println!("{mark} {:<16} {} — {}", g.status, g.source, g.grant);
+                    out!("{mark} {:<16} {} — {}", g.status, g.source, g.grant);
                 }
                 if let Some(rule) = ex.rule {
-                    println!("rule: {rule}");
+                    out!("rule: {rule}");
                 }
             }
             Ok(if decision.allowed {
@@ -539,7 +656,7 @@ async fn run_with<S: Flush>(
     let addr = listener.local_addr()?;
     let stop = shutdown_signal()?;
     // A plain line on stdout, for scripts and tests that start us on port 0.
-    println!("entitled: listening on http://{addr}");
+    out!("entitled: listening on http://{addr}");
     tracing::info!(%addr, policies = %args.policies.display(), "serving");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Expired reservations go back to their quotas within a second; counters of
@@ -572,7 +689,7 @@ async fn run_with<S: Flush>(
         let l = tokio::net::TcpListener::bind(m)
             .await
             .with_context(|| format!("binding {m}"))?;
-        println!("entitled: metrics on http://{}", l.local_addr()?);
+        out!("entitled: metrics on http://{}", l.local_addr()?);
         let mut rx = stop_rx.clone();
         extra = Some(tokio::spawn(server::run(l, app.clone(), async move {
             let _ = rx.wait_for(|s| *s).await;

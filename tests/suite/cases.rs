@@ -1,6 +1,7 @@
 //! Data-driven decision cases: every `tests/cases/*.yaml` holds a policy, a clock and
 //! a list of requests with the decision fields expected, or a broken policy with the
-//! errors expected. Each case runs against the real loader, engine and memory store.
+//! errors expected. Each case runs against the real loader, engine and memory store,
+//! through the same step runner as `entitled test` (`src/policy_test.rs`).
 //!
 //! ```yaml
 //! description: what this case shows
@@ -28,11 +29,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use entitled::engine::{Op, Request};
-use entitled::policy::{self, Limits, units::parse_duration};
+use entitled::policy::{self, Limits};
+use entitled::policy_test::{Step, run_steps_with};
 use entitled::time::Timestamp;
-use entitled::usage::{self, MemoryStore};
 use serde::Deserialize;
+use serde_saphyr::Spanned;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,26 +44,8 @@ struct Case {
     files: BTreeMap<String, String>,
     now: Option<String>,
     #[serde(default)]
-    steps: Vec<StepCase>,
+    steps: Vec<Spanned<Step>>,
     errors: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StepCase {
-    op: String,
-    customer: String,
-    feature: String,
-    amount: Option<u64>,
-    #[serde(default)]
-    context: BTreeMap<String, String>,
-    at: Option<String>,
-    holder: Option<String>,
-    now: Option<String>,
-    advance: Option<String>,
-    repeat: Option<u32>,
-    expect: Option<serde_json::Map<String, serde_json::Value>>,
-    expect_error: Option<String>,
 }
 
 fn cases_dir() -> PathBuf {
@@ -104,105 +87,24 @@ fn run_parsed(case: &Case) -> Result<usize, String> {
         return Ok(expected.len());
     }
     let snap = loaded.map_err(|e| format!("policy failed to load:\n{e}"))?;
-    let store = MemoryStore::new();
-    let parse_t = |s: &str| Timestamp::parse(s);
-    let mut now = parse_t(case.now.as_deref().unwrap_or("2026-06-15"))?;
-    for (i, step) in case.steps.iter().enumerate() {
-        let at_step = |msg: String| {
-            format!(
-                "step {} ({} {} {}): {msg}",
-                i + 1,
-                step.op,
-                step.customer,
-                step.feature
-            )
-        };
-        if let Some(n) = &step.now {
-            now = parse_t(n).map_err(at_step)?;
+    let now = Timestamp::parse(case.now.as_deref().unwrap_or("2026-06-15"))?;
+    let failures = run_steps_with(&snap, now, &case.steps, |d| {
+        // The server's direct encoder writes the same document.
+        let got = serde_json::to_value(d).map_err(|e| e.to_string())?;
+        let mut fast = Vec::new();
+        d.write_json(&mut fast);
+        let fast: serde_json::Value =
+            serde_json::from_slice(&fast).map_err(|e| format!("write_json: {e}"))?;
+        if fast != got {
+            return Err(format!(
+                "write_json differs from Serialize:\n  {fast}\n  {got}"
+            ));
         }
-        if let Some(a) = &step.advance {
-            now = now.saturating_add(parse_duration(a).map_err(at_step)?);
-        }
-        let op = match step.op.as_str() {
-            "check" => Op::Check,
-            "consume" => Op::Consume,
-            "seats_acquire" => Op::SeatAcquire,
-            "seats_release" => Op::SeatRelease,
-            other => return Err(at_step(format!("unknown op `{other}`"))),
-        };
-        let ctx: Vec<(&str, &str)> = step
-            .context
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let at = step
-            .at
-            .as_deref()
-            .map(parse_t)
-            .transpose()
-            .map_err(at_step)?;
-        let req = Request {
-            customer: &step.customer,
-            feature: &step.feature,
-            amount: step.amount.unwrap_or(1),
-            context: &ctx,
-            at,
-            holder: step.holder.as_deref(),
-        };
-        let mut result = None;
-        for _ in 0..step.repeat.unwrap_or(1) {
-            result = Some(usage::decide(&snap, &store, op, &req, now));
-        }
-        let Some(result) = result else { continue };
-        match (result, &step.expect_error) {
-            (Err(e), Some(want)) => {
-                if !e.to_string().contains(want.as_str()) {
-                    return Err(at_step(format!(
-                        "expected error containing `{want}`, got `{e}`"
-                    )));
-                }
-            }
-            (Err(e), None) => return Err(at_step(format!("request refused: {e}"))),
-            (Ok(d), Some(want)) => {
-                return Err(at_step(format!(
-                    "expected error `{want}`, got decision {d:?}"
-                )));
-            }
-            (Ok(d), None) => {
-                let got = serde_json::to_value(&d).map_err(|e| e.to_string())?;
-                // The server's direct encoder writes the same document.
-                let mut fast = Vec::new();
-                d.write_json(&mut fast);
-                let fast: serde_json::Value =
-                    serde_json::from_slice(&fast).map_err(|e| format!("write_json: {e}"))?;
-                if fast != got {
-                    return Err(at_step(format!(
-                        "write_json differs from Serialize:\n  {fast}\n  {got}"
-                    )));
-                }
-                for (k, want) in step.expect.iter().flatten() {
-                    let have = got.get(k).unwrap_or(&serde_json::Value::Null);
-                    if !json_eq(have, want) {
-                        return Err(at_step(format!(
-                            "`{k}`: expected {want}, got {have}\n  decision: {got}"
-                        )));
-                    }
-                }
-            }
-        }
-    }
-    Ok(case.steps.len())
-}
-
-/// Equality with numbers compared by value (YAML `1` and JSON `1.0` are the same), and
-/// objects compared as subsets (an expectation names only the fields it cares about).
-fn json_eq(have: &serde_json::Value, want: &serde_json::Value) -> bool {
-    use serde_json::Value::*;
-    match (have, want) {
-        (Number(a), Number(b)) => a.as_f64() == b.as_f64(),
-        (Object(a), Object(b)) => b.iter().all(|(k, v)| json_eq(a.get(k).unwrap_or(&Null), v)),
-        (Array(a), Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| json_eq(x, y)),
-        (a, b) => a == b,
+        Ok(())
+    });
+    match failures.first() {
+        None => Ok(case.steps.len()),
+        Some((line, msg)) => Err(format!("line {line}: {msg}")),
     }
 }
 

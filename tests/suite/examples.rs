@@ -100,3 +100,131 @@ fn bundled_policies_answer_as_documented() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+fn entitled(args: &[&str]) -> std::process::Output {
+    super::support::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_entitled")).args(args),
+        std::time::Duration::from_secs(30),
+    )
+}
+
+/// `entitled test` passes on the bundled policies' own tests, and a wrong expectation
+/// fails with the step's file:line, the expected and the actual value, and exit 1.
+#[test]
+fn policy_tests_pass_and_a_wrong_expectation_fails_with_its_line() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let out = entitled(&["test", dir.to_str().expect("UTF-8 path")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("2 file(s)") && text.contains("0 failure(s)"),
+        "{text}"
+    );
+
+    let copy = tempfile::tempdir().expect("tempdir");
+    for sub in ["saas", "field-service"] {
+        let to = copy.path().join(sub);
+        std::fs::create_dir_all(to.join("tests")).expect("mkdir");
+        for e in std::fs::read_dir(dir.join(sub)).expect("read").flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+            }
+        }
+        for e in std::fs::read_dir(dir.join(sub).join("tests"))
+            .expect("read")
+            .flatten()
+        {
+            std::fs::copy(e.path(), to.join("tests").join(e.file_name())).expect("copy");
+        }
+    }
+    let plans = copy.path().join("saas/tests/plans.yaml");
+    let body = std::fs::read_to_string(&plans).expect("plans.yaml");
+    assert!(body.contains("expect: { limit: 35 }"));
+    std::fs::write(
+        &plans,
+        body.replace("expect: { limit: 35 }", "expect: { limit: 36 }"),
+    )
+    .expect("write");
+    let step_line = body
+        .lines()
+        .position(|l| l.contains("limit: 35"))
+        .and_then(|i| {
+            // The step starts at its `- op:` line, the last one above its `expect`.
+            body.lines()
+                .take(i)
+                .enumerate()
+                .filter(|(_, l)| l.trim_start().starts_with("- op:"))
+                .last()
+                .map(|(n, _)| n + 1)
+        })
+        .expect("the step");
+    let out = entitled(&["test", copy.path().to_str().expect("UTF-8 path")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "saas/tests/plans.yaml:{step_line}: check umbrella seats: `limit`: expected 36, got 35"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("1 failure(s)"), "{text}");
+}
+
+/// `entitled report expiring` lists what ends within the window, soonest first, as a
+/// table or JSON.
+#[test]
+fn report_expiring_lists_what_ends_soonest_first() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let dir = dir.to_str().expect("UTF-8 path");
+    let out = entitled(&[
+        "report",
+        "expiring",
+        dir,
+        "--within",
+        "31d",
+        "--at",
+        "2026-12-01",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let items = doc["items"].as_array().expect("items");
+    let got: Vec<(&str, &str)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["customer"].as_str().unwrap_or(""),
+                i["type"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("globex", "subscription"),
+            ("harbor-logistics", "override"),
+            ("hooli", "override")
+        ],
+        "{doc}"
+    );
+    assert_eq!(items[0]["days_left"], 14);
+    let table = entitled(&[
+        "report",
+        "expiring",
+        dir,
+        "--within",
+        "31d",
+        "--at",
+        "2026-12-01",
+    ]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("globex") && text.contains("enterprise (trial)"),
+        "{text}"
+    );
+    assert!(text.contains("3 ending within 31d"), "{text}");
+}
