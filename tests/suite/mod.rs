@@ -8,5 +8,6 @@ mod examples;
 mod props;
 pub mod redis;
 mod reload;
+mod schema;
 mod server;
 mod support;
