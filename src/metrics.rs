@@ -67,6 +67,15 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(DECISION_DURATION.into()), &buckets)?
+        // A journal batch (write + fdatasync) and a checkpoint: milliseconds to seconds.
+        .set_buckets_for_metric(
+            Matcher::Full(JOURNAL_FLUSH_DURATION.into()),
+            &[0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(CHECKPOINT_DURATION.into()),
+            &[0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )?
         .install_recorder()?;
     describe();
     Ok(handle)
