@@ -70,7 +70,9 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         // A journal batch (write + fdatasync) and a checkpoint: milliseconds to seconds.
         .set_buckets_for_metric(
             Matcher::Full(JOURNAL_FLUSH_DURATION.into()),
-            &[0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0],
+            &[
+                0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+            ],
         )?
         .set_buckets_for_metric(
             Matcher::Full(CHECKPOINT_DURATION.into()),
