@@ -4,6 +4,7 @@
 //! → [`engine`] decision → response. The engine is pure and synchronous; usage state
 //! lives behind [`usage`], time comes in as a parameter ([`time`]).
 
+pub mod audit;
 pub mod engine;
 pub mod metrics;
 pub mod policy;

@@ -249,6 +249,13 @@ struct Serve {
     /// moves only through `POST /v1/test-clock`.
     #[arg(long, env = "ENTITLED_TEST_CLOCK")]
     test_clock: Option<String>,
+    /// Where the audit log (snapshot changes, decisions) is written; default
+    /// `<state-dir>/audit`.
+    #[arg(long, env = "ENTITLED_AUDIT_DIR")]
+    audit_dir: Option<PathBuf>,
+    /// Which decisions the audit log records: none, denials, all, or sample:F.
+    #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
+    audit_decisions: entitled::audit::Decisions,
     /// Log filter (`info`, `entitled=debug`, ...).
     #[arg(long, env = "ENTITLED_LOG", default_value = "info")]
     log: String,
@@ -495,7 +502,18 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         max_file_bytes: args.max_policy_file,
         ..Limits::default()
     };
+    let mut audit_cfg = entitled::audit::AuditConfig::new(
+        args.audit_dir
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("audit")),
+    );
+    audit_cfg.decisions = args.audit_decisions;
+    let audit = Arc::new(
+        entitled::audit::Audit::start(audit_cfg)
+            .with_context(|| "starting the audit log".to_string())?,
+    );
     let config = ReloadConfig {
+        audit: Some(audit.clone()),
         dir: args.policies.clone(),
         limits,
         debounce: args.reload_debounce,
@@ -563,6 +581,7 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         snapshot: cell,
         clock,
         test_clock,
+        audit,
         reload: state,
         prometheus,
         limits: server::Limits {
@@ -611,6 +630,7 @@ struct Parts {
     snapshot: SnapshotCell,
     clock: Arc<dyn Clock>,
     test_clock: Option<Arc<ManualClock>>,
+    audit: Arc<entitled::audit::Audit>,
     reload: Arc<ReloadState>,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
     limits: server::Limits,
@@ -619,10 +639,13 @@ struct Parts {
 /// Something that moves usage to a shared store in the background.
 trait Flush: UsageStore + 'static {
     fn flush(&self, now: Timestamp) -> impl std::future::Future<Output = ()> + Send;
+    /// At a graceful stop: everything counted here reaches the shared store (bounded).
+    fn drain(&self, now: Timestamp) -> impl std::future::Future<Output = ()> + Send;
 }
 
 impl Flush for MemoryStore {
     async fn flush(&self, _now: Timestamp) {}
+    async fn drain(&self, _now: Timestamp) {}
 }
 
 impl Flush for RedisStore {
@@ -630,6 +653,10 @@ impl Flush for RedisStore {
         if let Err(e) = RedisStore::flush(self, now).await {
             tracing::debug!(error = %e, "deltas wait for Redis");
         }
+    }
+
+    async fn drain(&self, now: Timestamp) {
+        RedisStore::drain(self, now, Duration::from_secs(5)).await;
     }
 }
 
@@ -645,6 +672,7 @@ async fn run_with<S: Flush>(
         store,
         clock: parts.clock,
         test_clock: parts.test_clock,
+        audit: Some(parts.audit),
         reload: parts.reload,
         metrics: DecisionMetrics::new(),
         prometheus: Some(parts.prometheus),
@@ -707,7 +735,7 @@ async fn run_with<S: Flush>(
         e.await.context("metrics server task")??;
     }
     // Last deltas counted here go to the shared store before the state is closed.
-    app.store.flush(app.clock.now()).await;
+    app.store.drain(app.clock.now()).await;
     Ok(())
 }
 

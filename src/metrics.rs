@@ -320,6 +320,10 @@ pub fn usage_state(c: &crate::usage::memory::Counts) {
     gauge!(USAGE_STATE, "kind" => "idempotency_keys").set(c.idempotency_keys as f64);
 }
 
+pub fn audit_dropped() {
+    counter!(AUDIT_DROPPED).increment(1);
+}
+
 pub fn idempotent_replay() {
     counter!(IDEMPOTENT_REPLAYS).increment(1);
 }

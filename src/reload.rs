@@ -32,6 +32,8 @@ pub struct ReloadConfig {
     pub max_delay: Duration,
     /// Full rescan interval (file fingerprints), for filesystems that lose events.
     pub rescan: Duration,
+    /// Where snapshot changes are recorded.
+    pub audit: Option<Arc<crate::audit::Audit>>,
 }
 
 /// What `/v1/status` and `/readyz` report about loading.
@@ -264,6 +266,9 @@ impl Worker {
                 }
                 let snap = Arc::new(snap);
                 crate::metrics::snapshot_served(&snap, prev_version.as_deref(), now);
+                if let Some(a) = &self.config.audit {
+                    a.snapshot_changed(&snap, previous.as_deref(), now);
+                }
                 crate::metrics::reload("success");
                 tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
                 self.cell.store(snap.clone());

@@ -200,9 +200,40 @@ fn engine_request<'p>(p: &'p Parsed<'_>, ctx: &'p [(&'p str, &'p str)]) -> engin
     }
 }
 
-/// Counts the decision in metrics and appends its JSON to `out`.
-fn encode<S>(app: &App<S>, op: Op, d: &Decision<'_>, out: &mut Vec<u8>) -> Result<(), ApiError> {
+/// Counts the decision in metrics (and the audit log, if it records this one) and
+/// appends its JSON to `out`.
+fn encode<S>(
+    app: &App<S>,
+    p: &Parsed<'_>,
+    now: Timestamp,
+    d: &Decision<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), ApiError> {
+    let op = p.op;
     app.metrics.decision(op, d.kind, d.reason);
+    if let Some(a) = &app.audit
+        && a.wants(d.allowed)
+    {
+        // Dropped (and counted) when the queue is full: the request never waits.
+        let _queued = {
+            a.decision(crate::audit::DecisionRecord {
+                decision_id: crate::audit::decision_id(),
+                time: now,
+                snapshot: d.snapshot.to_string(),
+                op: op.as_str(),
+                customer: p.customer.to_string(),
+                feature: p.feature.to_string(),
+                amount: p.amount,
+                context: p
+                    .context
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                allowed: d.allowed,
+                reason: d.reason.as_str(),
+            })
+        };
+    }
     if d.warning_crossed {
         crate::metrics::quota_warning(d.feature);
     }
@@ -240,7 +271,7 @@ fn try_sync<S: UsageStore>(
             None => return Attempt::Wait,
         }
     }
-    Attempt::Done(encode(app, p.op, &d, out))
+    Attempt::Done(encode(app, p, now, &d, out))
 }
 
 /// Decides against an owned snapshot, awaiting the store.
@@ -256,7 +287,7 @@ async fn decide_async<S: UsageStore>(
     let mut d = Decision::blank(&p.feature);
     let meta = step_meta(snap, p);
     evaluate_awaiting(app, snap, p.op, &req, &meta, now, &mut d).await?;
-    encode(app, p.op, &d, out)
+    encode(app, p, now, &d, out)
 }
 
 /// What the store keeps beside the step: the snapshot version for the ledger, the

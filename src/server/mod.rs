@@ -69,6 +69,8 @@ pub struct App<S> {
     pub limits: Limits,
     /// With `--test-clock`: the clock `POST /v1/test-clock` moves (also `clock`).
     pub test_clock: Option<Arc<crate::time::ManualClock>>,
+    /// The audit log, for decisions (`--audit-decisions`).
+    pub audit: Option<Arc<crate::audit::Audit>>,
 }
 
 impl<S> std::fmt::Debug for App<S> {

@@ -923,6 +923,30 @@ impl RedisStore {
             .await;
     }
 
+    /// At a graceful stop: flushes until nothing counted here waits for Redis, or
+    /// `within` has passed (deltas still waiting are then lost, and logged).
+    pub async fn drain(&self, now: Timestamp, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let sent = self.flush(now).await;
+            let waiting = match self.cfg.mode {
+                StoreMode::Strict => self.pending_windows(),
+                StoreMode::Cached => usize::from(sent.is_err()),
+            };
+            if waiting == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    windows = waiting,
+                    "stopping with usage counted here that Redis never received"
+                );
+                return;
+            }
+            tokio::time::sleep(self.cfg.breaker_cooldown.min(Duration::from_millis(100))).await;
+        }
+    }
+
     /// Windows whose deltas wait for Redis.
     pub fn pending_windows(&self) -> usize {
         self.pending.lock().map_or(0, |p| p.len())

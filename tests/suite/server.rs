@@ -1094,3 +1094,96 @@ fn metrics_parse_as_prometheus_and_carry_no_customer_ids() {
         "{text}"
     );
 }
+
+// ------------------------------------------------------------------ audit ----
+
+/// The audit log records each snapshot change (version, files changed, counts) and,
+/// with `--audit-decisions denials`, denials only, each with a decision id.
+#[test]
+fn audit_log_records_snapshot_changes_and_denials() {
+    let dir = policy();
+    let audit = tempfile::tempdir().expect("audit dir");
+    let s = Server::start_with(
+        dir.path(),
+        &[
+            "--audit-dir",
+            audit.path().to_str().expect("UTF-8"),
+            "--audit-decisions",
+            "denials",
+        ],
+    );
+    let read = || -> Vec<Value> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(audit.path())
+            .expect("audit dir")
+            .flatten()
+        {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+        out
+    };
+    assert_eq!(s.check("acme", "support.tier")["allowed"], true);
+    assert_eq!(s.check("globex", "sso")["allowed"], false);
+    let ok = wait_until(Duration::from_secs(10), || {
+        read().iter().any(|e| e["type"] == "decision")
+    });
+    assert!(ok, "no decision in the audit log: {:?}", read());
+    let events = read();
+    let first = &events[0];
+    assert_eq!(first["type"], "snapshot", "{first}");
+    assert_eq!(first["version"].as_str(), s.version().as_deref());
+    assert!(first["previous"].is_null());
+    assert!(!first["files_added"].as_array().expect("files").is_empty());
+    let decisions: Vec<&Value> = events.iter().filter(|e| e["type"] == "decision").collect();
+    assert_eq!(decisions.len(), 1, "denials only: {decisions:?}");
+    let d = decisions[0];
+    assert_eq!(
+        (
+            d["customer"].as_str(),
+            d["feature"].as_str(),
+            d["allowed"].as_bool()
+        ),
+        (Some("globex"), Some("sso"), Some(false))
+    );
+    assert_eq!(d["decision_id"].as_str().map(str::len), Some(32), "{d}");
+    assert_eq!(d["snapshot"].as_str(), s.version().as_deref());
+    assert!(d["reason"].is_string());
+
+    // A changed file is a new snapshot event naming it.
+    let before = s.version();
+    let name = std::fs::read_dir(dir.path())
+        .expect("policy dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .find(|n| n.ends_with(".yaml"))
+        .expect("a yaml file");
+    let mut text = std::fs::read_to_string(dir.path().join(&name)).expect("read");
+    text.push_str("\n# touched\n");
+    dir.write(&name, &text);
+    assert!(
+        wait_until(Duration::from_secs(10), || s.version() != before),
+        "the change was not loaded"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || read()
+            .iter()
+            .filter(|e| e["type"] == "snapshot")
+            .count()
+            == 2),
+        "no second snapshot event"
+    );
+    let snaps: Vec<Value> = read()
+        .into_iter()
+        .filter(|e| e["type"] == "snapshot")
+        .collect();
+    let second = &snaps[1];
+    assert_eq!(second["previous"].as_str(), before.as_deref());
+    let changed: Vec<&str> = second["files_changed"]
+        .as_array()
+        .expect("files_changed")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(changed.iter().any(|f| f.ends_with(&name)), "{second}");
+}
