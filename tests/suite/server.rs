@@ -1187,3 +1187,55 @@ fn audit_log_records_snapshot_changes_and_denials() {
         .collect();
     assert!(changed.iter().any(|f| f.ends_with(&name)), "{second}");
 }
+
+/// An override applies until the instant it expires and not a microsecond after, on
+/// the served (test) clock; `entitled_overrides_active` follows it.
+#[test]
+fn an_override_stops_applying_the_instant_it_expires() {
+    let dir = PolicyDir::with(&[(
+        "policy.yaml",
+        r#"
+features:
+  analytics.advanced: { kind: flag }
+plans:
+  free:
+    grants: {}
+customers:
+  - id: hooli
+    subscriptions: [{ plan: free, starts: 2026-01-01 }]
+    overrides:
+      - feature: analytics.advanced
+        grant: true
+        expires: 2026-12-31T00:00:00Z
+        approved_by: jane@vendor.example
+        reason: pilot
+        ticket: SUP-1234
+"#,
+    )]);
+    let s = Server::start_with(dir.path(), &["--test-clock", "2026-12-30T23:59:59Z"]);
+    let d = s.check("hooli", "analytics.advanced");
+    assert_eq!(d["allowed"], true, "{d}");
+    assert_eq!(d["source"]["type"], "override", "{d}");
+    assert_eq!(d["source"]["ticket"], "SUP-1234", "{d}");
+    let active = |s: &Server| {
+        super::support::metric_value(&s.get("/metrics").text(), "entitled_overrides_active")
+    };
+    assert_eq!(active(&s), Some(1.0));
+    let summary = s.get("/v1/customers/hooli").json();
+    assert_eq!(
+        summary["overrides"][0]["approved_by"], "jane@vendor.example",
+        "{summary}"
+    );
+
+    let set = |t: &str| {
+        let r = s.post("/v1/test-clock", &serde_json::json!({ "set": t }));
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    set("2026-12-30T23:59:59.999999Z");
+    assert_eq!(s.check("hooli", "analytics.advanced")["allowed"], true);
+    set("2026-12-31T00:00:00Z");
+    let d = s.check("hooli", "analytics.advanced");
+    assert_eq!(d["allowed"], false, "{d}");
+    assert_eq!(d["reason"], "expired", "{d}");
+    assert_eq!(active(&s), Some(0.0));
+}
