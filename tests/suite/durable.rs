@@ -14,8 +14,8 @@
 //! calendar never matters.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::support::{IO_TIMEOUT, PolicyDir, Resp, Server, metric_value, wait_until};
+use super::support::{
+    FallibleConn, PolicyDir, Resp, Server, metric_value, output_within, wait_until,
+};
 
 /// Where the served clock starts: mid-January 2030, far from a month boundary.
 const T0: &str = "2030-01-15T00:00:00Z";
@@ -126,47 +128,12 @@ fn assert_error(r: &Resp, status: u16, code: &str) {
 
 /// Runs the binary with `args`, bounded by `timeout` (killed and failed past it).
 fn run_bounded(args: &[&str], timeout: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_entitled"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning entitled");
-    // Drain both pipes on threads so a large export can never block the child.
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("waiting for entitled") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`entitled {}` did not finish within {timeout:?}",
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
+    output_within(
+        Command::new(env!("CARGO_BIN_EXE_entitled"))
+            .args(args)
+            .env_remove("RUST_LOG"),
+        timeout,
+    )
 }
 
 /// `entitled usage export --state-dir STATE ARGS`, parsed line by line.
@@ -282,70 +249,6 @@ fn assert_folded(state: &Path) {
 
 // ------------------------------------------------------------ load clients ----
 
-/// A keep-alive client that reports failures instead of panicking: the server is
-/// killed under it on purpose.
-struct Client {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> io::Result<Client> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let _ = stream.set_nodelay(true);
-        Ok(Client {
-            stream,
-            buf: Vec::new(),
-        })
-    }
-
-    fn post(&mut self, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: entitled.test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let mut req = head.into_bytes();
-        req.extend_from_slice(body);
-        self.stream.write_all(&req)?;
-        let end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            self.fill()?;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-        self.buf.drain(..end + 4);
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
-        let len: usize = head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .ok_or_else(|| io::Error::other(format!("no content-length in {head:?}")))?;
-        while self.buf.len() < len {
-            self.fill()?;
-        }
-        Ok((status, self.buf.drain(..len).collect()))
-    }
-
-    fn fill(&mut self) -> io::Result<()> {
-        let mut chunk = [0u8; 4096];
-        match self.stream.read(&mut chunk)? {
-            0 => Err(io::ErrorKind::UnexpectedEof.into()),
-            n => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(())
-            }
-        }
-    }
-}
-
 /// What the load threads of one run saw.
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
@@ -376,7 +279,7 @@ fn load(
             let acked_all = acked_all.clone();
             std::thread::spawn(move || {
                 let mut t = Tally::default();
-                let Ok(mut c) = Client::connect(addr) else {
+                let Ok(mut c) = FallibleConn::connect(addr) else {
                     return t;
                 };
                 let body = br#"{"customer":"acme","feature":"api.calls"}"#;

@@ -14,7 +14,6 @@
 //! deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -26,7 +25,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::support::{
-    IO_TIMEOUT, PolicyDir, Redis, Resp, Server, metric_value, output_within, post_json, wait_until,
+    FallibleConn, PolicyDir, Redis, Resp, Server, metric_value, output_within, post_json,
+    wait_until,
 };
 
 /// Where every replica's clock starts: mid-January 2030.
@@ -294,69 +294,6 @@ fn shared_used_in(redis: &Redis, prefix: &str, customer: &str, feature: &str) ->
 
 // ------------------------------------------------------------- load client ----
 
-/// A keep-alive client that reports failures instead of panicking.
-struct Client {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> io::Result<Client> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let _ = stream.set_nodelay(true);
-        Ok(Client {
-            stream,
-            buf: Vec::new(),
-        })
-    }
-
-    fn post(&mut self, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: entitled.test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let mut req = head.into_bytes();
-        req.extend_from_slice(body);
-        self.stream.write_all(&req)?;
-        let end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            self.fill()?;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-        self.buf.drain(..end + 4);
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
-        let len: usize = head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .ok_or_else(|| io::Error::other(format!("no content-length in {head:?}")))?;
-        while self.buf.len() < len {
-            self.fill()?;
-        }
-        Ok((status, self.buf.drain(..len).collect()))
-    }
-
-    fn fill(&mut self) -> io::Result<()> {
-        let mut chunk = [0u8; 4096];
-        match self.stream.read(&mut chunk)? {
-            0 => Err(io::ErrorKind::UnexpectedEof.into()),
-            n => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(())
-            }
-        }
-    }
-}
-
 /// What one load thread does.
 #[derive(Debug, Clone)]
 struct Spec {
@@ -457,7 +394,7 @@ fn load_thread(
     std::thread::spawn(move || {
         let mut t = Tally::default();
         let body = serde_json::to_vec(&spec.body).expect("encoding the body");
-        let mut c = Client::connect(addr);
+        let mut c = FallibleConn::connect(addr);
         start.wait();
         let began = Instant::now();
         let mut denials_in_a_row = 0;

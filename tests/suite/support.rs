@@ -896,3 +896,69 @@ impl Drop for Redis {
         }
     }
 }
+
+// -------------------------------------------------------- fallible client ----
+
+/// A keep-alive client that reports failures instead of panicking, for load threads
+/// whose server (or store) is killed under them on purpose.
+pub struct FallibleConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl FallibleConn {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<FallibleConn> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let _ = stream.set_nodelay(true);
+        Ok(FallibleConn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn post(&mut self, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: entitled.test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut req = head.into_bytes();
+        req.extend_from_slice(body);
+        self.stream.write_all(&req)?;
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            self.fill()?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        self.buf.drain(..end + 4);
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+        let len: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no content-length in {head:?}")))?;
+        while self.buf.len() < len {
+            self.fill()?;
+        }
+        Ok((status, self.buf.drain(..len).collect()))
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk)? {
+            0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+        }
+    }
+}
