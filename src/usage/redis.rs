@@ -89,6 +89,20 @@ impl RedisConfig {
     }
 }
 
+/// Prepended to the scripts that take an idempotency key: the answer remembered
+/// under `key` for the fingerprint `fp` (`replay`), `reused` for another request's
+/// key, or nil for a key not seen (or no key at all).
+const REMEMBERED: &str = r#"
+local function remembered(key, fp)
+  if fp == '' then return nil end
+  local prev = redis.call('GET', key)
+  if not prev then return nil end
+  local pfp, ans = string.match(prev, '^(%S+) (.*)$')
+  if pfp ~= fp then return {'reused', ''} end
+  return {'replay', ans}
+end
+"#;
+
 /// Quota check-and-count, and reservations. KEYS: counter, holds, idempotency key,
 /// reservation key, operation key. ARGV: amount, limit (-1: unlimited), overage, mode (k check,
 /// c consume, r reserve), now µs, window end µs, key expiry (unix ms), idempotency
@@ -101,14 +115,8 @@ local overage = ARGV[3] == '1'
 local mode = ARGV[4]
 local now = tonumber(ARGV[5])
 local fp = ARGV[8]
-if fp ~= '' then
-  local prev = redis.call('GET', KEYS[3])
-  if prev then
-    local pfp, ans = string.match(prev, '^(%S+) (.*)$')
-    if pfp ~= fp then return {'reused', ''} end
-    return {'replay', ans}
-  end
-end
+local seen = remembered(KEYS[3], fp)
+if seen then return seen end
 local holds = redis.call('HGETALL', KEYS[2])
 for i = 1, #holds, 2 do
   local a, e = string.match(holds[i + 1], '^(%d+) (%-?%d+)')
@@ -158,14 +166,8 @@ return {'ok', ans}
 /// Answer: found committed released overage denied used.
 const SETTLE: &str = r#"
 local fp = ARGV[5]
-if fp ~= '' then
-  local prev = redis.call('GET', KEYS[4])
-  if prev then
-    local pfp, ans = string.match(prev, '^(%S+) (.*)$')
-    if pfp ~= fp then return {'reused', ''} end
-    return {'replay', ans}
-  end
-end
+local seen = remembered(KEYS[4], fp)
+if seen then return seen end
 local function finish(ans)
   if fp ~= '' then redis.call('SET', KEYS[4], fp .. ' ' .. ans, 'PX', ARGV[6]) end
   return {'ok', ans}
@@ -213,14 +215,8 @@ return finish('1 ' .. committed .. ' ' .. released .. ' ' .. over .. ' 0 ' .. us
 /// unchanged.
 const SEAT: &str = r#"
 local fp = ARGV[4]
-if fp ~= '' then
-  local prev = redis.call('GET', KEYS[2])
-  if prev then
-    local pfp, ans = string.match(prev, '^(%S+) (.*)$')
-    if pfp ~= fp then return {'reused', ''} end
-    return {'replay', ans}
-  end
-end
+local seen = remembered(KEYS[2], fp)
+if seen then return seen end
 local limit = tonumber(ARGV[3])
 local n = redis.call('SCARD', KEYS[1])
 local holds = ARGV[2] ~= '' and redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1
@@ -505,9 +501,9 @@ impl RedisStore {
         crate::metrics::store_degraded(false);
         Ok(RedisStore {
             conn,
-            quota: redis::Script::new(QUOTA),
-            settle: redis::Script::new(SETTLE),
-            seat: redis::Script::new(SEAT),
+            quota: redis::Script::new(&[REMEMBERED, QUOTA].concat()),
+            settle: redis::Script::new(&[REMEMBERED, SETTLE].concat()),
+            seat: redis::Script::new(&[REMEMBERED, SEAT].concat()),
             rate: redis::Script::new(RATE),
             keys: Keys {
                 prefix: cfg.prefix.clone(),

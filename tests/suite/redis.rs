@@ -112,49 +112,34 @@ impl std::ops::DerefMut for Replica {
     }
 }
 
-/// `entitled serve --store REDIS --state-dir (fresh) --test-clock T0 EXTRA`.
-fn replica(policies: &PolicyDir, redis: &Redis, extra: &[&str]) -> Replica {
-    let state = tempfile::tempdir().expect("state tempdir");
+/// `entitled serve --store REDIS --state-dir STATE --test-clock T0 EXTRA`.
+fn serve_on(policies: &PolicyDir, redis: &Redis, state: &Path, extra: &[&str]) -> Server {
     let url = redis.url();
-    let dir = state
-        .path()
-        .to_str()
-        .expect("a UTF-8 state path")
-        .to_string();
+    let dir = state.to_str().expect("a UTF-8 state path");
     let mut args = vec![
         "--state-dir",
-        dir.as_str(),
+        dir,
         "--test-clock",
         T0,
         "--store",
         url.as_str(),
     ];
     args.extend_from_slice(extra);
+    Server::start_with(policies.path(), &args)
+}
+
+/// A replica on a fresh state directory.
+fn replica(policies: &PolicyDir, redis: &Redis, extra: &[&str]) -> Replica {
+    let state = tempfile::tempdir().expect("state tempdir");
     Replica {
-        server: Server::start_with(policies.path(), &args),
+        server: serve_on(policies, redis, state.path(), extra),
         state,
     }
 }
 
 /// Starts the replica again on its own state directory (after a stop).
 fn restart(r: &mut Replica, policies: &PolicyDir, redis: &Redis, extra: &[&str]) {
-    let url = redis.url();
-    let dir = r
-        .state
-        .path()
-        .to_str()
-        .expect("a UTF-8 state path")
-        .to_string();
-    let mut args = vec![
-        "--state-dir",
-        dir.as_str(),
-        "--test-clock",
-        T0,
-        "--store",
-        url.as_str(),
-    ];
-    args.extend_from_slice(extra);
-    r.server = Server::start_with(policies.path(), &args);
+    r.server = serve_on(policies, redis, r.state.path(), extra);
 }
 
 fn replicas(n: usize, policies: &PolicyDir, redis: &Redis, extra: &[&str]) -> Vec<Replica> {
