@@ -283,7 +283,7 @@ impl MemoryStore {
         match self.step(op, &meta, now) {
             Ok((o, _)) => o,
             // Only a journal or an idempotency key can fail a step.
-            Err(_) => deny(op),
+            Err(_) => super::unrun(op, false),
         }
     }
 
@@ -1147,28 +1147,6 @@ impl MemoryStore {
 fn op_key<'a>(op: &UsageOp<'a>) -> UsageKey<'a> {
     match *op {
         UsageOp::Quota { key, .. } | UsageOp::Rate { key, .. } | UsageOp::Seat { key, .. } => key,
-    }
-}
-
-/// The answer to a step that could not run.
-fn deny(op: &UsageOp<'_>) -> UsageOutcome {
-    match op {
-        UsageOp::Quota { .. } => UsageOutcome::Quota {
-            admitted: false,
-            used: 0,
-            used_before: 0,
-        },
-        UsageOp::Rate { .. } => UsageOutcome::Rate {
-            admitted: false,
-            remaining: 0,
-            reset_after_us: 0,
-            retry_after_us: None,
-        },
-        UsageOp::Seat { .. } => UsageOutcome::Seat {
-            admitted: false,
-            used: 0,
-            unchanged: true,
-        },
     }
 }
 

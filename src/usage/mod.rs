@@ -151,3 +151,26 @@ pub fn decide<'a>(
 ) -> Result<Decision<'a>, RequestError> {
     engine::decide_with(snap, op, req, now, |u| store.run(u, now))
 }
+
+/// The outcome of a step no store ran, answered by policy instead (`admitted`):
+/// nothing counted, nothing known about usage.
+pub(crate) fn unrun(op: &UsageOp<'_>, admitted: bool) -> UsageOutcome {
+    match *op {
+        UsageOp::Quota { .. } => UsageOutcome::Quota {
+            admitted,
+            used: 0,
+            used_before: 0,
+        },
+        UsageOp::Rate { limit, .. } => UsageOutcome::Rate {
+            admitted,
+            remaining: if admitted { limit } else { 0 },
+            reset_after_us: 0,
+            retry_after_us: None,
+        },
+        UsageOp::Seat { .. } => UsageOutcome::Seat {
+            admitted,
+            used: 0,
+            unchanged: true,
+        },
+    }
+}

@@ -637,7 +637,7 @@ impl RedisStore {
             }
             OnError::Allow => {
                 crate::metrics::store_fallback("allow");
-                Ok((allow(op), Ack::default()))
+                Ok((super::unrun(op, true), Ack::default()))
             }
             OnError::Local => {
                 crate::metrics::store_fallback("local");
@@ -1259,27 +1259,6 @@ fn expire_at_ms(window_end_us: i64) -> i64 {
 
 fn fingerprint(ik: Option<IdemKey<'_>>) -> String {
     ik.map_or(String::new(), |k| format!("{:016x}", k.fingerprint))
-}
-
-fn allow(op: &UsageOp<'_>) -> UsageOutcome {
-    match op {
-        UsageOp::Quota { .. } => UsageOutcome::Quota {
-            admitted: true,
-            used: 0,
-            used_before: 0,
-        },
-        UsageOp::Rate { limit, .. } => UsageOutcome::Rate {
-            admitted: true,
-            remaining: *limit,
-            reset_after_us: 0,
-            retry_after_us: None,
-        },
-        UsageOp::Seat { .. } => UsageOutcome::Seat {
-            admitted: true,
-            used: 0,
-            unchanged: true,
-        },
-    }
 }
 
 /// Hides a password in a URL for messages.
