@@ -47,7 +47,7 @@ for name, body in cm["data"].items():
     pathlib.Path(sys.argv[1], name).write_text(body)
 PY
   run "ConfigMap policies validate" "$bin" validate "$tmp/policies"
-  "$bin" serve --policies "$tmp/policies" --state-dir "$tmp/state" --listen 127.0.0.1:0 \
+  "$bin" serve --policies "$tmp/policies" --state-dir "$tmp/state" --listen 127.0.0.1:0 --grpc-listen off \
     >"$tmp/out" 2>"$tmp/err" &
   pid=$!
   addr=

@@ -42,6 +42,7 @@ pub const IDEMPOTENT_REPLAYS: &str = "entitled_idempotent_replays_total";
 pub const STORE_DEGRADED: &str = "entitled_store_degraded";
 pub const STORE_FALLBACKS: &str = "entitled_store_fallbacks_total";
 pub const STORE_DROPPED_DELTAS: &str = "entitled_store_dropped_deltas_total";
+pub const GATEWAY: &str = "entitled_gateway_requests_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
 pub const EXPIRING_WINDOWS: [i64; 3] = [30, 60, 90];
@@ -173,6 +174,10 @@ fn describe() {
         STORE_DROPPED_DELTAS,
         "Locally counted windows not kept for reconciliation because the backlog was full."
     );
+    describe_counter!(
+        GATEWAY,
+        "Gateway admissions (forward-auth, ext_authz, rate limit service), by api, status and reason."
+    );
     // Series that alerts reference exist from the start, at zero.
     counter!(STORE_ERRORS).absolute(0);
     counter!(JOURNAL_ERRORS).absolute(0);
@@ -285,6 +290,17 @@ pub fn refresh_time_gauges(snap: &Snapshot, now: Timestamp) {
 
 pub fn store_error() {
     counter!(STORE_ERRORS).increment(1);
+}
+
+/// A gateway answer: `api` is `authz_http`, `authz_grpc` or `ratelimit_grpc`.
+pub fn gateway(api: &'static str, status: u16, reason: &'static str) {
+    let status = match status {
+        200 => "200",
+        403 => "403",
+        429 => "429",
+        _ => "other",
+    };
+    counter!(GATEWAY, "api" => api, "status" => status, "reason" => reason).increment(1);
 }
 
 pub fn http_error(route: &'static str, status: u16) {

@@ -6,6 +6,8 @@
 
 mod api;
 pub mod error;
+pub mod gateway;
+pub mod grpc;
 pub mod request;
 
 use std::convert::Infallible;
@@ -71,6 +73,8 @@ pub struct App<S> {
     pub test_clock: Option<Arc<crate::time::ManualClock>>,
     /// The audit log, for decisions (`--audit-decisions`).
     pub audit: Option<Arc<crate::audit::Audit>>,
+    /// Gateway admission of a request no route matches (`--unmatched`).
+    pub unmatched: gateway::Unmatched,
 }
 
 impl<S> std::fmt::Debug for App<S> {

@@ -54,6 +54,9 @@ impl Server {
             .arg("--policies")
             .arg(policies)
             .args(["--listen", "127.0.0.1:0"])
+            // Many servers run side by side: none takes the default gRPC port unless
+            // a test asks for one (`--grpc-listen` overrides this).
+            .env("ENTITLED_GRPC_LISTEN", "off")
             .args(extra)
             // Nothing it writes relative to its working directory lands in the repo.
             .current_dir(work.path())
