@@ -3,6 +3,7 @@
 mod backends;
 mod cases;
 pub mod durable;
+mod envoy;
 mod exactness;
 mod examples;
 mod gateway;
