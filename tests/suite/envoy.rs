@@ -240,6 +240,7 @@ through_both!(
     refuses_a_plan_without_the_feature_naming_the_upgrade,
     refuses_unknown_and_lapsed_customers_and_unmatched_paths,
     decides_on_the_method_and_path_the_client_sent,
+    an_encoded_path_meets_the_route_the_application_serves,
     takes_the_customer_from_a_jwt_payload,
     a_spent_quota_answers_429_with_retry_after,
     a_burst_trips_the_rate_limit,
@@ -356,6 +357,29 @@ fn decides_on_the_method_and_path_the_client_sent(mode: Mode) {
         .map(|q| (q.method.as_str(), q.path.as_str()))
         .collect();
     assert_eq!(got, [("POST", "/api/reports"), ("GET", "/api/exact?x=1")]);
+}
+
+fn an_encoded_path_meets_the_route_the_application_serves(mode: Mode) {
+    let Some(s) = Stack::start(mode) else { return };
+    // An application decodes `%72` to `r`: Envoy's normalize_path does it before
+    // ext_authz, so the /api/reports route (not the catch-all) decides.
+    for path in ["/api/%72eports", "/api//reports", "/api/x/../reports"] {
+        let r = s.call("GET", path, Some("tiny"));
+        assert_denied(
+            &r,
+            403,
+            "not_entitled",
+            &format!("GET {path} by a free customer"),
+        );
+    }
+    // An encoded slash is redirected to its unescaped form, never passed on.
+    let r = s.call("GET", "/api/items%2F..%2Freports", Some("tiny"));
+    assert_eq!(r.status, 307, "{:?}", r.headers);
+    assert_eq!(
+        s.upstream.count(),
+        0,
+        "an encoded path reached the application"
+    );
 }
 
 fn takes_the_customer_from_a_jwt_payload(mode: Mode) {
