@@ -71,6 +71,8 @@ pub struct App<S> {
     pub test_clock: Option<Arc<crate::time::ManualClock>>,
     /// The audit log, for decisions (`--audit-decisions`).
     pub audit: Option<Arc<crate::audit::Audit>>,
+    /// Renewal notices: a test-clock move scans at once and waits for the scan.
+    pub notices: Option<Arc<crate::notices::Notices>>,
 }
 
 impl<S> std::fmt::Debug for App<S> {
