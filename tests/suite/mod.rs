@@ -5,6 +5,7 @@ mod cases;
 pub mod durable;
 mod exactness;
 mod examples;
+mod notices;
 mod props;
 pub mod redis;
 mod reload;
