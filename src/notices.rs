@@ -585,6 +585,14 @@ impl Notices {
         runtime: &tokio::runtime::Handle,
     ) -> io::Result<Notices> {
         fs::create_dir_all(&cfg.dir)?;
+        // Two processes appending to and compacting the same files would lose notices.
+        let lock = File::create(cfg.dir.join("LOCK"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::other(format!(
+                "{} is in use by another entitled process (LOCK is held)",
+                cfg.dir.display()
+            ))
+        })?;
         let now = clock.now();
         let sent = Sent::open(&cfg.dir, now)?;
         let log = EventLog::open(&cfg.dir, cfg.segment_bytes, cfg.keep)?;
@@ -610,6 +618,7 @@ impl Notices {
             "renewal notices on"
         );
         let mut scanner = Scanner {
+            _lock: lock,
             interval: cfg.scan_interval,
             thresholds: cfg.thresholds,
             cell,
@@ -674,6 +683,8 @@ impl Delivery {
 }
 
 struct Scanner {
+    /// Held (flock) for as long as the scanner runs.
+    _lock: File,
     interval: Duration,
     thresholds: Vec<i64>,
     cell: SnapshotCell,

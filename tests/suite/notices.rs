@@ -496,3 +496,29 @@ fn an_https_webhook_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// One process per notices directory: a second one refuses to start rather than
+/// compact the files the first is appending to.
+#[test]
+fn a_second_process_on_the_same_notices_dir_refuses_to_start() {
+    let policies = PolicyDir::with(&[("policy.yaml", &subscription_policy("2027-01-01"))]);
+    let notices = tempfile::tempdir().unwrap();
+    let dir = notices.path().to_str().unwrap();
+    let _first = Server::start_with(
+        policies.path(),
+        &["--durability", "memory", "--notices-dir", dir],
+    );
+    let out = output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_entitled"))
+            .arg("serve")
+            .arg("--policies")
+            .arg(policies.path())
+            .args(["--durability", "memory", "--notices-dir", dir])
+            .args(["--listen", "127.0.0.1:0"])
+            .current_dir(tempfile::tempdir().unwrap().path()),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another entitled process"), "{err}");
+}
