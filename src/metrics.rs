@@ -363,8 +363,8 @@ pub fn store_dropped_delta() {
     counter!(STORE_DROPPED_DELTAS).increment(1);
 }
 
-pub fn notice_emitted() {
-    counter!(NOTICES).increment(1);
+pub fn notices_emitted(n: u64) {
+    counter!(NOTICES).increment(n);
 }
 
 pub fn notice_delivered() {

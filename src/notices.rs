@@ -231,16 +231,13 @@ impl Sent {
         let path = dir.join("sent.ndjson");
         let mut live = HashMap::new();
         let mut skipped = 0usize;
-        if let Ok(f) = File::open(&path) {
-            for line in BufReader::new(f).lines() {
-                let line = line?;
-                match serde_json::from_str::<SentLine>(&line) {
-                    Ok(l) => {
-                        live.insert(l.id, l.ends_us);
-                    }
-                    Err(_) if line.trim().is_empty() => {}
-                    Err(_) => skipped += 1,
+        for line in lines(&path)? {
+            match serde_json::from_slice::<SentLine>(&line) {
+                Ok(l) => {
+                    live.insert(l.id, l.ends_us);
                 }
+                Err(_) if line.trim_ascii().is_empty() => {}
+                Err(_) => skipped += 1,
             }
         }
         if skipped > 0 {
@@ -303,6 +300,16 @@ impl Sent {
             self.dead = 0;
         }
         Ok(pruned)
+    }
+}
+
+/// The lines of a file, as bytes (a torn last line may not be UTF-8); none if the
+/// file does not exist.
+fn lines(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    match File::open(path) {
+        Ok(f) => BufReader::new(f).split(b'\n').collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
 }
 
@@ -445,31 +452,26 @@ impl Outbox {
         let path = dir.join("outbox.ndjson");
         let done_path = dir.join("outbox-done.ndjson");
         let mut finished = HashSet::new();
-        if let Ok(f) = File::open(&done_path) {
-            for line in BufReader::new(f).lines() {
-                if let Ok(d) = serde_json::from_str::<DoneLine>(&line?) {
-                    finished.insert(d.id);
-                }
+        for line in lines(&done_path)? {
+            if let Ok(d) = serde_json::from_slice::<DoneLine>(&line) {
+                finished.insert(d.id);
             }
         }
         let mut order = Vec::new();
         let mut pending = HashMap::new();
-        if let Ok(f) = File::open(&path) {
-            for line in BufReader::new(f).lines() {
-                let line = line?;
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                let Some(id) = v.get("id").and_then(|i| i.as_str()) else {
-                    continue;
-                };
-                if finished.contains(id) || pending.contains_key(id) {
-                    continue;
-                }
-                let body = Bytes::from(line.into_bytes());
-                order.push((id.to_string(), body.clone()));
-                pending.insert(id.to_string(), body);
+        for line in lines(&path)? {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let Some(id) = v.get("id").and_then(|i| i.as_str()) else {
+                continue;
+            };
+            if finished.contains(id) || pending.contains_key(id) {
+                continue;
             }
+            let body = Bytes::from(line);
+            order.push((id.to_string(), body.clone()));
+            pending.insert(id.to_string(), body);
         }
         let file = write_lines(
             &path,
@@ -775,9 +777,7 @@ impl Scanner {
             tracing::error!(error = %e, "remembering notices failed; they may repeat after a restart");
         }
         report.emitted = events.len();
-        for _ in 0..events.len() {
-            crate::metrics::notice_emitted();
-        }
+        crate::metrics::notices_emitted(events.len() as u64);
         if !events.is_empty() {
             tracing::info!(notices = events.len(), "renewal notices emitted");
         }
@@ -1090,7 +1090,7 @@ mod tests {
         // A torn last line (a crash mid-write) is skipped.
         let path = dir.path().join("sent.ndjson");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"id\":\"c\",\"en").unwrap();
+        f.write_all(b"{\"id\":\"c\",\"en\xe2\x82").unwrap();
         drop(f);
         let mut s = Sent::open(dir.path(), Timestamp(50)).unwrap();
         assert!(s.contains("a") && s.contains("b") && !s.contains("c"));
