@@ -128,7 +128,7 @@ busy() { # machine-wide busy ticks (all but idle and iowait), and steal
 run_mode() { # round mode
   local r=$1 mode=$2 tag="$1-$2" pid
   mkdir -p "$WORK/state-$tag"
-  "$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --workers "$WORKERS" \
+  "$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --grpc-listen off --workers "$WORKERS" \
     --state-dir "$WORK/state-$tag" --durability "$mode" --log error >/dev/null &
   pid=$!; PIDS+=("$pid")
   wait_ready "http://127.0.0.1:$PORT/readyz"

@@ -105,7 +105,7 @@ wait_ready "http://127.0.0.1:$PORT_BARE/"
 bare=$(run_wrk "$PORT_BARE" "$WORK/check.lua" "$DURATION")
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
-"$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --workers 1 --reload-debounce 20ms --log warn >/dev/null & PIDS+=($!)
+"$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --grpc-listen off --workers 1 --reload-debounce 20ms --log warn >/dev/null & PIDS+=($!)
 wait_ready "http://127.0.0.1:$PORT/readyz"
 check=$(run_wrk "$PORT" "$WORK/check.lua" "$DURATION")
 
@@ -143,7 +143,7 @@ kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 echo
 echo "== one-file change to the bundled example set, time until served"
 cp -r policies "$WORK/example"
-"$BIN" serve --policies "$WORK/example" --listen "127.0.0.1:$PORT" --workers 1 --log warn >/dev/null & PIDS+=($!)
+"$BIN" serve --policies "$WORK/example" --listen "127.0.0.1:$PORT" --grpc-listen off --workers 1 --log warn >/dev/null & PIDS+=($!)
 wait_ready "http://127.0.0.1:$PORT/readyz"
 python3 - "$WORK/example/saas/plans.yaml" "$PORT" <<'PY'
 import json, sys, time, urllib.request

@@ -80,7 +80,7 @@ script /v1/consume api.calls
 script /v1/check sso
 
 start() { # extra flags...
-  "$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --workers 1 \
+  "$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --grpc-listen off --workers 1 \
     --state-dir "$WORK/state-$RANDOM" --log error "$@" >/dev/null &
   SERVER=$!; PIDS+=("$SERVER")
   for _ in $(seq 1 300); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done

@@ -318,7 +318,8 @@ fn run_binary(bin: &Path, policies: &Path, dir: &Path, cold: bool) -> String {
     }
     let t = Instant::now();
     let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log", "info"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--grpc-listen", "off"])
+        .args(["--log", "info"])
         .arg("--policies")
         .arg(policies)
         .arg("--state-dir")

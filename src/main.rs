@@ -155,6 +155,13 @@ struct Serve {
     /// Address for the HTTP API.
     #[arg(long, env = "ENTITLED_LISTEN", default_value = "127.0.0.1:4780")]
     listen: String,
+    /// Address for the gRPC services (Envoy ext_authz and rate limit service);
+    /// `off` serves none.
+    #[arg(long, env = "ENTITLED_GRPC_LISTEN", default_value = "127.0.0.1:4781")]
+    grpc_listen: String,
+    /// Gateway admission of a request no route matches.
+    #[arg(long, env = "ENTITLED_UNMATCHED", value_enum, default_value = "deny")]
+    unmatched: entitled::server::gateway::Unmatched,
     /// Also serve `/metrics` (and health) on this address, e.g. for a scrape port.
     #[arg(long, env = "ENTITLED_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -744,11 +751,20 @@ async fn run_with<S: Flush>(
         metrics: DecisionMetrics::new(),
         prometheus: Some(parts.prometheus),
         limits: parts.limits,
+        unmatched: args.unmatched,
     });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let grpc_listener = match args.grpc_listen.as_str() {
+        "off" => None,
+        a => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a} (--grpc-listen)"))?,
+        ),
+    };
     let stop = shutdown_signal()?;
     // A plain line on stdout, for scripts and tests that start us on port 0.
     out!("entitled: listening on http://{addr}");
@@ -790,6 +806,18 @@ async fn run_with<S: Flush>(
             let _ = rx.wait_for(|s| *s).await;
         })));
     }
+    let mut grpc = None;
+    if let Some(l) = grpc_listener {
+        out!("entitled: grpc on http://{}", l.local_addr()?);
+        let mut rx = stop_rx.clone();
+        grpc = Some(tokio::spawn(server::grpc::run(
+            l,
+            app.clone(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        )));
+    }
     let mut rx = stop_rx.clone();
     let main = tokio::spawn(server::run(listener, app.clone(), async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -800,6 +828,9 @@ async fn run_with<S: Flush>(
     main.await.context("server task")??;
     if let Some(e) = extra {
         e.await.context("metrics server task")??;
+    }
+    if let Some(g) = grpc {
+        g.await.context("gRPC server task")??;
     }
     // Last deltas counted here go to the shared store before the state is closed.
     app.store.drain(app.clock.now()).await;

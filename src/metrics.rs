@@ -46,6 +46,7 @@ pub const NOTICES: &str = "entitled_notices_total";
 pub const NOTICES_DELIVERED: &str = "entitled_notices_delivered_total";
 pub const NOTICES_FAILED: &str = "entitled_notices_failed_total";
 pub const NOTICES_DROPPED: &str = "entitled_notices_dropped_total";
+pub const GATEWAY: &str = "entitled_gateway_requests_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
 pub const EXPIRING_WINDOWS: [i64; 3] = [30, 60, 90];
@@ -193,6 +194,10 @@ fn describe() {
         NOTICES_DROPPED,
         "Renewal notices not sent to the webhook because its queue was full."
     );
+    describe_counter!(
+        GATEWAY,
+        "Gateway admissions (forward-auth, ext_authz, rate limit service), by api, status and reason."
+    );
     // Series that alerts reference exist from the start, at zero.
     for name in [NOTICES, NOTICES_DELIVERED, NOTICES_FAILED, NOTICES_DROPPED] {
         counter!(name).absolute(0);
@@ -308,6 +313,17 @@ pub fn refresh_time_gauges(snap: &Snapshot, now: Timestamp) {
 
 pub fn store_error() {
     counter!(STORE_ERRORS).increment(1);
+}
+
+/// A gateway answer: `api` is `authz_http`, `authz_grpc` or `ratelimit_grpc`.
+pub fn gateway(api: &'static str, status: u16, reason: &'static str) {
+    let status = match status {
+        200 => "200",
+        403 => "403",
+        429 => "429",
+        _ => "other",
+    };
+    counter!(GATEWAY, "api" => api, "status" => status, "reason" => reason).increment(1);
 }
 
 pub fn http_error(route: &'static str, status: u16) {

@@ -361,11 +361,11 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn matches(
+    pub fn matches<'h>(
         &self,
         method: &str,
         path: &str,
-        header: impl Fn(&str) -> Option<String>,
+        header: impl Fn(&str) -> Option<&'h str>,
     ) -> bool {
         if let Some(p) = &self.path
             && path != &**p
@@ -381,9 +381,7 @@ impl Route {
         {
             return false;
         }
-        self.headers
-            .iter()
-            .all(|(k, v)| header(k).as_deref() == Some(&**v))
+        self.headers.iter().all(|(k, v)| header(k) == Some(&**v))
     }
 }
 

@@ -46,7 +46,8 @@ pub async fn handle<S: UsageStore>(app: &App<S>, req: Request<Incoming>) -> Resp
             | "/v1/batch"
             | "/v1/seats/acquire"
             | "/v1/seats/release"
-    ) || path.starts_with("/v1/reservations/");
+    ) || path.starts_with("/v1/reservations/")
+        || is_authz(&path);
     let result = route(app, &method, &path, req).await;
     if decision_route {
         app.metrics.duration(started.elapsed().as_secs_f64());
@@ -75,6 +76,7 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "metrics",
         p if p.starts_with("/v1/customers/") => "customers",
         p if p.starts_with("/v1/reservations/") => "reservations",
+        p if is_authz(p) => "authz",
         _ => "other",
     }
 }
@@ -107,6 +109,7 @@ async fn route<S: UsageStore>(
             };
             single(app, shape, &mut body).await
         }
+        p if is_authz(p) => authz(app, method, p, &req).await,
         p if p.starts_with("/v1/reservations/") => {
             if method != Method::POST {
                 return Err(allow("POST"));
@@ -148,6 +151,54 @@ async fn route<S: UsageStore>(
             path: path.to_string(),
         }),
     }
+}
+
+fn is_authz(path: &str) -> bool {
+    path == "/v1/authz" || path.starts_with("/v1/authz/")
+}
+
+/// Forward-auth for gateways: any method on `/v1/authz/{path…}`. The request checked
+/// is `X-Forwarded-Method` and `X-Forwarded-Uri` when the gateway sends them (Traefik
+/// `forwardAuth`, nginx `auth_request` as configured in deploy/nginx), otherwise this
+/// request's own method and the path after `/v1/authz` (Envoy ext_authz with
+/// `path_prefix`). The body is never read.
+async fn authz<S: UsageStore>(
+    app: &App<S>,
+    method: &Method,
+    path: &str,
+    req: &Request<Incoming>,
+) -> Result<Resp, ApiError> {
+    let headers = req.headers();
+    let method = headers
+        .get("x-forwarded-method")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(method.as_str());
+    let checked = match headers.get("x-forwarded-uri").and_then(|v| v.to_str().ok()) {
+        Some(uri) => uri,
+        None => match &path["/v1/authz".len()..] {
+            "" => "/",
+            rest => rest,
+        },
+    };
+    let a = super::gateway::admit(app, "authz_http", method, checked, headers).await?;
+    let extra = a.headers();
+    let status = StatusCode::from_u16(a.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let has_body = !a.body.is_empty();
+    let mut r = Response::new(Full::new(Bytes::from(a.body)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if has_body {
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+    }
+    for (k, v) in extra {
+        if let Ok(v) = header::HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    }
+    Ok(r)
 }
 
 async fn read_body<S>(app: &App<S>, req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
@@ -209,7 +260,24 @@ fn encode<S>(
     d: &Decision<'_>,
     out: &mut Vec<u8>,
 ) -> Result<(), ApiError> {
-    let op = p.op;
+    let ctx = context(p);
+    record(app, p.op, &p.customer, &p.feature, p.amount, &ctx, now, d);
+    d.write_json(out);
+    Ok(())
+}
+
+/// Counts a decision in metrics, and in the audit log if it records this one.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record<S>(
+    app: &App<S>,
+    op: Op,
+    customer: &str,
+    feature: &str,
+    amount: u64,
+    context: &[(&str, &str)],
+    now: Timestamp,
+    d: &Decision<'_>,
+) {
     app.metrics.decision(op, d.kind, d.reason);
     if let Some(a) = &app.audit
         && a.wants(d.allowed)
@@ -221,11 +289,10 @@ fn encode<S>(
                 time: now,
                 snapshot: d.snapshot.to_string(),
                 op: op.as_str(),
-                customer: p.customer.to_string(),
-                feature: p.feature.to_string(),
-                amount: p.amount,
-                context: p
-                    .context
+                customer: customer.to_string(),
+                feature: feature.to_string(),
+                amount,
+                context: context
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
@@ -237,8 +304,6 @@ fn encode<S>(
     if d.warning_crossed {
         crate::metrics::quota_warning(d.feature);
     }
-    d.write_json(out);
-    Ok(())
 }
 
 /// Decides within one synchronous step when the store can answer at once.

@@ -6,6 +6,8 @@
 
 mod api;
 pub mod error;
+pub mod gateway;
+pub mod grpc;
 pub mod request;
 
 use std::convert::Infallible;
@@ -73,6 +75,8 @@ pub struct App<S> {
     pub audit: Option<Arc<crate::audit::Audit>>,
     /// Renewal notices: a test-clock move scans at once and waits for the scan.
     pub notices: Option<Arc<crate::notices::Notices>>,
+    /// Gateway admission of a request no route matches (`--unmatched`).
+    pub unmatched: gateway::Unmatched,
 }
 
 impl<S> std::fmt::Debug for App<S> {

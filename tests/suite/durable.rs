@@ -1147,6 +1147,7 @@ fn sigterm_right_after_start_up_is_a_graceful_stop() {
             .arg("--policies")
             .arg(dir.path())
             .args(["--listen", "127.0.0.1:0", "--test-clock", T0])
+            .args(["--grpc-listen", "off"])
             .arg("--state-dir")
             .arg(state.path())
             .env_remove("RUST_LOG")
@@ -1220,6 +1221,8 @@ fn newer_state_format_is_refused() {
             dir.path().to_str().expect("UTF-8 path"),
             "--listen",
             "127.0.0.1:0",
+            "--grpc-listen",
+            "off",
             "--state-dir",
             state.path().to_str().expect("UTF-8 path"),
         ],

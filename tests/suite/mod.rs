@@ -3,8 +3,10 @@
 mod backends;
 mod cases;
 pub mod durable;
+mod envoy;
 mod exactness;
 mod examples;
+mod gateway;
 mod notices;
 mod props;
 pub mod redis;

