@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod engine;
 pub mod metrics;
+pub mod notices;
 pub mod policy;
 pub mod policy_test;
 pub mod reload;

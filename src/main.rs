@@ -263,9 +263,51 @@ struct Serve {
     /// Which decisions the audit log records: none, denials, all, or sample:F.
     #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
     audit_decisions: entitled::audit::Decisions,
+    /// Renewal notices: how long before a subscription's, grant's or override's end
+    /// each notice is made (whole days, comma-separated).
+    #[arg(
+        long,
+        env = "ENTITLED_NOTICE_THRESHOLDS",
+        default_value = "90d,60d,30d"
+    )]
+    notice_thresholds: Thresholds,
+    /// Where the notice event log and the notices already made are kept; default
+    /// `<state-dir>/notices`.
+    #[arg(long, env = "ENTITLED_NOTICES_DIR")]
+    notices_dir: Option<PathBuf>,
+    /// How often the snapshot is scanned for notices (also after every reload).
+    #[arg(long, env = "ENTITLED_NOTICE_SCAN_INTERVAL", default_value = "60s", value_parser = duration)]
+    notice_scan_interval: Duration,
+    /// Also POST each notice to this http:// URL (CloudEvents, structured mode).
+    #[arg(long, env = "ENTITLED_NOTIFY_URL")]
+    notify_url: Option<String>,
+    /// First retry delay of a webhook delivery; doubles per attempt, capped at 60 s.
+    #[arg(long, env = "ENTITLED_NOTIFY_RETRY_BASE", default_value = "1s", value_parser = duration)]
+    notify_retry_base: Duration,
+    /// Attempts per notice (the first included) before it counts as failed.
+    #[arg(long, env = "ENTITLED_NOTIFY_MAX_ATTEMPTS", default_value_t = 8)]
+    notify_max_attempts: u32,
+    /// Bound on one webhook attempt (connect, send, answer).
+    #[arg(long, env = "ENTITLED_NOTIFY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    notify_timeout: Duration,
+    /// Notices waiting for the webhook, at most; beyond, they are dropped and counted.
+    #[arg(long, env = "ENTITLED_NOTIFY_QUEUE", default_value_t = 10_000)]
+    notify_queue: usize,
     /// Log filter (`info`, `entitled=debug`, ...).
     #[arg(long, env = "ENTITLED_LOG", default_value = "info")]
     log: String,
+}
+
+/// Notice thresholds in microseconds, widest first (a named type: clap treats a bare
+/// `Vec` as a repeatable flag).
+#[derive(Debug, Clone)]
+struct Thresholds(Vec<i64>);
+
+impl std::str::FromStr for Thresholds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        entitled::notices::parse_thresholds(s).map(Thresholds)
+    }
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -519,8 +561,44 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         entitled::audit::Audit::start(audit_cfg)
             .with_context(|| "starting the audit log".to_string())?,
     );
+    let (clock, test_clock): (Arc<dyn Clock>, _) = match &args.test_clock {
+        Some(t) => {
+            let t = Timestamp::parse(t)
+                .map_err(anyhow::Error::msg)
+                .context("--test-clock")?;
+            let c = Arc::new(ManualClock::new(t));
+            tracing::warn!(now = %t, "serving time from a test clock: POST /v1/test-clock moves it");
+            (c.clone(), Some(c))
+        }
+        None => (
+            Arc::new(CoarseClock::start(Duration::from_millis(1)).context("starting the clock")?),
+            None,
+        ),
+    };
+    let mut notice_cfg = entitled::notices::NoticeConfig::new(
+        args.notices_dir
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("notices")),
+    );
+    notice_cfg.thresholds = args.notice_thresholds.0.clone();
+    notice_cfg.scan_interval = args.notice_scan_interval.max(Duration::from_millis(10));
+    if let Some(url) = &args.notify_url {
+        let mut w = entitled::notices::WebhookConfig::new(url)
+            .map_err(anyhow::Error::msg)
+            .context("--notify-url")?;
+        w.retry_base = args.notify_retry_base;
+        w.max_attempts = args.notify_max_attempts.max(1);
+        w.timeout = args.notify_timeout;
+        w.queue = args.notify_queue.max(1);
+        notice_cfg.webhook = Some(w);
+    }
+    let notices = Arc::new(
+        entitled::notices::Notices::start(notice_cfg, cell.clone(), clock.clone(), rt.handle())
+            .context("starting renewal notices")?,
+    );
     let config = ReloadConfig {
         audit: Some(audit.clone()),
+        notices: Some(notices.trigger()),
         dir: args.policies.clone(),
         limits,
         debounce: args.reload_debounce,
@@ -537,20 +615,6 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
             "no valid policy yet: decisions answer 503 until the policy directory loads"
         );
     }
-    let (clock, test_clock): (Arc<dyn Clock>, _) = match &args.test_clock {
-        Some(t) => {
-            let t = Timestamp::parse(t)
-                .map_err(anyhow::Error::msg)
-                .context("--test-clock")?;
-            let c = Arc::new(ManualClock::new(t));
-            tracing::warn!(now = %t, "serving time from a test clock: POST /v1/test-clock moves it");
-            (c.clone(), Some(c))
-        }
-        None => (
-            Arc::new(CoarseClock::start(Duration::from_millis(1)).context("starting the clock")?),
-            None,
-        ),
-    };
     let (state_dir, store) = match args.durability {
         DurabilityMode::Memory => {
             tracing::warn!("--durability memory: usage is not kept across restarts");
@@ -589,6 +653,7 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         clock,
         test_clock,
         audit,
+        notices,
         reload: state,
         prometheus,
         limits: server::Limits {
@@ -638,6 +703,7 @@ struct Parts {
     clock: Arc<dyn Clock>,
     test_clock: Option<Arc<ManualClock>>,
     audit: Arc<entitled::audit::Audit>,
+    notices: Arc<entitled::notices::Notices>,
     reload: Arc<ReloadState>,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
     limits: server::Limits,
@@ -680,6 +746,7 @@ async fn run_with<S: Flush>(
         clock: parts.clock,
         test_clock: parts.test_clock,
         audit: Some(parts.audit),
+        notices: Some(parts.notices),
         reload: parts.reload,
         metrics: DecisionMetrics::new(),
         prometheus: Some(parts.prometheus),

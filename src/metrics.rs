@@ -42,6 +42,10 @@ pub const IDEMPOTENT_REPLAYS: &str = "entitled_idempotent_replays_total";
 pub const STORE_DEGRADED: &str = "entitled_store_degraded";
 pub const STORE_FALLBACKS: &str = "entitled_store_fallbacks_total";
 pub const STORE_DROPPED_DELTAS: &str = "entitled_store_dropped_deltas_total";
+pub const NOTICES: &str = "entitled_notices_total";
+pub const NOTICES_DELIVERED: &str = "entitled_notices_delivered_total";
+pub const NOTICES_FAILED: &str = "entitled_notices_failed_total";
+pub const NOTICES_DROPPED: &str = "entitled_notices_dropped_total";
 pub const GATEWAY: &str = "entitled_gateway_requests_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
@@ -175,10 +179,29 @@ fn describe() {
         "Locally counted windows not kept for reconciliation because the backlog was full."
     );
     describe_counter!(
+        NOTICES,
+        "Renewal notices emitted to the notice event log (one per item and threshold)."
+    );
+    describe_counter!(
+        NOTICES_DELIVERED,
+        "Renewal notices the webhook accepted (2xx)."
+    );
+    describe_counter!(
+        NOTICES_FAILED,
+        "Renewal notices the webhook refused (4xx other than 429) or that ran out of attempts."
+    );
+    describe_counter!(
+        NOTICES_DROPPED,
+        "Renewal notices not sent to the webhook because its queue was full."
+    );
+    describe_counter!(
         GATEWAY,
         "Gateway admissions (forward-auth, ext_authz, rate limit service), by api, status and reason."
     );
     // Series that alerts reference exist from the start, at zero.
+    for name in [NOTICES, NOTICES_DELIVERED, NOTICES_FAILED, NOTICES_DROPPED] {
+        counter!(name).absolute(0);
+    }
     counter!(STORE_ERRORS).absolute(0);
     counter!(JOURNAL_ERRORS).absolute(0);
     counter!(STATE_DAMAGED).absolute(0);
@@ -354,4 +377,20 @@ pub fn store_fallback(mode: &'static str) {
 
 pub fn store_dropped_delta() {
     counter!(STORE_DROPPED_DELTAS).increment(1);
+}
+
+pub fn notices_emitted(n: u64) {
+    counter!(NOTICES).increment(n);
+}
+
+pub fn notice_delivered() {
+    counter!(NOTICES_DELIVERED).increment(1);
+}
+
+pub fn notice_failed() {
+    counter!(NOTICES_FAILED).increment(1);
+}
+
+pub fn notice_dropped() {
+    counter!(NOTICES_DROPPED).increment(1);
 }

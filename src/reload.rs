@@ -34,6 +34,8 @@ pub struct ReloadConfig {
     pub rescan: Duration,
     /// Where snapshot changes are recorded.
     pub audit: Option<Arc<crate::audit::Audit>>,
+    /// Woken after every snapshot swap (renewal notices scan the new snapshot).
+    pub notices: Option<crate::notices::Trigger>,
 }
 
 /// What `/v1/status` and `/readyz` report about loading.
@@ -272,6 +274,9 @@ impl Worker {
                 crate::metrics::reload("success");
                 tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
                 self.cell.store(snap.clone());
+                if let Some(n) = &self.config.notices {
+                    n.poke();
+                }
                 // Request threads drop their cached reference on their next read;
                 // the last reference (and the freeing) stays on this thread.
                 self.retired.extend(previous);

@@ -133,7 +133,7 @@ async fn route<S: UsageStore>(
                 return Err(allow("POST"));
             }
             let mut body = read_body(app, req).await?;
-            test_clock(app, &mut body)
+            test_clock(app, &mut body).await
         }
         "/healthz" if get => Ok(json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())),
         "/readyz" if get => Ok(readyz(app)),
@@ -728,8 +728,9 @@ async fn settle<S: UsageStore>(
 
 /// `POST /v1/test-clock` (only with `--test-clock`): `{"advance": "6m"}` or
 /// `{"set": "2026-01-01T00:00:00Z"}` moves the served clock; reservations that expire
-/// return to their quotas at once.
-fn test_clock<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, ApiError> {
+/// return to their quotas at once, and renewal notices are scanned for at once (the
+/// answer's `notices` counts those emitted; the events are on disk when it comes).
+async fn test_clock<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, ApiError> {
     use simd_json::prelude::*;
     let Some(clock) = &app.test_clock else {
         return Err(ApiError::NotFound {
@@ -766,8 +767,13 @@ fn test_clock<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, ApiE
     }
     let now = app.clock.now();
     let expired = app.store.expire(now);
-    Ok(json_value(
-        StatusCode::OK,
-        &serde_json::json!({ "now": now, "reservations_expired": expired }),
-    ))
+    let mut v = serde_json::json!({ "now": now, "reservations_expired": expired });
+    if let Some(n) = &app.notices {
+        let scan = tokio::time::timeout(std::time::Duration::from_secs(10), n.scan()).await;
+        v["notices"] = match scan {
+            Ok(Some(r)) => r.emitted.into(),
+            _ => serde_json::Value::Null,
+        };
+    }
+    Ok(json_value(StatusCode::OK, &v))
 }

@@ -73,6 +73,8 @@ pub struct App<S> {
     pub test_clock: Option<Arc<crate::time::ManualClock>>,
     /// The audit log, for decisions (`--audit-decisions`).
     pub audit: Option<Arc<crate::audit::Audit>>,
+    /// Renewal notices: a test-clock move scans at once and waits for the scan.
+    pub notices: Option<Arc<crate::notices::Notices>>,
     /// Gateway admission of a request no route matches (`--unmatched`).
     pub unmatched: gateway::Unmatched,
 }
