@@ -491,8 +491,12 @@ impl RedisStore {
                 .map_err(bad)?
             }
         };
+        // Establishing a connection (TCP, TLS handshake, AUTH) may take longer than a
+        // call should: every call is bounded by `timeout` on its own, and answered by
+        // --on-store-error meanwhile, while the connection attempt is given a second
+        // so that a slow handshake completes instead of failing for ever.
         let mc = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.timeout.max(Duration::from_millis(10))))
+            .set_connection_timeout(Some(cfg.timeout.max(Duration::from_secs(1))))
             .set_response_timeout(Some(cfg.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
