@@ -648,6 +648,20 @@ fn nginx_auth_request_admits_refuses_and_limits() {
         assert_eq!(r.status, 403, "{customer} on {path}: {}", r.text());
         assert_eq!(r.json()["allowed"], false);
     }
+    // A path the application would decode into another one is refused outright.
+    for path in [
+        "/api/%72eports",
+        "/api/items%2F..%2Freports",
+        "/api/%5Creports",
+    ] {
+        let r = s.call(path, &[("x-customer-id", "tiny")]);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+    }
+    let r = s.call(
+        "/api/items?next=%2Fapi%2Freports",
+        &[("x-customer-id", "acme")],
+    );
+    assert_admitted(&r, "an encoded slash in the query");
     // X-Forwarded-Uri is nginx's to set: the client's is replaced.
     let r = s.call(
         "/elsewhere",
@@ -664,14 +678,14 @@ fn nginx_auth_request_admits_refuses_and_limits() {
     assert_eq!(r.json()["allowed"], false);
     assert!(number(&r, "retry-after", "429") >= 1);
     assert_eq!(number(&r, "ratelimit-remaining", "429"), 0);
-    assert_eq!(s.upstream.count(), 6);
+    assert_eq!(s.upstream.count(), 7);
 
     s.server.stop_gracefully();
     let r = s.call("/api/items", &[("x-customer-id", "acme")]);
     assert_eq!(r.status, 503, "entitled stopped: {}", r.text());
     assert_eq!(
         s.upstream.count(),
-        6,
+        7,
         "a request reached the application unchecked"
     );
 }
