@@ -105,6 +105,10 @@ impl Admission {
         if let Some(s) = self.retry_after_s {
             h.push(("retry-after", s.to_string()));
         }
+        if self.verdict != Verdict::Allowed {
+            // For gateways that drop a refusal's body (nginx `auth_request`).
+            h.push(("x-entitled-reason", self.reason.to_string()));
+        }
         if self.verdict == Verdict::Allowed {
             if let Some(c) = &self.customer {
                 h.push(("x-entitled-customer", c.clone()));
@@ -143,6 +147,15 @@ impl Admission {
 /// for `/api/reports` (the upstream would serve them as that path).
 pub fn normalize_path(raw: &str) -> Cow<'_, str> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
+    if path.contains('%') {
+        let decoded = decode_unreserved(path);
+        return Cow::Owned(resolve(&decoded).into_owned());
+    }
+    resolve(path)
+}
+
+/// Merges repeated slashes and resolves dot segments.
+fn resolve(path: &str) -> Cow<'_, str> {
     let clean = path.starts_with('/')
         && !path.contains("//")
         && !path.split('/').any(|s| s == "." || s == "..");
@@ -168,6 +181,43 @@ pub fn normalize_path(raw: &str) -> Cow<'_, str> {
         s.push('/');
     }
     Cow::Owned(s)
+}
+
+/// Decodes percent-escapes of unreserved characters (RFC 3986 §6.2.2.2: letters,
+/// digits, `-._~`), which name the same path as the characters themselves:
+/// `/api/%72eports` is `/api/reports` to the application. Other escapes (`%2F`, `%20`)
+/// are kept, with upper-case hex.
+fn decode_unreserved(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|c| (*c as char).to_digit(16)),
+                b.get(i + 2).and_then(|c| (*c as char).to_digit(16)),
+            )
+        {
+            let c = (h * 16 + l) as u8;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(c as char);
+            } else {
+                out.push('%');
+                out.push_str(&format!("{c:02X}"));
+            }
+            i += 3;
+            continue;
+        }
+        // A char boundary: only ASCII bytes are compared above.
+        match path.get(i..).and_then(|rest| rest.chars().next()) {
+            Some(ch) => {
+                out.push(ch);
+                i += ch.len_utf8();
+            }
+            None => break,
+        }
+    }
+    out
 }
 
 /// The customer id a route names: a header, or a claim of the JWT payload the gateway
@@ -210,10 +260,12 @@ pub fn customer_id(from: &CustomerFrom, headers: &impl Headers) -> Result<String
     }
 }
 
-/// One decision of an admission, with the length of its window or rate period.
+/// One decision of an admission, with the length of its window or rate period and,
+/// for a rate limit, its burst.
 struct Step<'a> {
     decision: Decision<'a>,
     period_us: Option<i64>,
+    burst: Option<u64>,
 }
 
 /// Decides `op` on `feature` for `customer`, running the usage step against the store
@@ -236,16 +288,16 @@ async fn step<'a, S: UsageStore>(
         ..engine::Request::new(customer, name)
     };
     let mut d = Decision::blank(name);
-    let mut period_us = None;
+    let (mut period_us, mut burst) = (None, None);
     if let Some(p) = engine::evaluate(snap, op, &req, now, &mut d)? {
-        period_us = match p.op {
+        (period_us, burst) = match p.op {
             UsageOp::Quota {
                 window_start,
                 window_end,
                 ..
-            } => Some(window_end.0.saturating_sub(window_start.0)),
-            UsageOp::Rate { per_us, .. } => Some(per_us),
-            UsageOp::Seat { .. } => None,
+            } => (Some(window_end.0.saturating_sub(window_start.0)), None),
+            UsageOp::Rate { per_us, burst, .. } => (Some(per_us), Some(burst)),
+            UsageOp::Seat { .. } => (None, None),
         };
         let meta = StepMeta {
             snapshot: &snap.version,
@@ -265,6 +317,7 @@ async fn step<'a, S: UsageStore>(
     Ok(Step {
         decision: d,
         period_us,
+        burst,
     })
 }
 
@@ -274,10 +327,15 @@ fn secs_until(now: Timestamp, t: Timestamp) -> u64 {
     (us as u64).div_ceil(SECOND as u64)
 }
 
-fn rate_info(d: &Decision<'_>, now: Timestamp) -> Option<RateInfo> {
+/// What the `RateLimit-*` headers say: for a quota its limit per window, for a rate
+/// limit its capacity (the burst: what may pass at once, so `remaining` never exceeds
+/// `limit`); `reset` is when the window resets or the capacity is whole again.
+fn rate_info(s: &Step<'_>, now: Timestamp) -> Option<RateInfo> {
+    let d = &s.decision;
     let Some(Limit::Finite(limit)) = d.limit else {
         return None;
     };
+    let limit = s.burst.map_or(limit, |b| b.max(limit));
     let remaining = match d.remaining {
         Some(Limit::Finite(r)) => r,
         _ => limit,
@@ -308,16 +366,23 @@ fn plan_of(
         .map(|s| snap.bundle(s.plan).name.to_string())
 }
 
-/// A denial answered from the deciding decision.
-fn denied(d: &Decision<'_>, customer: &str, now: Timestamp) -> Admission {
-    let mut body = Vec::with_capacity(384);
-    d.write_json(&mut body);
-    let too_many = matches!(d.reason, Reason::QuotaExhausted | Reason::RateLimited);
-    let retry_after_s = match d.reason {
+/// Whole seconds until a refused request would pass: the rate limiter's wait, or the
+/// quota window's reset (`None` for a quota that never resets, and for other reasons).
+fn retry_after(d: &Decision<'_>, now: Timestamp) -> Option<u64> {
+    match d.reason {
         Reason::RateLimited => Some(d.retry_after.map_or(1, |s| (s.ceil() as u64).max(1))),
         Reason::QuotaExhausted => d.resets_at.map(|t| secs_until(now, t)),
         _ => None,
-    };
+    }
+}
+
+/// A denial answered from the deciding decision.
+fn denied(s: &Step<'_>, customer: &str, now: Timestamp) -> Admission {
+    let d = &s.decision;
+    let mut body = Vec::with_capacity(384);
+    d.write_json(&mut body);
+    let too_many = matches!(d.reason, Reason::QuotaExhausted | Reason::RateLimited);
+    let retry_after_s = retry_after(d, now);
     Admission {
         // A quota that never resets (`per: never`) cannot be retried: 403, not 429.
         verdict: if too_many && retry_after_s.is_some() {
@@ -328,7 +393,7 @@ fn denied(d: &Decision<'_>, customer: &str, now: Timestamp) -> Admission {
         reason: d.reason.as_str(),
         customer: Some(customer.to_string()),
         plan: None,
-        rate: rate_info(d, now),
+        rate: rate_info(s, now),
         retry_after_s,
         body,
         snapshot: d.snapshot.to_string(),
@@ -410,7 +475,7 @@ async fn admit_route<S: UsageStore>(
     for &f in route.require.iter() {
         let s = step(app, snap, Op::Check, &customer, f, 1, now, &mut ack).await?;
         if !s.decision.allowed {
-            return Ok(denied(&s.decision, &customer, now));
+            return Ok(denied(&s, &customer, now));
         }
         last = Some(s);
     }
@@ -418,7 +483,7 @@ async fn admit_route<S: UsageStore>(
     if let Some(f) = route.rate {
         let s = step(app, snap, Op::Consume, &customer, f, 1, now, &mut ack).await?;
         if !s.decision.allowed {
-            let a = denied(&s.decision, &customer, now);
+            let a = denied(&s, &customer, now);
             app.store.ack(ack).await?;
             return Ok(a);
         }
@@ -428,7 +493,7 @@ async fn admit_route<S: UsageStore>(
     if let Some((f, amount)) = route.consume {
         let s = step(app, snap, Op::Consume, &customer, f, amount, now, &mut ack).await?;
         if !s.decision.allowed {
-            let a = denied(&s.decision, &customer, now);
+            let a = denied(&s, &customer, now);
             app.store.ack(ack).await?;
             return Ok(a);
         }
@@ -440,8 +505,8 @@ async fn admit_route<S: UsageStore>(
     // The quota's numbers when it has a limit, else the rate limit's.
     let rate = quota
         .as_ref()
-        .and_then(|s| rate_info(&s.decision, now))
-        .or_else(|| limited.as_ref().and_then(|s| rate_info(&s.decision, now)));
+        .and_then(|s| rate_info(s, now))
+        .or_else(|| limited.as_ref().and_then(|s| rate_info(s, now)));
     let deciding = quota
         .as_ref()
         .or(limited.as_ref())
@@ -506,7 +571,10 @@ pub struct Limited {
     /// `None`: no limit applies (a descriptor that names no feature).
     pub limit: Option<(u64, Unit, String)>,
     pub remaining: u64,
+    /// Until the window resets or the limiter is whole again.
     pub reset_s: Option<u64>,
+    /// Until a request would pass again (over the limit only).
+    pub retry_after_s: Option<u64>,
 }
 
 /// Answers Envoy's `ShouldRateLimit`: each descriptor naming a `customer` and a
@@ -528,6 +596,7 @@ pub async fn rate_limit<S: UsageStore>(
             limit: None,
             remaining: 0,
             reset_s: None,
+            retry_after_s: None,
         };
         let Some(feature) = d.feature else {
             out.push(Limited {
@@ -550,18 +619,21 @@ pub async fn rate_limit<S: UsageStore>(
         };
         let s = step(app, &snap, op, customer, f, d.hits.max(1), now, &mut ack).await?;
         let dec = &s.decision;
-        let info = rate_info(dec, now);
+        let info = rate_info(&s, now);
         out.push(Limited {
             over: !dec.allowed,
-            limit: info.map(|i| {
-                let unit = s.period_us.map_or(Unit::Unknown, Unit::of);
-                (i.limit, unit, feature.to_string())
-            }),
-            remaining: info.map_or(0, |i| i.remaining),
-            reset_s: match dec.reason {
-                Reason::RateLimited => dec.retry_after.map(|s| (s.ceil() as u64).max(1)),
-                _ => info.map(|i| i.reset_s),
+            // The configured limit per unit, not the burst (Envoy's model is a fixed
+            // window): a rate limit with a burst can show more remaining than its limit.
+            limit: match dec.limit {
+                Some(Limit::Finite(n)) => {
+                    let unit = s.period_us.map_or(Unit::Unknown, Unit::of);
+                    Some((n, unit, feature.to_string()))
+                }
+                _ => None,
             },
+            remaining: info.map_or(0, |i| i.remaining),
+            reset_s: info.map(|i| i.reset_s),
+            retry_after_s: retry_after(dec, now),
         });
     }
     if ack.0.is_some() {
@@ -585,6 +657,17 @@ mod tests {
         assert_eq!(normalize_path(""), "/");
         assert_eq!(normalize_path("api"), "/api");
         assert_eq!(normalize_path("/api/.."), "/");
+        // Escapes of unreserved characters are the characters; dot segments written
+        // as escapes are dot segments.
+        assert_eq!(normalize_path("/api/%72eports"), "/api/reports");
+        assert_eq!(normalize_path("/api/%72%65ports/x"), "/api/reports/x");
+        assert_eq!(normalize_path("/api/public/%2e%2E/reports"), "/api/reports");
+        assert_eq!(normalize_path("/api/%7Euser"), "/api/~user");
+        // Reserved and other escapes stay escaped (upper-case), and bad ones as written.
+        assert_eq!(normalize_path("/api%2freports"), "/api%2Freports");
+        assert_eq!(normalize_path("/a%20b"), "/a%20b");
+        assert_eq!(normalize_path("/a%zz%4"), "/a%zz%4");
+        assert_eq!(normalize_path("/é/%C3%A9"), "/é/%C3%A9");
     }
 
     #[test]

@@ -33,7 +33,6 @@ use envoy_types::pb::google::rpc;
 use tokio::net::TcpListener;
 
 use super::App;
-use super::error::ApiError;
 use super::gateway::{self, Admission, Descriptor, Unit, Verdict};
 use crate::usage::UsageStore;
 
@@ -41,7 +40,6 @@ use crate::usage::UsageStore;
 const OK: i32 = 0;
 const PERMISSION_DENIED: i32 = 7;
 const RESOURCE_EXHAUSTED: i32 = 8;
-const UNAVAILABLE: i32 = 14;
 
 /// Both services, over one shared [`App`].
 pub struct Gateway<S> {
@@ -129,27 +127,6 @@ fn check_response(a: Admission) -> CheckResponse {
     }
 }
 
-/// An answer the gateway can pass on when no decision could be made (no snapshot yet,
-/// the store unreachable): 503, never an admission.
-fn unavailable(e: &ApiError) -> CheckResponse {
-    let body = serde_json::to_string(&e.body()).unwrap_or_default();
-    CheckResponse {
-        status: Some(rpc::Status {
-            code: UNAVAILABLE,
-            message: e.to_string(),
-            details: Vec::new(),
-        }),
-        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus {
-                code: i32::from(e.status().as_u16()),
-            }),
-            headers: vec![header("content-type", "application/json".into())],
-            body,
-        })),
-        ..Default::default()
-    }
-}
-
 #[tonic::async_trait]
 impl<S: UsageStore + 'static> Authorization for Gateway<S> {
     async fn check(
@@ -176,10 +153,13 @@ impl<S: UsageStore + 'static> Authorization for Gateway<S> {
                 headers.entry(h.key.to_ascii_lowercase()).or_insert(value);
             }
         }
-        let answer = gateway::admit(&self.app, "authz_grpc", &http.method, &http.path, &headers)
+        // No decision possible (no snapshot yet, the store unavailable): an RPC error,
+        // which Envoy answers by its failure mode (`failure_mode_allow`,
+        // `status_on_error`) exactly as it does when the HTTP service answers 5xx.
+        let a = gateway::admit(&self.app, "authz_grpc", &http.method, &http.path, &headers)
             .await
-            .map_or_else(|e| unavailable(&e), check_response);
-        Ok(tonic::Response::new(answer))
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Ok(tonic::Response::new(check_response(a)))
     }
 }
 
@@ -234,6 +214,12 @@ impl<S: UsageStore + 'static> RateLimitService for Gateway<S> {
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut overall = Code::Ok;
+        // Envoy's own 429 carries no Retry-After: the headers added here reach the client.
+        let retry_after = answers
+            .iter()
+            .filter(|a| a.over)
+            .filter_map(|a| a.retry_after_s)
+            .max();
         let statuses = answers
             .into_iter()
             .map(|a| {
@@ -264,9 +250,18 @@ impl<S: UsageStore + 'static> RateLimitService for Gateway<S> {
                 }
             })
             .collect();
+        let response_headers_to_add = retry_after
+            .map(|s| HeaderValue {
+                key: "retry-after".into(),
+                value: s.to_string(),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect();
         Ok(tonic::Response::new(RateLimitResponse {
             overall_code: overall as i32,
             statuses,
+            response_headers_to_add,
             ..Default::default()
         }))
     }

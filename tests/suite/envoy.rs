@@ -530,6 +530,9 @@ fn grpc_ratelimit_over_limit_on_a_search_burst() {
     );
     assert_eq!(number(&r, "x-ratelimit-remaining", "429"), 0);
     number(&r, "x-ratelimit-reset", "429");
+    // Envoy's own 429 has no Retry-After: entitled adds one through
+    // `response_headers_to_add` (search.rate is 1/min: a minute until one more passes).
+    assert_eq!(number(&r, "retry-after", "429"), 60);
     assert_eq!(s.envoy.stat("cluster.app.ratelimit.over_limit"), Some(1));
     // Another customer's search rate is untouched.
     assert_admitted(

@@ -131,6 +131,7 @@ fn forward_auth_admits_by_plan_and_reports_the_quota() {
     let no = authz(&s, "GET", "/api/reports/q1", &[("x-customer-id", "tiny")]);
     assert_eq!(no.status, 403);
     assert_eq!(no.header("content-type"), Some("application/json"));
+    assert_eq!(no.header("x-entitled-reason"), Some("not_entitled"));
     let body = no.json();
     assert_eq!(body["reason"], "not_entitled");
     assert_eq!(body["feature"], "analytics.advanced");
@@ -215,6 +216,9 @@ fn forwarded_method_and_uri_are_what_is_checked() {
 fn paths_are_normalized_so_a_route_cannot_be_sidestepped() {
     let (_d, s) = start(&[]);
     for path in [
+        "/api/%72eports",
+        "/api/%72%65ports/q1",
+        "/api/public/%2e%2e/reports",
         "/api//reports",
         "/api/./reports",
         "/api/public/../reports",
@@ -262,16 +266,21 @@ fn quota_running_out_is_429_with_retry_after_until_the_reset() {
 fn a_burst_trips_the_rate_limit() {
     let (_d, s) = start(&[]);
     let h = [("x-customer-id", "burst")];
-    // Pro: 1 per 10 s with a burst of 3.
-    for _ in 0..3 {
+    // Pro: 1 per 10 s with a burst of 3. The headers report the capacity (the burst)
+    // and the time until it is whole again.
+    for left in (0..3).rev() {
         let r = authz(&s, "GET", "/api/burst", &h);
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(num(&r, "ratelimit-limit"), 1);
+        assert_eq!(num(&r, "ratelimit-limit"), 3);
+        assert_eq!(num(&r, "ratelimit-remaining"), left);
+        assert_eq!(num(&r, "ratelimit-reset"), 10 * (3 - left));
     }
     let r = authz(&s, "GET", "/api/burst", &h);
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.json()["reason"], "rate_limited");
+    assert_eq!(r.header("x-entitled-reason"), Some("rate_limited"));
     assert_eq!(num(&r, "retry-after"), 10);
+    assert_eq!(num(&r, "ratelimit-remaining"), 0);
     s.decide("/v1/test-clock", &json!({"advance": "10s"}));
     assert_eq!(authz(&s, "GET", "/api/burst", &h).status, 200);
     // Another customer's limiter is its own.
@@ -306,9 +315,34 @@ fn the_customer_can_come_from_a_forwarded_jwt_payload() {
 #[test]
 fn no_snapshot_means_503_never_an_admission() {
     let dir = PolicyDir::with(&[("broken.yaml", "features: [")]);
-    let s = Server::start_with(dir.path(), &["--durability", "memory"]);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let s = Server::start_with(
+        dir.path(),
+        &["--durability", "memory", "--grpc-listen", &listen],
+    );
     let r = authz(&s, "GET", "/api/reports", &[("x-customer-id", "big")]);
     assert_eq!(r.status, 503, "{}", r.text());
+    // Over gRPC: an RPC error, so Envoy applies its failure mode as for an HTTP 5xx.
+    runtime().block_on(async {
+        let url = format!("http://{listen}");
+        let mut c = connect_auth(&url).await;
+        let e = c
+            .check(check_request(
+                "GET",
+                "/api/reports",
+                &[("x-customer-id", "big")],
+            ))
+            .await
+            .expect_err("no snapshot: no decision");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        let mut rl = RateLimitServiceClient::connect(url).await.expect("connect");
+        let e = rl
+            .should_rate_limit(RateLimitRequest::default())
+            .await
+            .expect_err("no snapshot: no decision");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    });
 }
 
 #[test]
@@ -542,7 +576,15 @@ fn grpc_rate_limit_service_follows_each_plan() {
         let st = &r.statuses[0];
         assert_eq!(st.code, Code::OverLimit as i32);
         assert_eq!(st.limit_remaining, 0);
-        assert_eq!(st.duration_until_reset.as_ref().map(|d| d.seconds), Some(1));
+        // Reset: until the limiter is whole again (2 s for a burst of 2 at 1/s);
+        // Retry-After for the client: until one more passes.
+        assert_eq!(st.duration_until_reset.as_ref().map(|d| d.seconds), Some(2));
+        let retry: Vec<(&str, &str)> = r
+            .response_headers_to_add
+            .iter()
+            .map(|h| (h.key.as_str(), h.value.as_str()))
+            .collect();
+        assert_eq!(retry, vec![("retry-after", "1")]);
 
         // hits_addend: the request's, then a descriptor's own; 0 on a descriptor
         // reports without counting.
