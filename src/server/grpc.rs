@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -58,7 +60,10 @@ pub async fn run<S: UsageStore + 'static>(
     app: Arc<App<S>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    use tokio_stream::StreamExt as _;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|conn| conn.map(OneWrite));
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(app.limits.h2_keepalive))
         .http2_keepalive_timeout(Some(app.limits.h2_keepalive))
@@ -66,6 +71,59 @@ pub async fn run<S: UsageStore + 'static>(
         .add_service(RateLimitServiceServer::new(Gateway { app }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// A gRPC connection that tells h2 it has no vectored writes, so that an answer's
+/// HEADERS, DATA and trailers leave in one write and Envoy wakes once per call.
+///
+/// With vectored writes h2 keeps a DATA payload of 256 bytes or more out of its write
+/// buffer (to `writev` it beside the buffer) and accepts no further frame until it has
+/// flushed, so the trailers went out in a second write (h2 0.4
+/// `codec/framed_write.rs`, `CHAIN_THRESHOLD`; hyperium/h2#711). Without them the
+/// threshold is 1 KiB, above every answer here (a Check answer is ~330 bytes).
+/// Measured: one send per call instead of two, and 9–16 µs off the p50 of sequential
+/// Check calls on one connection.
+#[derive(Debug)]
+struct OneWrite(tokio::net::TcpStream);
+
+impl tonic::transport::server::Connected for OneWrite {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for OneWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for OneWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
 }
 
 fn header(key: &str, value: String) -> HeaderValueOption {
