@@ -683,7 +683,11 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
             cfg.ca_file = args.store_ca_file.clone();
             // rustls is built with ring only: make it the process's provider.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let shared = rt.block_on(async { RedisStore::open(cfg, store) })?;
+            let shared = rt.block_on(async {
+                let s = RedisStore::open(cfg, store)?;
+                s.connect(Duration::from_secs(1)).await;
+                Ok::<_, entitled::usage::StoreError>(s)
+            })?;
             tracing::info!(store = %redact(url), mode = ?args.store_mode, on_error = ?args.on_store_error, "usage shared through Redis");
             let interval = args.store_flush_interval;
             rt.block_on(run_with(&args, parts, shared, Some(interval)))?;

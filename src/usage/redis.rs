@@ -353,6 +353,9 @@ struct Delta {
     chunks: Vec<(u64, u64)>,
     /// Cached mode: the shared total this replica last saw.
     known: u64,
+    /// `known` came from Redis (a flush answered); before that it is this replica's
+    /// view before its first delta.
+    seen: bool,
     /// The window's key in Redis, built once.
     key: Box<str>,
 }
@@ -696,6 +699,13 @@ impl RedisStore {
             );
         }
         if let Some(d) = p.get_mut(&k) {
+            // Consumes count locally before they reach this lock, in any order: the
+            // view before the first of them is the lowest `used_before` (taking the
+            // first to arrive here would leave the others' units counted twice in the
+            // baseline, and the replica reading low once Redis answers).
+            if !d.seen {
+                d.known = d.known.min(*used_before);
+            }
             match op_id {
                 Some(id) if d.chunks.len() < MAX_CHUNKS => d.chunks.push((id, *amount)),
                 _ => d.open += amount,
@@ -805,6 +815,7 @@ impl RedisStore {
                     e.chunks
                         .retain(|(id, _)| !chunks.iter().any(|(s, _)| s == id));
                     e.known = total.max(0) as u64;
+                    e.seen = true;
                     self.cfg.mode == StoreMode::Strict && e.chunks.is_empty() && e.open == 0
                 }
                 None => false,
@@ -906,21 +917,31 @@ impl RedisStore {
                 );
             }
             d.known = total.max(0) as u64;
+            d.seen = true;
         }
         Ok(batch.windows.len())
     }
 
     /// One PING within the timeout: clears the degraded state when Redis answers.
     async fn probe(&self) {
+        let _ = self.ping(self.cfg.timeout).await;
+    }
+
+    async fn ping(&self, within: Duration) -> Result<String, StoreError> {
         let mut conn = self.conn.clone();
         let ping = redis::cmd("PING");
-        let _ = self
-            .bounded(
-                ping.query_async::<String>(&mut conn),
-                "probe",
-                self.cfg.timeout,
-            )
-            .await;
+        self.bounded(ping.query_async::<String>(&mut conn), "probe", within)
+            .await
+    }
+
+    /// At start-up, before serving: establishes the connection (TCP, TLS, AUTH) within
+    /// `within`, so that the first requests do not spend their --store-timeout on the
+    /// handshake and fall back. A Redis that is not there yet is a fault like any
+    /// other: logged, answered by --on-store-error, retried in the background.
+    pub async fn connect(&self, within: Duration) {
+        if let Err(e) = self.ping(within).await {
+            tracing::warn!(error = %e, "Redis not reachable at start-up; serving by --on-store-error until it is");
+        }
     }
 
     /// At a graceful stop: flushes until nothing counted here waits for Redis, or

@@ -417,6 +417,21 @@ fn check_request(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckReq
     }
 }
 
+/// `Check` of `GET /api/reports` for `customer`.
+async fn reports(
+    c: &mut AuthorizationClient<tonic::transport::Channel>,
+    customer: &str,
+) -> CheckResponse {
+    c.check(check_request(
+        "GET",
+        "/api/reports",
+        &[("x-customer-id", customer)],
+    ))
+    .await
+    .expect("check")
+    .into_inner()
+}
+
 fn header_of<'a>(hs: &'a [HeaderValueOption], key: &str) -> Option<&'a str> {
     hs.iter()
         .filter_map(|h| h.header.as_ref())
@@ -462,15 +477,7 @@ fn grpc_check_answers_like_the_forward_auth() {
             "the plan goes to the upstream, not to the client"
         );
 
-        let no = c
-            .check(check_request(
-                "GET",
-                "/api/reports",
-                &[("x-customer-id", "tiny")],
-            ))
-            .await
-            .expect("check")
-            .into_inner();
+        let no = reports(&mut c, "tiny").await;
         assert_eq!(status_code(&no), 7, "PERMISSION_DENIED");
         let Some(HttpResponse::DeniedResponse(d)) = &no.http_response else {
             panic!("expected a denied_response: {no:?}");
@@ -485,23 +492,9 @@ fn grpc_check_answers_like_the_forward_auth() {
         );
 
         for _ in 0..4 {
-            c.check(check_request(
-                "GET",
-                "/api/reports",
-                &[("x-customer-id", "big")],
-            ))
-            .await
-            .expect("check");
+            reports(&mut c, "big").await;
         }
-        let over = c
-            .check(check_request(
-                "GET",
-                "/api/reports",
-                &[("x-customer-id", "big")],
-            ))
-            .await
-            .expect("check")
-            .into_inner();
+        let over = reports(&mut c, "big").await;
         assert_eq!(status_code(&over), 8, "RESOURCE_EXHAUSTED");
         let Some(HttpResponse::DeniedResponse(d)) = &over.http_response else {
             panic!("expected a denied_response: {over:?}");
