@@ -414,9 +414,6 @@ struct Inflight {
     windows: Vec<(DeltaKey, Box<str>, i64, u64)>,
 }
 
-/// A window's shared total. KEYS: counter.
-const READ: &str = "return tonumber(redis.call('HGET', KEYS[1], 'used') or '0')";
-
 fn op_id() -> u64 {
     uuid::Uuid::new_v4().as_u128() as u64
 }
@@ -722,7 +719,9 @@ impl RedisStore {
         if self.cfg.mode == StoreMode::Cached {
             return self.flush_cached(now).await;
         }
-        type Batch = Vec<(DeltaKey, i64, u64, Vec<(u64, u64)>)>;
+        // Strict mode: what is pending here are units a fallback counted locally (or
+        // steps whose call timed out), sent into their own windows.
+        type Batch = Vec<(DeltaKey, i64, Vec<(u64, u64)>)>;
         let batch: Batch = {
             let Ok(mut p) = self.pending.lock() else {
                 return Ok(0);
@@ -735,9 +734,7 @@ impl RedisStore {
                         d.chunks.push((op_id(), d.open));
                         d.open = 0;
                     }
-                    // Cached mode also reads back the windows it sends nothing for.
-                    (!d.chunks.is_empty() || self.cfg.mode == StoreMode::Cached)
-                        .then(|| (k.clone(), d.window_end, d.known, d.chunks.clone()))
+                    (!d.chunks.is_empty()).then(|| (k.clone(), d.window_end, d.chunks.clone()))
                 })
                 .collect()
         };
@@ -751,7 +748,7 @@ impl RedisStore {
             return Err(StoreError::Unavailable("circuit breaker open".into()));
         }
         let mut pipe = redis::pipe();
-        for ((c, f, start), end, _, chunks) in &batch {
+        for ((c, f, start), end, chunks) in &batch {
             let key = self.keys.counter(
                 UsageKey {
                     customer: c,
@@ -759,9 +756,6 @@ impl RedisStore {
                 },
                 *start,
             );
-            if chunks.is_empty() {
-                pipe.cmd("EVAL").arg(READ).arg(1).arg(&key);
-            }
             for (id, units) in chunks {
                 pipe.cmd("EVAL")
                     .arg(APPLY)
@@ -777,51 +771,23 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         // A timeout leaves it unknown whether Redis applied the pipeline: the chunks
         // stay, and their ids make the retry count each once.
-        let totals = self
-            .bounded(
-                pipe.query_async::<Vec<i64>>(&mut conn),
-                "flushing deltas",
-                self.cfg.timeout * 4,
-            )
-            .await?;
+        self.bounded(
+            pipe.query_async::<Vec<i64>>(&mut conn),
+            "flushing deltas",
+            self.cfg.timeout * 4,
+        )
+        .await?;
         let Ok(mut p) = self.pending.lock() else {
             return Ok(batch.len());
         };
-        let mut totals = totals.into_iter();
-        for ((c, f, start), end, known, chunks) in &batch {
-            let mut total = *known as i64;
-            for _ in 0..chunks.len().max(1) {
-                total = totals.next().unwrap_or(total);
-            }
-            let sent: u64 = chunks.iter().map(|(_, u)| u).sum();
-            let k = (c.clone(), f.clone(), *start);
-            if self.cfg.mode == StoreMode::Cached {
-                // Others counted whatever the total grew by beyond our own chunks.
-                let others = total - *known as i64 - sent as i64;
-                if others != 0 {
-                    self.local.add_to_quota(
-                        UsageKey {
-                            customer: c,
-                            feature: f,
-                        },
-                        *start,
-                        *end,
-                        others,
-                    );
-                }
-            }
-            let drop_entry = match p.get_mut(&k) {
-                Some(e) => {
-                    e.chunks
-                        .retain(|(id, _)| !chunks.iter().any(|(s, _)| s == id));
-                    e.known = total.max(0) as u64;
-                    e.seen = true;
-                    self.cfg.mode == StoreMode::Strict && e.chunks.is_empty() && e.open == 0
-                }
-                None => false,
-            };
-            if drop_entry {
-                p.remove(&k);
+        for (k, _, chunks) in &batch {
+            let drained = p.get_mut(k).is_some_and(|e| {
+                e.chunks
+                    .retain(|(id, _)| !chunks.iter().any(|(s, _)| s == id));
+                e.chunks.is_empty() && e.open == 0
+            });
+            if drained {
+                p.remove(k);
             }
         }
         Ok(batch.len())
