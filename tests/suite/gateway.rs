@@ -328,11 +328,7 @@ fn no_snapshot_means_503_never_an_admission() {
         let url = format!("http://{listen}");
         let mut c = connect_auth(&url).await;
         let e = c
-            .check(check_request(
-                "GET",
-                "/api/reports",
-                &[("x-customer-id", "big")],
-            ))
+            .check(reports_request("big"))
             .await
             .expect_err("no snapshot: no decision");
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
@@ -417,19 +413,20 @@ fn check_request(method: &str, path: &str, headers: &[(&str, &str)]) -> CheckReq
     }
 }
 
-/// `Check` of `GET /api/reports` for `customer`.
+/// A `Check` of `GET /api/reports` for `customer`.
+fn reports_request(customer: &str) -> CheckRequest {
+    check_request("GET", "/api/reports", &[("x-customer-id", customer)])
+}
+
+/// [`reports_request`], answered.
 async fn reports(
     c: &mut AuthorizationClient<tonic::transport::Channel>,
     customer: &str,
 ) -> CheckResponse {
-    c.check(check_request(
-        "GET",
-        "/api/reports",
-        &[("x-customer-id", customer)],
-    ))
-    .await
-    .expect("check")
-    .into_inner()
+    c.check(reports_request(customer))
+        .await
+        .expect("check")
+        .into_inner()
 }
 
 fn header_of<'a>(hs: &'a [HeaderValueOption], key: &str) -> Option<&'a str> {
