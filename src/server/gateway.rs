@@ -471,36 +471,37 @@ async fn admit_route<S: UsageStore>(
         return Ok(a);
     }
     let mut ack = Ack::default();
-    let mut last: Option<Step<'_>> = None;
-    for &f in route.require.iter() {
-        let s = step(app, snap, Op::Check, &customer, f, 1, now, &mut ack).await?;
-        if !s.decision.allowed {
-            return Ok(denied(&s, &customer, now));
+    let (mut last, mut limited, mut quota): (Option<Step<'_>>, _, _) = (None, None, None);
+    let refused = 'steps: {
+        for &f in route.require.iter() {
+            let s = step(app, snap, Op::Check, &customer, f, 1, now, &mut ack).await?;
+            if !s.decision.allowed {
+                break 'steps Some(denied(&s, &customer, now));
+            }
+            last = Some(s);
         }
-        last = Some(s);
-    }
-    let mut limited: Option<Step<'_>> = None;
-    if let Some(f) = route.rate {
-        let s = step(app, snap, Op::Consume, &customer, f, 1, now, &mut ack).await?;
-        if !s.decision.allowed {
-            let a = denied(&s, &customer, now);
-            app.store.ack(ack).await?;
-            return Ok(a);
+        if let Some(f) = route.rate {
+            let s = step(app, snap, Op::Consume, &customer, f, 1, now, &mut ack).await?;
+            if !s.decision.allowed {
+                break 'steps Some(denied(&s, &customer, now));
+            }
+            limited = Some(s);
         }
-        limited = Some(s);
-    }
-    let mut quota: Option<Step<'_>> = None;
-    if let Some((f, amount)) = route.consume {
-        let s = step(app, snap, Op::Consume, &customer, f, amount, now, &mut ack).await?;
-        if !s.decision.allowed {
-            let a = denied(&s, &customer, now);
-            app.store.ack(ack).await?;
-            return Ok(a);
+        if let Some((f, amount)) = route.consume {
+            let s = step(app, snap, Op::Consume, &customer, f, amount, now, &mut ack).await?;
+            if !s.decision.allowed {
+                break 'steps Some(denied(&s, &customer, now));
+            }
+            quota = Some(s);
         }
-        quota = Some(s);
-    }
+        None
+    };
+    // An answer waits until what its steps counted is acknowledged (sync durability).
     if ack.0.is_some() {
         app.store.ack(ack).await?;
+    }
+    if let Some(a) = refused {
+        return Ok(a);
     }
     // The quota's numbers when it has a limit, else the rate limit's.
     let rate = quota
