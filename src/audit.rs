@@ -7,14 +7,15 @@
 //! `audit-<unix seconds>-<n>.ndjson` in the audit directory, rotated past a size and
 //! kept up to a count.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::io;
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 
 use serde::Serialize;
 
 use crate::policy::Snapshot;
+use crate::segments::Segments;
 use crate::time::Timestamp;
 
 /// Which decisions are recorded.
@@ -212,30 +213,18 @@ fn random_unit() -> f64 {
 }
 
 struct Writer {
-    cfg: AuditConfig,
-    file: File,
-    size: u64,
-    seq: u64,
+    log: Segments,
     buf: Vec<u8>,
 }
 
 impl Writer {
     fn open(cfg: AuditConfig) -> io::Result<Writer> {
-        let (file, seq) = Self::new_file(&cfg.dir, 0)?;
+        // A new file each run, numbered after the ones already there.
+        let log = Segments::open(&cfg.dir, "audit-", cfg.segment_bytes, cfg.keep, false)?;
         Ok(Writer {
-            cfg,
-            file,
-            size: 0,
-            seq,
+            log,
             buf: Vec::with_capacity(1 << 16),
         })
-    }
-
-    fn new_file(dir: &Path, seq: u64) -> io::Result<(File, u64)> {
-        let secs = Timestamp::now().0 / crate::time::SECOND;
-        let path = dir.join(format!("audit-{secs}-{seq:06}.ndjson"));
-        let f = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok((f, seq + 1))
     }
 
     fn run(&mut self, rx: Receiver<Event>) {
@@ -254,44 +243,11 @@ impl Writer {
                     break;
                 }
             }
-            if let Err(e) = self.write() {
+            if let Err(e) = self.log.append(&self.buf) {
                 tracing::error!(error = %e, "writing the audit log failed");
             }
         }
-        let _ = self.file.sync_data();
-    }
-
-    fn write(&mut self) -> io::Result<()> {
-        if self.size >= self.cfg.segment_bytes {
-            self.file.sync_data()?;
-            let (f, seq) = Self::new_file(&self.cfg.dir, self.seq)?;
-            self.file = f;
-            self.seq = seq;
-            self.size = 0;
-            self.prune()?;
-        }
-        self.file.write_all(&self.buf)?;
-        self.size += self.buf.len() as u64;
-        Ok(())
-    }
-
-    /// Keeps the newest `keep` files.
-    fn prune(&self) -> io::Result<()> {
-        let mut files: Vec<PathBuf> = fs::read_dir(&self.cfg.dir)?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".ndjson"))
-            })
-            .collect();
-        files.sort_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok());
-        let excess = files.len().saturating_sub(self.cfg.keep.max(1));
-        for p in files.into_iter().take(excess) {
-            fs::remove_file(p)?;
-        }
-        Ok(())
+        let _ = self.log.sync();
     }
 }
 

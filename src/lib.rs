@@ -11,6 +11,7 @@ pub mod notices;
 pub mod policy;
 pub mod policy_test;
 pub mod reload;
+pub mod segments;
 pub mod server;
 pub mod shared;
 pub mod time;

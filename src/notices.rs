@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::report;
 use crate::policy::Snapshot;
+use crate::segments::Segments;
 use crate::shared::SnapshotCell;
 use crate::time::{Clock, DAY, Timestamp};
 
@@ -340,91 +341,6 @@ fn write_lines(path: &Path, lines: impl Iterator<Item = String>) -> io::Result<F
 
 // ---------------------------------------------------------------- event log ----
 
-/// `events-<unix seconds>-<n>.ndjson`, rotated past a size, the newest `keep` kept.
-#[derive(Debug)]
-struct EventLog {
-    dir: PathBuf,
-    file: File,
-    size: u64,
-    seq: u64,
-    segment_bytes: u64,
-    keep: usize,
-}
-
-impl EventLog {
-    fn open(dir: &Path, segment_bytes: u64, keep: usize) -> io::Result<EventLog> {
-        // Continue the newest file, so a restart does not start a file per run.
-        let newest = list(dir, "events-")?.into_iter().last();
-        let (file, size, seq) = match newest {
-            Some(p) => {
-                let f = OpenOptions::new().append(true).open(&p)?;
-                let size = f.metadata()?.len();
-                let seq = p
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .and_then(|s| s.rsplit('-').next())
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .map_or(0, |n| n + 1);
-                (f, size, seq)
-            }
-            None => {
-                let (f, seq) = Self::new_file(dir, 0)?;
-                (f, 0, seq)
-            }
-        };
-        Ok(EventLog {
-            dir: dir.to_path_buf(),
-            file,
-            size,
-            seq,
-            segment_bytes,
-            keep: keep.max(1),
-        })
-    }
-
-    fn new_file(dir: &Path, seq: u64) -> io::Result<(File, u64)> {
-        let secs = Timestamp::now().0 / crate::time::SECOND;
-        let path = dir.join(format!("events-{secs}-{seq:06}.ndjson"));
-        let f = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok((f, seq + 1))
-    }
-
-    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        if self.size >= self.segment_bytes {
-            self.file.sync_data()?;
-            let (f, seq) = Self::new_file(&self.dir, self.seq)?;
-            self.file = f;
-            self.seq = seq;
-            self.size = 0;
-            let files = list(&self.dir, "events-")?;
-            let excess = files.len().saturating_sub(self.keep);
-            for p in files.into_iter().take(excess) {
-                fs::remove_file(p)?;
-            }
-        }
-        self.file.write_all(buf)?;
-        self.size += buf.len() as u64;
-        self.file.sync_data()
-    }
-}
-
-/// Files `<prefix>*.ndjson` in `dir`, oldest first (by their sequence number, the
-/// last part of the name).
-fn list(dir: &Path, prefix: &str) -> io::Result<Vec<PathBuf>> {
-    let mut files: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter_map(|p| {
-            let name = p.file_name()?.to_str()?;
-            let stem = name.strip_prefix(prefix)?.strip_suffix(".ndjson")?;
-            let seq = stem.rsplit('-').next()?.parse::<u64>().ok()?;
-            Some((seq, p))
-        })
-        .collect();
-    files.sort();
-    Ok(files.into_iter().map(|(_, p)| p).collect())
-}
-
 // ------------------------------------------------------------------- outbox ----
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -597,7 +513,7 @@ impl Notices {
         })?;
         let now = clock.now();
         let sent = Sent::open(&cfg.dir, now)?;
-        let log = EventLog::open(&cfg.dir, cfg.segment_bytes, cfg.keep)?;
+        let log = Segments::open(&cfg.dir, "events-", cfg.segment_bytes, cfg.keep, true)?;
         let (tx, rx) = mpsc::channel();
         let mut delivery = None;
         if let Some(w) = &cfg.webhook {
@@ -692,7 +608,7 @@ struct Scanner {
     cell: SnapshotCell,
     clock: Arc<dyn Clock>,
     sent: Sent,
-    log: EventLog,
+    log: Segments,
     delivery: Option<Delivery>,
 }
 
@@ -758,7 +674,7 @@ impl Scanner {
         // The event first, then the memory of it: a crash between the two repeats a
         // notice (with the same id) rather than losing it.
         if !buf.is_empty()
-            && let Err(e) = self.log.append(&buf)
+            && let Err(e) = self.log.append(&buf).and_then(|()| self.log.sync())
         {
             tracing::error!(error = %e, "writing the notice event log failed; will retry on the next scan");
             return report;
