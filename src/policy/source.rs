@@ -306,7 +306,8 @@ fn json_diag(file: &Path, e: &serde_json::Error, line_offset: u64) -> Diagnostic
     Diagnostic {
         file: file.to_path_buf(),
         line: e.line() as u64 + line_offset,
-        column: e.column() as u64,
+        // serde_json says column 0 for an error before the first character of a line.
+        column: (e.column() as u64).max(1),
         message: msg,
     }
 }

@@ -159,6 +159,31 @@ fn policy_for(gs: &[G], sum: bool) -> String {
     s
 }
 
+/// The case the property below once found: a JSON error before the first character of
+/// a line, which serde_json places at column 0.
+#[test]
+fn a_json_error_at_the_start_of_a_line_is_located() {
+    let base = policy_for(
+        &[
+            G::Plan(5),
+            G::Grant {
+                limit: 3,
+                priority: Some(1),
+            },
+            G::Override(9),
+        ],
+        true,
+    );
+    let text = format!("{}\n{}", &base[..1], &base[1..]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("p.json"), &text).expect("writing p.json");
+    let e = policy::load_dir(dir.path(), &Limits::default()).expect_err("not JSON");
+    assert!(!e.diagnostics.is_empty());
+    for d in &e.diagnostics {
+        assert!(d.line >= 1 && d.column >= 1, "unlocated: {d}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
