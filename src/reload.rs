@@ -71,6 +71,15 @@ impl ReloadState {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// The status and whatever `f` reads, together: a snapshot is published under the
+    /// same lock, so reading the served snapshot in `f` agrees with the status.
+    pub fn observe<T>(&self, f: impl FnOnce() -> T) -> (Status, T) {
+        match self.status.lock() {
+            Ok(s) => (s.clone(), f()),
+            Err(_) => (Status::default(), f()),
+        }
+    }
+
     pub fn attempts(&self) -> u64 {
         self.attempts.load(Ordering::Acquire)
     }
@@ -273,20 +282,23 @@ impl Worker {
                 }
                 crate::metrics::reload("success");
                 tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
-                self.cell.store(snap.clone());
-                if let Some(n) = &self.config.notices {
-                    n.poke();
-                }
-                // Request threads drop their cached reference on their next read;
-                // the last reference (and the freeing) stays on this thread.
-                self.retired.extend(previous);
+                // Published under the status lock, so `/v1/status` never pairs this
+                // snapshot with the previous one's generation (this thread runs at the
+                // lowest priority and can be preempted between the two for long).
                 self.state.update(|s| {
+                    self.cell.store(snap.clone());
                     s.version = Some(snap.version.to_string());
                     s.loaded_at = Some(now);
                     s.generation += 1;
                     s.reloads_ok += 1;
                     s.last_error = None;
                 });
+                if let Some(n) = &self.config.notices {
+                    n.poke();
+                }
+                // Request threads drop their cached reference on their next read;
+                // the last reference (and the freeing) stays on this thread.
+                self.retired.extend(previous);
             }
             Err(e) => {
                 crate::metrics::reload("failure");

@@ -504,9 +504,9 @@ fn readyz<S: UsageStore>(app: &App<S>) -> Resp {
 }
 
 fn status<S>(app: &App<S>) -> Resp {
-    let st = app.reload.status();
+    let (st, snap) = app.reload.observe(|| app.snapshot.load_full());
     let now = app.clock.now();
-    let snapshot = app.snapshot.load_full().map(|s| {
+    let snapshot = snap.map(|s| {
         serde_json::json!({
             "version": &*s.version,
             "loaded_at": st.loaded_at,
