@@ -220,12 +220,19 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self, rx: &mpsc::Receiver<()>, stop: &AtomicBool) {
-        // Wake at least this often to notice `stop`.
+        // While a superseded snapshot waits to be freed, look every tick; otherwise
+        // sleep until the next rescan (an idle sidecar wakes twice a minute). Stopping
+        // drops the watcher, and with it the sender: that wakes the wait at once.
         let tick = Duration::from_millis(200).min(self.config.rescan);
         let mut next_rescan = Instant::now() + self.config.rescan;
         while !stop.load(Ordering::Acquire) {
             self.retired.retain(|s| Arc::strong_count(s) > 1);
-            match rx.recv_timeout(tick) {
+            let wait = if self.retired.is_empty() {
+                next_rescan.saturating_duration_since(Instant::now())
+            } else {
+                tick
+            };
+            match rx.recv_timeout(wait) {
                 Ok(()) => {
                     self.debounce(rx, stop);
                     self.reload();

@@ -4,7 +4,8 @@
 //! Decisions take `now` as a parameter (the engine never reads a clock), so tests pass
 //! any instant they like and never sleep for a window to roll over. The server reads a
 //! [`CoarseClock`]: reading the system clock costs ~30 ns on a virtual machine, a real
-//! share of a 70 ns decision, while an atomic load refreshed every millisecond costs ~1 ns.
+//! share of a 70 ns decision, while an atomic load refreshed every millisecond costs ~1 ns
+//! (and the refreshing stops while no requests come).
 
 use std::fmt;
 use std::sync::Arc;
@@ -106,6 +107,12 @@ impl serde::Serialize for Timestamp {
 /// Where the current time comes from.
 pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
+
+    /// The same time, read by a background task (upkeep, flushing, scans): such a
+    /// read is not traffic, and does not keep a [`CoarseClock`]'s sampler awake.
+    fn now_background(&self) -> Timestamp {
+        self.now()
+    }
 }
 
 /// The system clock, read on every call.
@@ -144,45 +151,142 @@ impl Clock for ManualClock {
 
 /// The system clock sampled by a background thread every `resolution`.
 ///
-/// Reads are a single relaxed atomic load. The sampled value never runs ahead of the
+/// Reads are two relaxed atomic loads. The sampled value never runs ahead of the
 /// real time and lags it by at most one resolution (1 ms by default): fine for dates,
 /// quota windows and rate limits of up to ~1,000 events per second per key with a
 /// burst of at least 2; document it where finer limits are configured.
+///
+/// An idle sidecar costs nothing: after `idle_after` samples in which no request read
+/// the clock, the sampler parks instead of waking a thousand times a second. A read
+/// that finds it parked takes the system clock itself (so it is never stale), and a
+/// request's read also wakes the sampler: one wake-up per idle period, paid by its
+/// first request.
 #[derive(Debug)]
 pub struct CoarseClock {
-    now: Arc<AtomicI64>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Sampled>,
+    thread: std::thread::Thread,
+}
+
+#[derive(Debug)]
+struct Sampled {
+    now: AtomicI64,
+    /// Set by a request's read, cleared by each sample: any reads since the last one?
+    read: AtomicBool,
+    /// The sampler is parked (or about to be): `now` is not being kept fresh.
+    asleep: AtomicBool,
+    stop: AtomicBool,
 }
 
 impl CoarseClock {
+    /// Samples every `resolution`; parks after a second without requests.
     pub fn start(resolution: Duration) -> std::io::Result<Self> {
-        let now = Arc::new(AtomicI64::new(Timestamp::now().0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (n, s) = (now.clone(), stop.clone());
-        std::thread::Builder::new()
+        let per_second = Duration::from_secs(1).as_nanos() / resolution.as_nanos().max(1);
+        Self::start_with(
+            resolution,
+            u32::try_from(per_second.max(1)).unwrap_or(u32::MAX),
+        )
+    }
+
+    /// Samples every `resolution`; parks after `idle_after` samples without requests.
+    pub fn start_with(resolution: Duration, idle_after: u32) -> std::io::Result<Self> {
+        let shared = Arc::new(Sampled {
+            now: AtomicI64::new(Timestamp::now().0),
+            read: AtomicBool::new(true),
+            asleep: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let handle = std::thread::Builder::new()
             .name("entitled-clock".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    std::thread::sleep(resolution);
-                    // fetch_max: the sampled clock never goes backwards, even if the
-                    // system clock is stepped back.
-                    n.fetch_max(Timestamp::now().0, Ordering::Relaxed);
-                }
-            })?;
-        Ok(CoarseClock { now, stop })
+            .spawn(move || s.sample(resolution, idle_after))?;
+        Ok(CoarseClock {
+            shared,
+            thread: handle.thread().clone(),
+        })
+    }
+
+    /// Whether the sampler has parked for want of requests.
+    pub fn is_parked(&self) -> bool {
+        self.shared.asleep.load(Ordering::Acquire)
+    }
+
+    #[cold]
+    fn wake(&self) -> Timestamp {
+        let s = &self.shared;
+        let t = s.fresh();
+        s.read.store(true, Ordering::Relaxed);
+        if s.asleep.swap(false, Ordering::AcqRel) {
+            self.thread.unpark();
+        }
+        t
+    }
+}
+
+impl Sampled {
+    /// The system clock, folded into the sample. fetch_max: the clock never goes
+    /// backwards, even if the system clock is stepped back.
+    fn fresh(&self) -> Timestamp {
+        let t = Timestamp::now().0;
+        Timestamp(self.now.fetch_max(t, Ordering::AcqRel).max(t))
+    }
+
+    fn sample(&self, resolution: Duration, idle_after: u32) {
+        let mut idle = 0u32;
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(resolution);
+            self.now.fetch_max(Timestamp::now().0, Ordering::Release);
+            if self.read.swap(false, Ordering::Relaxed) {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < idle_after {
+                continue;
+            }
+            idle = 0;
+            // From here on a read takes the system clock itself; one that saw
+            // `asleep` still false got a sample at most one resolution old.
+            self.asleep.store(true, Ordering::SeqCst);
+            if self.read.load(Ordering::SeqCst) {
+                // A read slipped in between and may not have seen the flag: stay up.
+                self.asleep.store(false, Ordering::SeqCst);
+            }
+            // A request's read or Drop clears the flag and unparks; a spurious
+            // wake-up parks again.
+            while self.asleep.load(Ordering::Acquire) && !self.stop.load(Ordering::Relaxed) {
+                std::thread::park();
+            }
+        }
     }
 }
 
 impl Clock for CoarseClock {
     #[inline]
     fn now(&self) -> Timestamp {
-        Timestamp(self.now.load(Ordering::Relaxed))
+        let s = &*self.shared;
+        if s.asleep.load(Ordering::Relaxed) {
+            return self.wake();
+        }
+        // Load before store: under load, one read per sample writes the shared line.
+        if !s.read.load(Ordering::Relaxed) {
+            s.read.store(true, Ordering::Relaxed);
+        }
+        Timestamp(s.now.load(Ordering::Acquire))
+    }
+
+    fn now_background(&self) -> Timestamp {
+        let s = &*self.shared;
+        if s.asleep.load(Ordering::Relaxed) {
+            return s.fresh();
+        }
+        Timestamp(s.now.load(Ordering::Acquire))
     }
 }
 
 impl Drop for CoarseClock {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.thread.unpark();
     }
 }
 
@@ -201,6 +305,38 @@ mod tests {
         assert!(Timestamp::parse("2026-13-01").is_err());
         assert!(Timestamp::parse("15/01/2026").is_err());
         assert!(Timestamp::parse("2026-01-15T25:00:00Z").is_err());
+    }
+
+    #[test]
+    fn coarse_clock_parks_when_unread_and_a_read_wakes_it_fresh() {
+        let c = CoarseClock::start_with(Duration::from_millis(1), 3).unwrap();
+        let before = Timestamp::now();
+        assert!(
+            c.now() >= Timestamp(before.0 - 2_000),
+            "at most a sample behind"
+        );
+        // Bounded: unread, the thread parks after three samples.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !c.is_parked() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(c.is_parked(), "an unread clock keeps sampling");
+        let parked_at = c.shared.now.load(Ordering::Relaxed);
+        // Time passes for the system clock (not for the parked sample) ...
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Timestamp::now().0 <= parked_at + 5_000 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let real = Timestamp::now();
+        // ... and a background read takes the system clock without waking it ...
+        let b = c.now_background();
+        assert!(b >= real, "{b:?} is older than {real:?}");
+        assert!(c.is_parked(), "a background read woke the sampler");
+        // ... and a request's read is fresh too, and wakes it.
+        let t = c.now();
+        assert!(t >= real, "{t:?} is older than {real:?}");
+        assert!(!c.is_parked(), "the read woke the sampler");
+        assert!(c.now() >= t, "never backwards");
     }
 
     #[test]

@@ -361,7 +361,7 @@ impl Inner {
         }
         let started = Instant::now();
         let upto = self.journal.seal()?;
-        let r = state::fold(&self.dir, upto, self.clock.now().0);
+        let r = state::fold(&self.dir, upto, self.clock.now_background().0);
         match &r {
             Ok(Some(n)) => {
                 crate::metrics::checkpoint("success", started.elapsed().as_secs_f64());

@@ -69,6 +69,9 @@ struct Pending {
     stop: bool,
     /// Why the disk refused the last write, while it does.
     failed: Option<String>,
+    /// The writer sleeps until woken: there was nothing to write. The first append
+    /// after that wakes it; the others of its batch do not (no syscall per request).
+    idle: bool,
 }
 
 #[derive(Debug)]
@@ -109,6 +112,7 @@ impl Journal {
                 next_lsn,
                 stop: false,
                 failed: None,
+                idle: false,
             }),
             wake: Condvar::new(),
             durable: AtomicU64::new(next_lsn.saturating_sub(1)),
@@ -169,8 +173,9 @@ impl Journal {
             let lsn = p.next_lsn;
             p.next_lsn += 1;
             scratch.frame(lsn, &mut p.bytes);
+            let wake = std::mem::take(&mut p.idle) || self.is_sync();
             drop(p);
-            if self.is_sync() {
+            if wake {
                 self.shared.wake.notify_one();
             }
             Ok(lsn)
@@ -225,6 +230,9 @@ impl Journal {
             .map_err(|_| StoreError::Fatal("journal lock poisoned".into()))?
             .send(tx)
             .map_err(|_| StoreError::Unavailable("the journal is closed".into()))?;
+        // Through the lock: a writer between its look at the channel and its wait
+        // holds it, so the wake-up cannot fall in that gap and be lost.
+        drop(self.shared.pending.lock());
         self.shared.wake.notify_one();
         rx.recv_timeout(Duration::from_secs(30))
             .map_err(|_| StoreError::Unavailable("the journal writer did not answer".into()))
@@ -286,20 +294,28 @@ impl Writer {
                     return;
                 };
                 loop {
+                    // A batch the disk refused is retried without waiting for more.
+                    let work = !p.bytes.is_empty() || !self.unwritten.is_empty();
                     let due = sync || last_flush.elapsed() >= interval;
-                    if p.stop || seal.is_some() || (due && !p.bytes.is_empty()) {
+                    if p.stop || seal.is_some() || (due && work) {
                         break;
                     }
-                    let wait = if sync {
-                        interval
+                    if work {
+                        let wait = interval.saturating_sub(last_flush.elapsed());
+                        p = match self.shared.wake.wait_timeout(p, wait) {
+                            Ok((p, _)) => p,
+                            Err(_) => return,
+                        };
                     } else {
-                        interval.saturating_sub(last_flush.elapsed())
-                    };
-                    p = match self.shared.wake.wait_timeout(p, wait) {
-                        Ok((p, _)) => p,
-                        Err(_) => return,
-                    };
-                    if !sync && p.bytes.is_empty() {
+                        // Nothing to write: no timer, so an idle sidecar's writer
+                        // costs no wake-ups. An append, a seal or close wakes it.
+                        p.idle = true;
+                        p = match self.shared.wake.wait(p) {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        };
+                        p.idle = false;
+                        // A batch starts with its first record.
                         last_flush = Instant::now();
                     }
                     if let Ok(s) = self.seal.try_recv() {
@@ -443,5 +459,64 @@ pub fn record_time(r: &record::Record<'_>) -> i64 {
         | Record::Settle { time, .. }
         | Record::Seat { time, .. } => time,
         Record::Idem { expires, .. } => expires,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::ledger::LedgerConfig;
+    use crate::usage::record::{Entry, Record};
+
+    fn consume() -> Entry<'static> {
+        Entry::Records(vec![Record::Consume {
+            customer: "acme",
+            feature: "api.calls",
+            window_start: 0,
+            window_end: 10,
+            amount: 1,
+            overage: 0,
+            time: 5,
+            snapshot: "abc",
+        }])
+    }
+
+    fn idle(j: &Journal) -> bool {
+        j.shared.pending.lock().map(|p| p.idle).unwrap_or(false)
+    }
+
+    /// Bounded wait for a state another thread reaches.
+    fn within(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
+            std::thread::yield_now();
+        }
+    }
+
+    /// With nothing to write the writer sleeps without a timer; an append, a seal and
+    /// close each wake it.
+    #[test]
+    fn an_idle_writer_sleeps_until_an_append_or_a_seal_wakes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(
+            &dir.path().join("ledger"),
+            "test".into(),
+            LedgerConfig::default(),
+        )
+        .unwrap();
+        let j = Journal::start(dir.path(), 1, JournalConfig::default(), ledger).unwrap();
+        within("the writer going idle", || idle(&j));
+        let lsn = j.append(&consume()).unwrap();
+        within("the append reaching the disk", || j.is_durable(lsn));
+        within("the writer going idle again", || idle(&j));
+        // A seal finds it asleep and is answered (a lost wake-up would be an error
+        // after the seal's 30 s timeout).
+        assert_eq!(j.seal().unwrap(), lsn);
+        within("the writer going idle after the seal", || idle(&j));
+        let next = j.append(&consume()).unwrap();
+        assert_eq!(next, lsn + 1);
+        j.close();
+        assert!(j.is_durable(next), "close writes what is pending");
     }
 }
