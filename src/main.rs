@@ -278,9 +278,12 @@ struct Serve {
     /// How often the snapshot is scanned for notices (also after every reload).
     #[arg(long, env = "ENTITLED_NOTICE_SCAN_INTERVAL", default_value = "60s", value_parser = duration)]
     notice_scan_interval: Duration,
-    /// Also POST each notice to this http:// URL (CloudEvents, structured mode).
+    /// Also POST each notice to this http:// or https:// URL (CloudEvents, structured mode).
     #[arg(long, env = "ENTITLED_NOTIFY_URL")]
     notify_url: Option<String>,
+    /// With an https:// webhook: a CA certificate (PEM) to trust instead of the system's roots.
+    #[arg(long, env = "ENTITLED_NOTIFY_CA_FILE")]
+    notify_ca_file: Option<PathBuf>,
     /// First retry delay of a webhook delivery; doubles per attempt, capped at 60 s.
     #[arg(long, env = "ENTITLED_NOTIFY_RETRY_BASE", default_value = "1s", value_parser = duration)]
     notify_retry_base: Duration,
@@ -590,6 +593,10 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         w.max_attempts = args.notify_max_attempts.max(1);
         w.timeout = args.notify_timeout;
         w.queue = args.notify_queue.max(1);
+        w.ca_file = args.notify_ca_file.clone();
+        w.load_tls()
+            .map_err(anyhow::Error::msg)
+            .context("--notify-url: TLS settings")?;
         notice_cfg.webhook = Some(w);
     }
     let notices = Arc::new(
@@ -785,7 +792,7 @@ async fn run_with<S: Flush>(
             n += 1;
             upkeep
                 .store
-                .maintain(upkeep.clock.now(), n.is_multiple_of(60));
+                .maintain(upkeep.clock.now_background(), n.is_multiple_of(60));
         }
     });
     if let Some(every) = flush_every {
@@ -795,7 +802,7 @@ async fn run_with<S: Flush>(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                flusher.store.flush(flusher.clock.now()).await;
+                flusher.store.flush(flusher.clock.now_background()).await;
             }
         });
     }

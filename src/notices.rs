@@ -69,14 +69,18 @@ impl NoticeConfig {
 
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
-    /// An `http://` URL (no TLS in this build).
+    /// An `http://` or `https://` URL.
     pub url: hyper::Uri,
+    /// With https: a CA certificate (PEM) to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The TLS settings, once [`WebhookConfig::load_tls`] has read them.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// First retry delay; each further one doubles, up to `retry_cap`.
     pub retry_base: Duration,
     pub retry_cap: Duration,
     /// Attempts per event, the first included.
     pub max_attempts: u32,
-    /// Bound on one attempt (connect, request, response).
+    /// Bound on one attempt (connect, TLS, request, response).
     pub timeout: Duration,
     /// Events waiting for delivery, at most.
     pub queue: usize,
@@ -85,31 +89,75 @@ pub struct WebhookConfig {
 }
 
 impl WebhookConfig {
-    /// Checks the URL: `http://host[:port]/path`.
+    /// Checks the URL: `http[s]://host[:port]/path`.
     pub fn new(url: &str) -> Result<Self, String> {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(format!(
-                    "`{url}`: https is not supported for the notice webhook; use http:// (a local proxy can add TLS)"
-                ));
-            }
-            _ => return Err(format!("`{url}`: expected an http:// URL")),
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(format!("`{url}`: expected an http:// or https:// URL"));
         }
         if uri.authority().is_none() {
             return Err(format!("`{url}`: no host"));
         }
         Ok(WebhookConfig {
             url: uri,
+            ca_file: None,
+            tls: None,
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(60),
             max_attempts: 8,
             timeout: Duration::from_secs(5),
             queue: 10_000,
             concurrency: 16,
+        })
+    }
+
+    /// Reads the TLS settings now, so that a bad CA file or an empty trust store is an
+    /// error at start, not a failure per event.
+    pub fn load_tls(&mut self) -> Result<(), String> {
+        self.tls = Some(Arc::new(self.tls_config()?));
+        Ok(())
+    }
+
+    fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!("{}: no certificate in it", path.display()));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 && self.url.scheme_str() == Some("https") {
+                    return Err(format!(
+                        "no trusted root certificates in the system store ({} errors); use --notify-ca-file",
+                        found.errors.len()
+                    ));
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
+    }
+
+    /// The wait before the next attempt after `n` failed ones (n ≥ 1): the backoff,
+    /// or longer if the receiver asked for it with `Retry-After` (up to the cap).
+    pub fn retry_wait(&self, n: u32, retry_after: Option<Duration>) -> Duration {
+        let backoff = self.backoff(n);
+        retry_after.map_or(backoff, |asked| {
+            asked.min(self.retry_cap.max(backoff)).max(backoff)
         })
     }
 
@@ -519,7 +567,11 @@ impl Notices {
         if let Some(w) = &cfg.webhook {
             let (outbox, backlog) = Outbox::open(&cfg.dir)?;
             let (qtx, qrx) = tokio::sync::mpsc::channel(w.queue.max(1));
-            runtime.spawn(deliver_all(w.clone(), qrx, tx.clone()));
+            let tls = match &w.tls {
+                Some(t) => rustls::ClientConfig::clone(t),
+                None => w.tls_config().map_err(io::Error::other)?,
+            };
+            runtime.spawn(deliver_all(w.clone(), tls, qrx, tx.clone()));
             let mut d = Delivery { outbox, queue: qtx };
             if !backlog.is_empty() {
                 tracing::info!(events = backlog.len(), "queueing notices not yet delivered");
@@ -653,7 +705,7 @@ impl Scanner {
     }
 
     fn scan(&mut self) -> ScanReport {
-        let now = self.clock.now();
+        let now = self.clock.now_background();
         let mut report = ScanReport::default();
         match self.sent.prune(now) {
             Ok(n) => report.pruned = n,
@@ -789,17 +841,44 @@ pub fn verdict(status: u16) -> Verdict {
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Full<Bytes>,
 >;
 
+/// An error with its causes (`client error (Connect): invalid peer certificate: …`):
+/// hyper's own message alone does not say what went wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// `Retry-After` in seconds (the form receivers use for 429 and 503); an HTTP date
+/// is not read, and falls back to the backoff.
+pub fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let v = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
 async fn deliver_all(
     cfg: WebhookConfig,
+    tls: rustls::ClientConfig,
     mut queue: tokio::sync::mpsc::Receiver<(String, Bytes)>,
     outcomes: Sender<Msg>,
 ) {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.timeout));
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(cfg.timeout));
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     let client: HttpClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -847,9 +926,11 @@ async fn deliver(client: &HttpClient, cfg: &WebhookConfig, id: &str, body: Bytes
                 return Outcome::Failed;
             }
         };
+        let mut asked = None;
         let sent = tokio::time::timeout(cfg.timeout, async {
             let resp = client.request(req).await?;
             let status = resp.status().as_u16();
+            asked = retry_after(resp.headers());
             // Read the answer to the end so the connection can be reused.
             let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             Ok::<u16, hyper_util::client::legacy::Error>(status)
@@ -864,14 +945,14 @@ async fn deliver(client: &HttpClient, cfg: &WebhookConfig, id: &str, body: Bytes
                 }
                 Verdict::Retry => format!("status {status}"),
             },
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => error_chain(&e),
             Err(_) => format!("no answer within {:?}", cfg.timeout),
         };
         if attempt == attempts {
             tracing::warn!(id, attempts, last = %why, "notice webhook: giving up");
             return Outcome::Failed;
         }
-        let wait = cfg.backoff(attempt);
+        let wait = cfg.retry_wait(attempt, asked);
         tracing::debug!(id, attempt, error = %why, retry_in = ?wait, "notice webhook attempt failed");
         tokio::time::sleep(wait).await;
     }
@@ -1054,8 +1135,29 @@ mod tests {
         assert_eq!(verdict(503), Verdict::Retry);
         assert_eq!(verdict(400), Verdict::GiveUp);
         assert_eq!(verdict(301), Verdict::GiveUp);
-        assert!(WebhookConfig::new("https://example.test/").is_err());
+        assert!(WebhookConfig::new("https://example.test/").is_ok());
         assert!(WebhookConfig::new("ftp://example.test/").is_err());
         assert!(WebhookConfig::new("/relative").is_err());
+    }
+
+    /// A receiver's `Retry-After` (seconds) lengthens the wait up to the cap; it never
+    /// shortens the backoff, and a date or garbage leaves the backoff alone.
+    #[test]
+    fn retry_after_lengthens_the_backoff_up_to_the_cap() {
+        let w = WebhookConfig::new("http://127.0.0.1:9/hook").unwrap();
+        let s = Duration::from_secs;
+        assert_eq!(w.retry_wait(1, None), s(1));
+        assert_eq!(w.retry_wait(1, Some(s(30))), s(30));
+        assert_eq!(w.retry_wait(1, Some(s(3600))), s(60), "capped");
+        assert_eq!(w.retry_wait(4, Some(s(0))), s(8), "never below the backoff");
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(hyper::header::RETRY_AFTER, "120".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(s(120)));
+        h.insert(
+            hyper::header::RETRY_AFTER,
+            "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), None);
     }
 }

@@ -7,7 +7,7 @@
 //! awaited with a bounded poll.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,37 +32,88 @@ struct Received {
 struct Hook {
     addr: SocketAddr,
     got: Arc<Mutex<Vec<Received>>>,
+    scheme: &'static str,
 }
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 impl Hook {
     fn start(respond: impl Fn(usize) -> u16 + Send + 'static) -> Hook {
+        Hook::serve(None, respond)
+    }
+
+    /// The same over TLS, with the server certificate for 127.0.0.1 in `certs`
+    /// (`r.crt`, `r.key`, made by `make_certs`).
+    fn start_tls(certs: &Path, respond: impl Fn(usize) -> u16 + Send + 'static) -> Hook {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(certs.join("r.crt"))
+                .expect("server certificate")
+                .collect::<Result<_, _>>()
+                .expect("server certificate");
+        let key = PrivateKeyDer::from_pem_file(certs.join("r.key")).expect("server key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server TLS config");
+        Hook::serve(Some(Arc::new(config)), respond)
+    }
+
+    fn serve(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        respond: impl Fn(usize) -> u16 + Send + 'static,
+    ) -> Hook {
         let l = TcpListener::bind("127.0.0.1:0").expect("binding the webhook receiver");
         let addr = l.local_addr().expect("receiver address");
         let got = Arc::new(Mutex::new(Vec::new()));
         let log = got.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         std::thread::spawn(move || {
-            for stream in l.incoming().flatten() {
+            for tcp in l.incoming().flatten() {
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
                 let n = log.lock().unwrap().len();
-                if let Some((content_type, body)) = read_request(&stream) {
+                let answer = |stream: &mut dyn ReadWrite| {
+                    let (content_type, body) = read_request(stream)?;
                     let status = respond(n);
                     log.lock().unwrap().push(Received {
                         content_type,
                         body,
                         status,
                     });
-                    let mut s = &stream;
                     let _ = write!(
-                        s,
+                        stream,
                         "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                     );
+                    stream.flush().ok()
+                };
+                match &tls {
+                    None => {
+                        let mut tcp = tcp;
+                        let _ = answer(&mut tcp);
+                    }
+                    Some(config) => {
+                        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                            continue;
+                        };
+                        let mut stream = rustls::StreamOwned::new(conn, tcp);
+                        if answer(&mut stream).is_some() {
+                            stream.conn.send_close_notify();
+                            let _ = stream.flush();
+                        }
+                    }
                 }
             }
         });
-        Hook { addr, got }
+        Hook { addr, got, scheme }
     }
 
     fn url(&self) -> String {
-        format!("http://{}/hooks/renewals", self.addr)
+        format!("{}://{}/hooks/renewals", self.scheme, self.addr)
     }
 
     fn received(&self) -> Vec<Received> {
@@ -80,9 +131,7 @@ impl Hook {
 
 /// Reads one HTTP/1.1 request with a `Content-Length` body: its content type and
 /// the body as JSON.
-fn read_request(stream: &TcpStream) -> Option<(Option<String>, Value)> {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut s = stream;
+fn read_request(s: &mut dyn ReadWrite) -> Option<(Option<String>, Value)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -476,27 +525,140 @@ fn an_undelivered_notice_is_sent_after_a_restart() {
     assert_eq!(events(&state.path().join("notices")).len(), 1);
 }
 
-/// The webhook must be http://, said at start (exit 2), not discovered per event.
-#[test]
-fn an_https_webhook_is_refused_at_start() {
-    let policies = PolicyDir::with(&[("policy.yaml", &subscription_policy("2027-01-01"))]);
-    let state = tempfile::tempdir().unwrap();
-    let out = output_within(
+fn serve_once(policies: &Path, state: &Path, args: &[&str]) -> std::process::Output {
+    output_within(
         std::process::Command::new(env!("CARGO_BIN_EXE_entitled"))
             .arg("serve")
             .arg("--policies")
-            .arg(policies.path())
+            .arg(policies)
             .arg("--state-dir")
-            .arg(state.path())
+            .arg(state)
             .args(["--listen", "127.0.0.1:0"])
-            .args(["--notify-url", "https://billing.example/hooks"]),
+            .args(args),
         Duration::from_secs(20),
+    )
+}
+
+/// A webhook that cannot work is said at start (exit 2), not discovered per event:
+/// a scheme other than http(s), or a CA file without a certificate in it.
+#[test]
+fn a_webhook_that_cannot_work_is_refused_at_start() {
+    let policies = PolicyDir::with(&[("policy.yaml", &subscription_policy("2027-01-01"))]);
+    let state = tempfile::tempdir().unwrap();
+    let out = serve_once(
+        policies.path(),
+        state.path(),
+        &["--notify-url", "ftp://billing.example/hooks"],
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--notify-url") && err.contains("https"),
+        err.contains("--notify-url") && err.contains("ftp://"),
         "{err}"
+    );
+
+    let not_a_ca = state.path().join("empty.pem");
+    std::fs::write(&not_a_ca, "not a certificate\n").unwrap();
+    let out = serve_once(
+        policies.path(),
+        state.path(),
+        &[
+            "--notify-url",
+            "https://billing.example/hooks",
+            "--notify-ca-file",
+            not_a_ca.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TLS") && err.contains("empty.pem") && err.contains("no certificate"),
+        "{err}"
+    );
+}
+
+/// An https webhook gets its notices over TLS, trusting the CA given with
+/// `--notify-ca-file`; without it the system's roots do not know the receiver's
+/// certificate, the handshake fails and nothing is sent (the notice counts as failed
+/// after its attempts).
+#[test]
+fn an_https_webhook_gets_its_notices_over_verified_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    super::support::make_certs(certs.path());
+    let ca = certs.path().join("ca.crt");
+    let policies = PolicyDir::with(&[("policy.yaml", &subscription_policy("2027-01-01"))]);
+
+    let hook = Hook::start_tls(certs.path(), |_| 200);
+    assert!(
+        hook.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        hook.url()
+    );
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        policies.path(),
+        &[
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--test-clock",
+            "2026-10-03T00:00:00Z",
+            "--notify-url",
+            &hook.url(),
+            "--notify-ca-file",
+            ca.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(DELIVERY, || metric(&s, "entitled_notices_delivered_total")
+            == 1.0),
+        "not delivered over TLS: {:#?}\n{}",
+        hook.received(),
+        s.stderr()
+    );
+    let ev = events(&state.path().join("notices"));
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    let got = hook.received();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].body, ev[0], "the POST carries the logged event");
+    assert_eq!(
+        got[0].content_type.as_deref(),
+        Some("application/cloudevents+json; charset=utf-8")
+    );
+
+    // The same receiver, not trusted: the system roots do not include the test CA.
+    let untrusted = Hook::start_tls(certs.path(), |_| 200);
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        policies.path(),
+        &[
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--test-clock",
+            "2026-10-03T00:00:00Z",
+            "--notify-url",
+            &untrusted.url(),
+            "--notify-retry-base",
+            "10ms",
+            "--notify-max-attempts",
+            "2",
+        ],
+    );
+    assert!(
+        wait_until(DELIVERY, || metric(&s, "entitled_notices_failed_total")
+            == 1.0),
+        "an unverified receiver was not refused: {}",
+        s.stderr()
+    );
+    assert_eq!(metric(&s, "entitled_notices_delivered_total"), 0.0);
+    assert!(
+        untrusted.received().is_empty(),
+        "{:#?}",
+        untrusted.received()
+    );
+    let log = s.stderr();
+    assert!(
+        log.contains("giving up") && log.contains("certificate"),
+        "the failure does not say why: {log}"
     );
 }
 

@@ -1644,63 +1644,6 @@ fn keys_never_collide_and_share_the_customer_tag() {
 
 // --------------------------------------------------------------------- TLS ----
 
-/// A certificate authority and a server certificate for 127.0.0.1, made with the
-/// openssl command line in `dir`.
-fn make_certs(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = output_within(
-            Command::new("openssl").args(args).current_dir(dir),
-            Duration::from_secs(30),
-        );
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=entitled-test-ca",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "r.key",
-        "-out",
-        "r.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext file");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "r.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "r.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    ]);
-}
-
 /// `rediss://` with a password against a TLS-only redis-server, trusting the test CA
 /// through `--store-ca-file`: consumes are counted in Redis with no fallback. A wrong
 /// password is a store fault like any other (local fallback, degraded), never a crash.
@@ -1708,7 +1651,7 @@ fn make_certs(dir: &Path) {
 fn tls_and_password_reach_redis() {
     let _one = serial();
     let dir = tempfile::tempdir().expect("tls tempdir");
-    make_certs(dir.path());
+    super::support::make_certs(dir.path());
     let port = super::support::free_port();
     let port_s = port.to_string();
     let mut child = Command::new("redis-server")

@@ -1395,3 +1395,60 @@ impl Drop for Nginx {
         }
     }
 }
+
+/// A certificate authority and a server certificate for 127.0.0.1, made with the
+/// openssl command line in `dir`.
+pub fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = output_within(
+            Command::new("openssl").args(args).current_dir(dir),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=entitled-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "r.key",
+        "-out",
+        "r.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext file");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "r.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "r.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+}
