@@ -227,18 +227,29 @@ fn start_retrying(
     hook: Option<&Hook>,
     retry_base: &str,
 ) -> Server {
-    let mut args = vec![
-        "--state-dir".to_string(),
-        state.display().to_string(),
-        "--test-clock".into(),
-        clock.into(),
-        "--notify-retry-base".into(),
-        retry_base.into(),
-    ];
-    if let Some(h) = hook {
-        args.extend(["--notify-url".into(), h.url()]);
+    start_args(
+        policies,
+        state,
+        clock,
+        hook,
+        &["--notify-retry-base", retry_base],
+    )
+}
+
+fn start_args(
+    policies: &Path,
+    state: &Path,
+    clock: &str,
+    hook: Option<&Hook>,
+    extra: &[&str],
+) -> Server {
+    let state = state.display().to_string();
+    let url = hook.map(Hook::url);
+    let mut args = vec!["--state-dir", &state, "--test-clock", clock];
+    if let Some(url) = &url {
+        args.extend(["--notify-url", url]);
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(extra);
     Server::start_with(policies, &args)
 }
 
@@ -595,18 +606,12 @@ fn an_https_webhook_gets_its_notices_over_verified_tls() {
         hook.url()
     );
     let state = tempfile::tempdir().unwrap();
-    let s = Server::start_with(
+    let s = start_args(
         policies.path(),
-        &[
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--test-clock",
-            "2026-10-03T00:00:00Z",
-            "--notify-url",
-            &hook.url(),
-            "--notify-ca-file",
-            ca.to_str().unwrap(),
-        ],
+        state.path(),
+        "2026-10-03T00:00:00Z",
+        Some(&hook),
+        &["--notify-ca-file", ca.to_str().unwrap()],
     );
     assert!(
         wait_until(DELIVERY, || metric(&s, "entitled_notices_delivered_total")
@@ -628,20 +633,12 @@ fn an_https_webhook_gets_its_notices_over_verified_tls() {
     // The same receiver, not trusted: the system roots do not include the test CA.
     let untrusted = Hook::start_tls(certs.path(), |_| 200);
     let state = tempfile::tempdir().unwrap();
-    let s = Server::start_with(
+    let s = start_args(
         policies.path(),
-        &[
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--test-clock",
-            "2026-10-03T00:00:00Z",
-            "--notify-url",
-            &untrusted.url(),
-            "--notify-retry-base",
-            "10ms",
-            "--notify-max-attempts",
-            "2",
-        ],
+        state.path(),
+        "2026-10-03T00:00:00Z",
+        Some(&untrusted),
+        &["--notify-retry-base", "10ms", "--notify-max-attempts", "2"],
     );
     assert!(
         wait_until(DELIVERY, || metric(&s, "entitled_notices_failed_total")
