@@ -69,6 +69,8 @@ struct Pending {
     stop: bool,
     /// Why the disk refused the last write, while it does.
     failed: Option<String>,
+    /// Writes the disk refused, in all.
+    refused: u64,
     /// The writer sleeps until woken: there was nothing to write. The first append
     /// after that wakes it; the others of its batch do not (no syscall per request).
     idle: bool,
@@ -112,6 +114,7 @@ impl Journal {
                 next_lsn,
                 stop: false,
                 failed: None,
+                refused: 0,
                 idle: false,
             }),
             wake: Condvar::new(),
@@ -362,10 +365,19 @@ impl Writer {
             .write_all(&batch)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            tracing::error!(error = %e, "writing the usage journal failed; retrying");
             crate::metrics::journal_error();
-            if let Ok(mut p) = self.shared.pending.lock() {
-                p.failed = Some(e.to_string());
+            let why = e.to_string();
+            let new = match self.shared.pending.lock() {
+                Ok(mut p) => {
+                    p.refused += 1;
+                    p.failed.replace(why.clone()).as_ref() != Some(&why)
+                }
+                Err(_) => true,
+            };
+            // Retried every flush interval while the disk refuses: logged when the
+            // failure starts or changes (and its end below), counted every time.
+            if new {
+                tracing::error!(error = %why, "writing the usage journal failed; retrying");
             }
             self.shared.flushed.notify_waiters();
             self.unwritten = batch;
@@ -373,8 +385,10 @@ impl Writer {
             return;
         }
         crate::metrics::journal_flush(batch.len(), started.elapsed().as_secs_f64());
-        if let Ok(mut p) = self.shared.pending.lock() {
-            p.failed = None;
+        if let Ok(mut p) = self.shared.pending.lock()
+            && p.failed.take().is_some()
+        {
+            tracing::info!("writing the usage journal works again");
         }
         self.shared.refusing.store(false, Ordering::Relaxed);
         self.size += batch.len() as u64;
@@ -518,5 +532,44 @@ mod tests {
         assert_eq!(next, lsn + 1);
         j.close();
         assert!(j.is_durable(next), "close writes what is pending");
+    }
+
+    /// A disk that refuses writes (the segment is `/dev/full`): the change is never
+    /// acknowledged as durable, a sync-mode wait fails naming the cause, and the writer
+    /// keeps retrying the refused batch on its own, without another append.
+    #[test]
+    fn a_refusing_disk_fails_waits_and_is_retried_without_new_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(segment_name(1))).unwrap();
+        let ledger = Ledger::open(
+            &dir.path().join("ledger"),
+            "test".into(),
+            LedgerConfig::default(),
+        )
+        .unwrap();
+        let j = Journal::start(dir.path(), 1, JournalConfig::default(), ledger).unwrap();
+        let lsn = j.append(&consume()).unwrap();
+        let failed = || j.shared.pending.lock().ok().and_then(|p| p.failed.clone());
+        within("the write failing", || failed().is_some());
+        assert!(
+            failed().unwrap().contains("No space left"),
+            "{:?}",
+            failed()
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt.block_on(j.wait_durable(lsn)).unwrap_err().to_string();
+        assert!(
+            err.contains("not writable") && err.contains("No space left"),
+            "{err}"
+        );
+        assert!(!j.is_durable(lsn));
+        // One append, and the writer retries it on its own (not idling until the next).
+        let refused = || j.shared.pending.lock().map(|p| p.refused).unwrap_or(0);
+        within("the refused batch being retried", || refused() >= 3);
+        j.close();
+        assert!(!j.is_durable(lsn), "nothing was ever written");
     }
 }
