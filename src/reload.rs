@@ -220,22 +220,30 @@ struct Worker {
 
 impl Worker {
     fn run(&mut self, rx: &mpsc::Receiver<()>, stop: &AtomicBool) {
-        // While a superseded snapshot waits to be freed, look every tick; otherwise
-        // sleep until the next rescan (an idle sidecar wakes twice a minute). Stopping
-        // drops the watcher, and with it the sender: that wakes the wait at once.
+        // While a superseded snapshot waits to be freed, look for it after a tick,
+        // doubling; otherwise sleep until the next rescan (an idle sidecar wakes twice a
+        // minute). Stopping drops the watcher, and with it the sender: that wakes the
+        // wait at once.
         let tick = Duration::from_millis(200).min(self.config.rescan);
         let mut next_rescan = Instant::now() + self.config.rescan;
+        // A worker thread that sees no request keeps its cached reference to the old
+        // snapshot until its next one: look again after a tick, then less and less often.
+        let mut free_wait = tick;
         while !stop.load(Ordering::Acquire) {
             self.retired.retain(|s| Arc::strong_count(s) > 1);
+            let until_rescan = next_rescan.saturating_duration_since(Instant::now());
             let wait = if self.retired.is_empty() {
-                next_rescan.saturating_duration_since(Instant::now())
+                until_rescan
             } else {
-                tick
+                let w = free_wait.min(until_rescan);
+                free_wait = (free_wait * 2).min(self.config.rescan);
+                w
             };
             match rx.recv_timeout(wait) {
                 Ok(()) => {
                     self.debounce(rx, stop);
                     self.reload();
+                    free_wait = tick;
                     next_rescan = Instant::now() + self.config.rescan;
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -243,6 +251,7 @@ impl Worker {
                         next_rescan = Instant::now() + self.config.rescan;
                         if fingerprint(&self.config.dir) != self.last_fingerprint {
                             self.reload();
+                            free_wait = tick;
                         }
                     }
                 }

@@ -151,7 +151,7 @@ impl Clock for ManualClock {
 
 /// The system clock sampled by a background thread every `resolution`.
 ///
-/// Reads are two relaxed atomic loads. The sampled value never runs ahead of the
+/// Reads are two atomic loads (plain loads on x86). The sampled value never runs ahead of the
 /// real time and lags it by at most one resolution (1 ms by default): fine for dates,
 /// quota windows and rate limits of up to ~1,000 events per second per key with a
 /// burst of at least 2; document it where finer limits are configured.
@@ -264,7 +264,8 @@ impl Clock for CoarseClock {
     #[inline]
     fn now(&self) -> Timestamp {
         let s = &*self.shared;
-        if s.asleep.load(Ordering::Relaxed) {
+        // Acquire: a read that sees a waker's `false` also sees its fresh sample.
+        if s.asleep.load(Ordering::Acquire) {
             return self.wake();
         }
         // Load before store: under load, one read per sample writes the shared line.
@@ -276,7 +277,8 @@ impl Clock for CoarseClock {
 
     fn now_background(&self) -> Timestamp {
         let s = &*self.shared;
-        if s.asleep.load(Ordering::Relaxed) {
+        // Acquire: a read that sees a waker's `false` also sees its fresh sample.
+        if s.asleep.load(Ordering::Acquire) {
             return s.fresh();
         }
         Timestamp(s.now.load(Ordering::Acquire))

@@ -233,8 +233,8 @@ impl Journal {
             .map_err(|_| StoreError::Fatal("journal lock poisoned".into()))?
             .send(tx)
             .map_err(|_| StoreError::Unavailable("the journal is closed".into()))?;
-        // Through the lock: a writer between its look at the channel and its wait
-        // holds it, so the wake-up cannot fall in that gap and be lost.
+        // Through the lock: the writer looks at the channel and waits under it, so
+        // the wake-up cannot fall between its look and its wait and be lost.
         drop(self.shared.pending.lock());
         self.shared.wake.notify_one();
         rx.recv_timeout(Duration::from_secs(30))
@@ -291,12 +291,18 @@ impl Writer {
         let sync = self.shared.config.durability == Durability::Sync;
         let mut last_flush = Instant::now();
         loop {
-            let seal = self.seal.try_recv().ok();
+            let mut seal = None;
             let (stop, last_lsn) = {
                 let Ok(mut p) = self.shared.pending.lock() else {
                     return;
                 };
                 loop {
+                    // Looked for under the lock: `seal()` passes through the lock
+                    // before it notifies, so a request is either seen here or wakes
+                    // the wait below.
+                    if seal.is_none() {
+                        seal = self.seal.try_recv().ok();
+                    }
                     // A batch the disk refused is retried without waiting for more.
                     let work = !p.bytes.is_empty() || !self.unwritten.is_empty();
                     let due = sync || last_flush.elapsed() >= interval;
@@ -320,14 +326,6 @@ impl Writer {
                         p.idle = false;
                         // A batch starts with its first record.
                         last_flush = Instant::now();
-                    }
-                    if let Ok(s) = self.seal.try_recv() {
-                        drop(p);
-                        self.answer_seal(s);
-                        p = match self.shared.pending.lock() {
-                            Ok(p) => p,
-                            Err(_) => return,
-                        };
                     }
                 }
                 std::mem::swap(&mut p.bytes, &mut self.spare);
