@@ -589,9 +589,9 @@ fn a_webhook_that_cannot_work_is_refused_at_start() {
 }
 
 /// An https webhook gets its notices over TLS, trusting the CA given with
-/// `--notify-ca-file`; without it the system's roots do not know the receiver's
-/// certificate, the handshake fails and nothing is sent (the notice counts as failed
-/// after its attempts).
+/// `--notify-ca-file`; trusting another CA, the receiver's certificate does not
+/// verify, the handshake fails and nothing is sent (the notice counts as failed after
+/// its attempts).
 #[test]
 fn an_https_webhook_gets_its_notices_over_verified_tls() {
     let certs = tempfile::tempdir().unwrap();
@@ -630,15 +630,25 @@ fn an_https_webhook_gets_its_notices_over_verified_tls() {
         Some("application/cloudevents+json; charset=utf-8")
     );
 
-    // The same receiver, not trusted: the system roots do not include the test CA.
+    // The same receiver, trusted through a CA that did not sign its certificate.
     let untrusted = Hook::start_tls(certs.path(), |_| 200);
+    let other = tempfile::tempdir().unwrap();
+    super::support::make_certs(other.path());
+    let other_ca = other.path().join("ca.crt");
     let state = tempfile::tempdir().unwrap();
     let s = start_args(
         policies.path(),
         state.path(),
         "2026-10-03T00:00:00Z",
         Some(&untrusted),
-        &["--notify-retry-base", "10ms", "--notify-max-attempts", "2"],
+        &[
+            "--notify-ca-file",
+            other_ca.to_str().unwrap(),
+            "--notify-retry-base",
+            "10ms",
+            "--notify-max-attempts",
+            "2",
+        ],
     );
     assert!(
         wait_until(DELIVERY, || metric(&s, "entitled_notices_failed_total")
