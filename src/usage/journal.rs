@@ -493,6 +493,13 @@ mod tests {
         }])
     }
 
+    /// A journal in `dir` from lsn 1, with the default (async) settings.
+    fn start(dir: &Path) -> Journal {
+        let ledger =
+            Ledger::open(&dir.join("ledger"), "test".into(), LedgerConfig::default()).unwrap();
+        Journal::start(dir, 1, JournalConfig::default(), ledger).unwrap()
+    }
+
     fn idle(j: &Journal) -> bool {
         j.shared.pending.lock().map(|p| p.idle).unwrap_or(false)
     }
@@ -511,13 +518,7 @@ mod tests {
     #[test]
     fn an_idle_writer_sleeps_until_an_append_or_a_seal_wakes_it() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(
-            &dir.path().join("ledger"),
-            "test".into(),
-            LedgerConfig::default(),
-        )
-        .unwrap();
-        let j = Journal::start(dir.path(), 1, JournalConfig::default(), ledger).unwrap();
+        let j = start(dir.path());
         within("the writer going idle", || idle(&j));
         let lsn = j.append(&consume()).unwrap();
         within("the append reaching the disk", || j.is_durable(lsn));
@@ -539,13 +540,7 @@ mod tests {
     fn a_refusing_disk_fails_waits_and_is_retried_without_new_appends() {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/dev/full", dir.path().join(segment_name(1))).unwrap();
-        let ledger = Ledger::open(
-            &dir.path().join("ledger"),
-            "test".into(),
-            LedgerConfig::default(),
-        )
-        .unwrap();
-        let j = Journal::start(dir.path(), 1, JournalConfig::default(), ledger).unwrap();
+        let j = start(dir.path());
         let lsn = j.append(&consume()).unwrap();
         let failed = || j.shared.pending.lock().ok().and_then(|p| p.failed.clone());
         within("the write failing", || failed().is_some());
