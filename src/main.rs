@@ -594,9 +594,6 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         w.timeout = args.notify_timeout;
         w.queue = args.notify_queue.max(1);
         w.ca_file = args.notify_ca_file.clone();
-        w.load_tls()
-            .map_err(anyhow::Error::msg)
-            .context("--notify-url: TLS settings")?;
         notice_cfg.webhook = Some(w);
     }
     let notices = Arc::new(

@@ -73,8 +73,6 @@ pub struct WebhookConfig {
     pub url: hyper::Uri,
     /// With https: a CA certificate (PEM) to trust instead of the system's roots.
     pub ca_file: Option<PathBuf>,
-    /// The TLS settings, once [`WebhookConfig::load_tls`] has read them.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// First retry delay; each further one doubles, up to `retry_cap`.
     pub retry_base: Duration,
     pub retry_cap: Duration,
@@ -103,7 +101,6 @@ impl WebhookConfig {
         Ok(WebhookConfig {
             url: uri,
             ca_file: None,
-            tls: None,
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(60),
             max_attempts: 8,
@@ -113,16 +110,14 @@ impl WebhookConfig {
         })
     }
 
-    /// Reads the TLS settings now, so that a bad CA file or an empty trust store is an
-    /// error at start, not a failure per event.
-    pub fn load_tls(&mut self) -> Result<(), String> {
-        self.tls = Some(Arc::new(self.tls_config()?));
-        Ok(())
-    }
-
+    /// The TLS settings, read once when notices start, so that a bad CA file or an
+    /// empty trust store is an error at start, not a failure per event. An http://
+    /// webhook reads no certificates.
     fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let https = self.url.scheme_str() == Some("https");
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca_file {
+            _ if !https => {}
             Some(path) => {
                 use rustls::pki_types::pem::PemObject;
                 let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
@@ -136,7 +131,7 @@ impl WebhookConfig {
             None => {
                 let found = rustls_native_certs::load_native_certs();
                 let (added, _) = roots.add_parsable_certificates(found.certs);
-                if added == 0 && self.url.scheme_str() == Some("https") {
+                if added == 0 {
                     return Err(format!(
                         "no trusted root certificates in the system store ({} errors); use --notify-ca-file",
                         found.errors.len()
@@ -567,10 +562,9 @@ impl Notices {
         if let Some(w) = &cfg.webhook {
             let (outbox, backlog) = Outbox::open(&cfg.dir)?;
             let (qtx, qrx) = tokio::sync::mpsc::channel(w.queue.max(1));
-            let tls = match &w.tls {
-                Some(t) => rustls::ClientConfig::clone(t),
-                None => w.tls_config().map_err(io::Error::other)?,
-            };
+            let tls = w
+                .tls_config()
+                .map_err(|e| io::Error::other(format!("--notify-url TLS settings: {e}")))?;
             runtime.spawn(deliver_all(w.clone(), tls, qrx, tx.clone()));
             let mut d = Delivery { outbox, queue: qtx };
             if !backlog.is_empty() {
