@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod engine;
+pub mod files;
 pub mod metrics;
 pub mod notices;
 pub mod policy;

@@ -1,0 +1,136 @@
+//! File plumbing shared by everything that keeps state on disk (the usage journal,
+//! the ledger, checkpoints, the audit log, notices): replacing a file atomically,
+//! making a directory entry durable, and listing numbered files.
+//!
+//! Written once here so that every writer gets the same crash guarantees: a file
+//! replaced with [`replace`] is whole or absent after a crash, and a file created or
+//! renamed is only durable once its directory is synced ([`sync_dir`]).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Makes the entries of `dir` (files created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Replaces `path` with what `write` writes: into `<path>.tmp` beside it, synced,
+/// renamed into place, and the directory synced, so that after a crash `path` holds
+/// either the old content or the new, never a mix.
+pub fn replace(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+) -> io::Result<()> {
+    let tmp = tmp_path(path);
+    let mut w = BufWriter::with_capacity(1 << 16, File::create(&tmp)?);
+    write(&mut w)?;
+    let f = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
+/// [`replace`] with a byte string.
+pub fn replace_with_bytes(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(path, |w| w.write_all(bytes))
+}
+
+/// The temporary name [`replace`] writes to: `<file name>.tmp` in the same directory
+/// (a rename is atomic only within one file system).
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Opens `path` for appending, creating it if needed; a new file's directory entry is
+/// synced before it is returned, so appends to it cannot outlive its name in a crash.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    let existed = path.exists();
+    let f = OpenOptions::new().create(true).append(true).open(path)?;
+    if !existed && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sync_dir(dir)?;
+    }
+    Ok(f)
+}
+
+/// The files in `dir` whose name `parse` accepts, sorted by what it returns.
+pub fn list_by<K: Ord>(
+    dir: &Path,
+    parse: impl Fn(&str) -> Option<K>,
+) -> io::Result<Vec<(K, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        if let Some(k) = name.to_str().and_then(&parse) {
+            out.push((k, e.path()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Files in `dir` named `<prefix><number><suffix>`, by number.
+pub fn numbered(dir: &Path, prefix: &str, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
+    list_by(dir, |name| {
+        name.strip_prefix(prefix)?
+            .strip_suffix(suffix)?
+            .parse::<u64>()
+            .ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_leaves_no_temporary_and_overwrites() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("FORMAT");
+        replace_with_bytes(&p, b"one")?;
+        replace_with_bytes(&p, b"two")?;
+        assert_eq!(fs::read(&p)?, b"two");
+        assert!(!tmp_path(&p).exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_content() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("state");
+        replace_with_bytes(&p, b"old")?;
+        let r = replace(&p, |w| {
+            w.write_all(b"half")?;
+            Err(io::Error::other("disk full"))
+        });
+        assert!(r.is_err());
+        assert_eq!(fs::read(&p)?, b"old");
+        Ok(())
+    }
+
+    #[test]
+    fn numbered_sorts_by_number_and_skips_others() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        for n in [
+            "checkpoint-10.ckpt",
+            "checkpoint-9.ckpt",
+            "checkpoint-x.ckpt",
+            "other",
+        ] {
+            fs::write(dir.path().join(n), b"")?;
+        }
+        let got: Vec<u64> = numbered(dir.path(), "checkpoint-", ".ckpt")?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(got, [9, 10]);
+        Ok(())
+    }
+}
