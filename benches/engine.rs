@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use entitled::engine::{self, Decision, Op, Request};
 use entitled::policy::{self, Limits, Snapshot};
-use entitled::shared::SnapshotCell;
+use entitled::snapshot_cell::SnapshotCell;
 use entitled::time::{Clock, CoarseClock, Timestamp};
 use entitled::usage::MemoryStore;
 

@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use serde::Serialize;
 
 use crate::policy::Snapshot;
-use crate::segments::Segments;
+use crate::rotating_log::Segments;
 use crate::time::Timestamp;
 
 /// Which decisions are recorded.

@@ -29,7 +29,7 @@ use entitled::metrics::DecisionMetrics;
 use entitled::policy::{self, Limits};
 use entitled::reload::{self, ReloadConfig, ReloadState};
 use entitled::server::{self, App};
-use entitled::shared::SnapshotCell;
+use entitled::snapshot_cell::SnapshotCell;
 use entitled::time::{Clock, CoarseClock, ManualClock, Timestamp};
 use entitled::usage::durable::{DurableConfig, StateDir};
 use entitled::usage::journal::Durability;
@@ -343,7 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            let report = entitled::policy_test::run_dir(&dir, &snap)
+            let report = entitled::test_runner::run_dir(&dir, &snap)
                 .with_context(|| format!("reading the tests of {}", dir.display()))?;
             for f in &report.failures {
                 out!("FAIL {f}");

@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::report;
 use crate::policy::Snapshot;
-use crate::segments::Segments;
-use crate::shared::SnapshotCell;
+use crate::rotating_log::Segments;
+use crate::snapshot_cell::SnapshotCell;
 use crate::time::{Clock, DAY, Timestamp};
 
 /// The CloudEvents `type` of a notice.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use crate::policy::{self, Diagnostic, Limits};
-use crate::shared::SnapshotCell;
+use crate::snapshot_cell::SnapshotCell;
 use crate::time::Timestamp;
 
 #[derive(Debug, Clone)]

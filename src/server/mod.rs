@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::DecisionMetrics;
 use crate::reload::ReloadState;
-use crate::shared::SnapshotCell;
+use crate::snapshot_cell::SnapshotCell;
 use crate::time::Clock;
 use crate::usage::UsageStore;
 

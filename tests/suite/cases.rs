@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use entitled::policy::{self, Limits};
-use entitled::policy_test::{Step, run_steps_with};
+use entitled::test_runner::{Step, run_steps_with};
 use entitled::time::Timestamp;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
