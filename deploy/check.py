@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Checks that every metric the dashboard and the alert rules use is one entitled exports.
 
-The reference is the README's "Metrics" table (metric, type, labels). A name counts if
-it is in the table, or is a histogram's/summary's `_bucket`, `_sum` or `_count` series.
-`_bucket` needs a histogram. Also checks that the dashboard is valid JSON with an
-`expr` on every target, and that each `by (...)`/label matcher on an entitled metric
-names a label that metric has (or one Prometheus adds: namespace, pod, job, ...).
+The reference is the Metrics table of docs/metrics.md (metric, type, labels). A name
+counts if it is in the table, or is a histogram's/summary's `_bucket`, `_sum` or
+`_count` series. `_bucket` needs a histogram. Also checks that the dashboard is valid
+JSON with an `expr` on every target, and that each `by (...)`/label matcher on an
+entitled metric names a label that metric has (or one Prometheus adds: namespace, pod,
+job, ...).
 
 With --metrics FILE (a /metrics scrape of a running entitled), the `# TYPE` lines of
 the scrape are checked too: a `_bucket` series on a metric the binary exports as a
@@ -31,11 +32,13 @@ NAME = re.compile(r"\b(entitled_[a-z0-9_]+)\b")
 SUFFIXES = ("_bucket", "_sum", "_count")
 
 
-def readme_metrics(path):
+def documented_metrics(path):
     text = path.read_text(encoding="utf-8")
-    m = re.search(r"^## Metrics\n(.*?)(?=^## )", text, re.S | re.M)
+    # The "Metrics" section (the page's title or a second-level heading) up to the next
+    # heading of the same or a higher level, or the end of the file.
+    m = re.search(r"^#{1,2} Metrics\n(.*?)(?=^#{1,2} |\Z)", text, re.S | re.M)
     if not m:
-        sys.exit(f"{path}: no '## Metrics' section")
+        sys.exit(f"{path}: no 'Metrics' section")
     table = {}
     for line in m.group(1).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -136,18 +139,21 @@ def check_labels(where, expr, table, errors):
             continue
         for lab in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", m.group(2)):
             if lab not in table[base][1] and lab not in TARGET_LABELS:
-                errors.append(f"{where}: {m.group(1)} has no label {lab!r} (README: {sorted(table[base][1]) or 'none'})")
+                errors.append(f"{where}: {m.group(1)} has no label {lab!r} (documented: {sorted(table[base][1]) or 'none'})")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--readme", default=ROOT / "README.md", type=pathlib.Path)
+    ap.add_argument("--doc", default=ROOT / "docs" / "metrics.md", type=pathlib.Path,
+                    help="the page holding the Metrics table (default: docs/metrics.md)")
     ap.add_argument("--dashboard", default=HERE / "grafana" / "entitled.json", type=pathlib.Path)
     ap.add_argument("--rules", default=HERE / "prometheus" / "alerts.yml", type=pathlib.Path)
     ap.add_argument("--metrics", help="a /metrics scrape of a running entitled")
     a = ap.parse_args()
 
-    table = readme_metrics(a.readme)
+    table = documented_metrics(a.doc)
+    doc = a.doc.resolve()
+    doc = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else a.doc
     errors = []
     exprs = dashboard_exprs(a.dashboard, errors) + rule_exprs(a.rules, errors)
     scraped = scrape_types(a.metrics) if a.metrics else None
@@ -156,7 +162,7 @@ def main():
         for name in NAME.findall(expr):
             base, suffix = base_name(name, table)
             if base is None:
-                errors.append(f"{where}: {name} is not in the README Metrics table")
+                errors.append(f"{where}: {name} is not in the Metrics table of {doc}")
                 continue
             used.add(base)
             kind = table[base][0]
@@ -171,7 +177,7 @@ def main():
             if not name.startswith("entitled_") and name in PROMETHEUS_BUILTINS:
                 used.add(name)
 
-    print(f"README Metrics table: {len(table)} metrics; expressions checked: {len(exprs)}; "
+    print(f"Metrics table ({doc}): {len(table)} metrics; expressions checked: {len(exprs)}; "
           f"entitled metrics used: {len(used & set(table))}")
     unused = sorted(set(table) - used)
     if unused:
@@ -180,7 +186,7 @@ def main():
         types, present = scraped
         for base in sorted(used & set(table)):
             if base in types and types[base] != table[base][0]:
-                print(f"note: README calls {base} a {table[base][0]}, the binary exports a {types[base]}")
+                print(f"note: {doc} calls {base} a {table[base][0]}, the binary exports a {types[base]}")
         absent = sorted(b for b in used & set(table) if b not in types)
         if absent:
             print("used but not in this scrape (exported once they first change):", ", ".join(absent))
