@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Checks an `entitled` /metrics scrape (on stdin) against PRODUCT.md section 7.
+"""Checks an `entitled` /metrics scrape (on stdin) against docs/metrics.md.
 
     curl -s http://127.0.0.1:4780/metrics | python3 tests/prom_check.py CUSTOMER_ID...
 
 Parses the text with prometheus_client's own parser (what a scraper would accept),
-then checks that every metric the product promises is there with its type and label
-names, and that no label value anywhere is one of the customer ids given as
-arguments (customer ids are never label values). Exits 1 with one line per problem.
+then checks that every metric of REQUIRED below (rows of the Metrics table of
+docs/metrics.md) is there with its type and label names, and that no label value
+anywhere is one of the customer ids given as arguments (customer ids are never label
+values). Exits 1 with one line per problem.
 """
 
 import sys

@@ -78,7 +78,9 @@ fn grants() -> impl Strategy<Value = Vec<G>> {
     proptest::collection::vec(g, 1..6)
 }
 
-/// Precedence as PRODUCT §2.4 states it.
+/// Precedence as docs/policy.md states it: an active override wins (the most generous
+/// of them); otherwise the grant with the highest priority; otherwise the most generous
+/// grant, or the sum of them all with `combine: sum`.
 fn model(gs: &[G], sum: bool) -> u64 {
     let overrides: Vec<u64> = gs
         .iter()
