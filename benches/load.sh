@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load benchmarks of the release binary with wrk, on this machine (loopback only,
-# every run bounded in time). Prints the figures quoted in the README.
+# every run bounded in time). Prints the figures quoted in docs/performance.md.
 #
 #   bash benches/load.sh            # all of it (~2.5 min)
 #   DURATION=5 bash benches/load.sh # shorter runs
