@@ -4,7 +4,9 @@
 //! → [`engine`] decision → response. The engine is pure and synchronous; usage state
 //! lives behind [`usage`], time comes in as a parameter ([`time`]).
 
+pub mod admission;
 pub mod audit;
+pub mod decide;
 pub mod engine;
 pub mod files;
 pub mod metrics;

@@ -24,6 +24,7 @@ macro_rules! out {
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use entitled::decide::{self, Decider, Observer};
 use entitled::engine::{self, Op, Request};
 use entitled::metrics::DecisionMetrics;
 use entitled::policy::{self, Limits};
@@ -161,7 +162,7 @@ struct Serve {
     grpc_listen: String,
     /// Gateway admission of a request no route matches.
     #[arg(long, env = "ENTITLED_UNMATCHED", value_enum, default_value = "deny")]
-    unmatched: entitled::server::gateway::Unmatched,
+    unmatched: entitled::admission::Unmatched,
     /// Also serve `/metrics` (and health) on this address, e.g. for a scrape port.
     #[arg(long, env = "ENTITLED_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -508,7 +509,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let now = Timestamp::now();
             let store = MemoryStore::new();
-            let decision = usage::decide(&snap, &store, Op::Check, &req, now)?;
+            let decision = decide::in_memory(&snap, &store, Op::Check, &req, now)?;
             let body = serde_json::to_string_pretty(&decision)?;
             out!("{body}");
             if !json {
@@ -600,9 +601,14 @@ fn serve(args: Serve) -> anyhow::Result<ExitCode> {
         entitled::notices::Notices::start(notice_cfg, cell.clone(), clock.clone(), rt.handle())
             .context("starting renewal notices")?,
     );
+    let (audited, trigger) = (audit.clone(), notices.trigger());
     let config = ReloadConfig {
-        audit: Some(audit.clone()),
-        notices: Some(notices.trigger()),
+        subscribers: vec![
+            reload::Subscriber::BeforeSwap(Box::new(move |c| {
+                audited.snapshot_changed(c.snapshot, c.previous, c.at)
+            })),
+            reload::Subscriber::AfterSwap(Box::new(move |_| trigger.poke())),
+        ],
         dir: args.policies.clone(),
         limits,
         debounce: args.reload_debounce,
@@ -749,14 +755,18 @@ async fn run_with<S: Flush>(
     flush_every: Option<Duration>,
 ) -> anyhow::Result<()> {
     let app = Arc::new(App {
-        snapshot: parts.snapshot,
-        store,
-        clock: parts.clock,
+        decider: Decider {
+            snapshot: parts.snapshot,
+            store,
+            clock: parts.clock,
+            observer: Observer {
+                metrics: DecisionMetrics::new(),
+                audit: Some(parts.audit),
+            },
+        },
         test_clock: parts.test_clock,
-        audit: Some(parts.audit),
         notices: Some(parts.notices),
         reload: parts.reload,
-        metrics: DecisionMetrics::new(),
         prometheus: Some(parts.prometheus),
         limits: parts.limits,
         unmatched: args.unmatched,
@@ -788,8 +798,9 @@ async fn run_with<S: Flush>(
             tick.tick().await;
             n += 1;
             upkeep
+                .decider
                 .store
-                .maintain(upkeep.clock.now_background(), n.is_multiple_of(60));
+                .maintain(upkeep.decider.clock.now_background(), n.is_multiple_of(60));
         }
     });
     if let Some(every) = flush_every {
@@ -799,7 +810,8 @@ async fn run_with<S: Flush>(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                flusher.store.flush(flusher.clock.now_background()).await;
+                let d = &flusher.decider;
+                d.store.flush(d.clock.now_background()).await;
             }
         });
     }
@@ -841,7 +853,7 @@ async fn run_with<S: Flush>(
         g.await.context("gRPC server task")??;
     }
     // Last deltas counted here go to the shared store before the state is closed.
-    app.store.drain(app.clock.now()).await;
+    app.decider.store.drain(app.decider.clock.now()).await;
     Ok(())
 }
 

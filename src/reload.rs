@@ -8,6 +8,9 @@
 //! fingerprints for filesystems that lose events. A burst of events (100 writes)
 //! collapses into one reload once the directory has been quiet for the debounce
 //! interval; a reload that yields the version already served swaps nothing.
+//!
+//! Each new snapshot is published to the [`Subscriber`]s the sidecar wires in (the
+//! audit log, renewal notices); this module knows none of them.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -18,11 +21,41 @@ use std::time::{Duration, Instant};
 
 use notify::{EventKind, RecursiveMode, Watcher};
 
-use crate::policy::{self, Diagnostic, Limits};
+use crate::policy::{self, Diagnostic, Limits, Snapshot};
 use crate::snapshot_cell::SnapshotCell;
 use crate::time::Timestamp;
 
-#[derive(Debug, Clone)]
+/// A snapshot about to be served, or just served, and the one it replaces.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotChange<'a> {
+    pub snapshot: &'a Snapshot,
+    pub previous: Option<&'a Snapshot>,
+    /// When it was loaded.
+    pub at: Timestamp,
+}
+
+type Notify = Box<dyn Fn(&SnapshotChange<'_>) + Send + Sync>;
+
+/// Told of every snapshot change, on the reload thread, either side of the swap.
+pub enum Subscriber {
+    /// Told before requests can see the new snapshot, so what it records comes before
+    /// anything decided on it (the audit log's snapshot record).
+    BeforeSwap(Notify),
+    /// Told once requests see the new snapshot (and `/v1/status` reports it), for work
+    /// that reads the served snapshot (renewal notices scan it).
+    AfterSwap(Notify),
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Subscriber::BeforeSwap(_) => "BeforeSwap(..)",
+            Subscriber::AfterSwap(_) => "AfterSwap(..)",
+        })
+    }
+}
+
+#[derive(Debug)]
 pub struct ReloadConfig {
     pub dir: PathBuf,
     pub limits: Limits,
@@ -32,10 +65,8 @@ pub struct ReloadConfig {
     pub max_delay: Duration,
     /// Full rescan interval (file fingerprints), for filesystems that lose events.
     pub rescan: Duration,
-    /// Where snapshot changes are recorded.
-    pub audit: Option<Arc<crate::audit::Audit>>,
-    /// Woken after every snapshot swap (renewal notices scan the new snapshot).
-    pub notices: Option<crate::notices::Trigger>,
+    /// Told of every snapshot change.
+    pub subscribers: Vec<Subscriber>,
 }
 
 /// What `/v1/status` and `/readyz` report about loading.
@@ -215,7 +246,7 @@ struct Worker {
     last_fingerprint: u64,
     /// Superseded snapshots, dropped here once no request thread holds them: freeing
     /// a million customers takes milliseconds, and must not land on a request.
-    retired: Vec<Arc<crate::policy::Snapshot>>,
+    retired: Vec<Arc<Snapshot>>,
 }
 
 impl Worker {
@@ -293,8 +324,15 @@ impl Worker {
                 }
                 let snap = Arc::new(snap);
                 crate::metrics::snapshot_served(&snap, prev_version.as_deref(), now);
-                if let Some(a) = &self.config.audit {
-                    a.snapshot_changed(&snap, previous.as_deref(), now);
+                let change = SnapshotChange {
+                    snapshot: &snap,
+                    previous: previous.as_deref(),
+                    at: now,
+                };
+                for s in &self.config.subscribers {
+                    if let Subscriber::BeforeSwap(tell) = s {
+                        tell(&change);
+                    }
                 }
                 crate::metrics::reload("success");
                 tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
@@ -309,8 +347,10 @@ impl Worker {
                     s.reloads_ok += 1;
                     s.last_error = None;
                 });
-                if let Some(n) = &self.config.notices {
-                    n.poke();
+                for s in &self.config.subscribers {
+                    if let Subscriber::AfterSwap(tell) = s {
+                        tell(&change);
+                    }
                 }
                 // Request threads drop their cached reference on their next read;
                 // the last reference (and the freeing) stays on this thread.

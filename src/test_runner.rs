@@ -33,10 +33,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::decide;
 use crate::engine::{Op, Request};
 use crate::policy::{Snapshot, units::parse_duration};
 use crate::time::Timestamp;
-use crate::usage::{self, MemoryStore};
+use crate::usage::MemoryStore;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,7 +168,7 @@ pub fn run_steps_with(
         };
         let mut result = None;
         for _ in 0..step.repeat.unwrap_or(1).max(1) {
-            result = Some(usage::decide(snap, &store, op, &req, now));
+            result = Some(decide::in_memory(snap, &store, op, &req, now));
         }
         let Some(result) = result else { continue };
         match (result, &step.expect_error) {

@@ -11,8 +11,9 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use super::App;
 use super::error::ApiError;
 use super::request::{self, MAX_BATCH, Parsed, Shape};
+use crate::decide::{DecideError, Query};
 use crate::engine::{self, Decision, Op, Reason};
-use crate::policy::{Kind, Snapshot};
+use crate::policy::Kind;
 use crate::time::Timestamp;
 use crate::usage::record::{parse_reservation, reservation_name};
 use crate::usage::{Ack, IdemKey, SettleAction, StepMeta, UsageStore};
@@ -50,7 +51,10 @@ pub async fn handle<S: UsageStore>(app: &App<S>, req: Request<Incoming>) -> Resp
         || is_authz(&path);
     let result = route(app, &method, &path, req).await;
     if decision_route {
-        app.metrics.duration(started.elapsed().as_secs_f64());
+        app.decider
+            .observer
+            .metrics
+            .duration(started.elapsed().as_secs_f64());
     }
     match result {
         Ok(r) => r,
@@ -109,7 +113,7 @@ async fn route<S: UsageStore>(
             };
             single(app, shape, &mut body).await
         }
-        p if is_authz(p) => authz(app, method, p, &req).await,
+        p if is_authz(p) => super::authz::authz(app, method, p, &req).await,
         p if p.starts_with("/v1/reservations/") => {
             if method != Method::POST {
                 return Err(allow("POST"));
@@ -157,50 +161,6 @@ fn is_authz(path: &str) -> bool {
     path == "/v1/authz" || path.starts_with("/v1/authz/")
 }
 
-/// Forward-auth for gateways: any method on `/v1/authz/{path…}`. The request checked
-/// is `X-Forwarded-Method` and `X-Forwarded-Uri` when the gateway sends them (Traefik
-/// `forwardAuth`, nginx `auth_request` as configured in deploy/nginx), otherwise this
-/// request's own method and the path after `/v1/authz` (Envoy ext_authz with
-/// `path_prefix`). The body is never read.
-async fn authz<S: UsageStore>(
-    app: &App<S>,
-    method: &Method,
-    path: &str,
-    req: &Request<Incoming>,
-) -> Result<Resp, ApiError> {
-    let headers = req.headers();
-    let method = headers
-        .get("x-forwarded-method")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(method.as_str());
-    let checked = match headers.get("x-forwarded-uri").and_then(|v| v.to_str().ok()) {
-        Some(uri) => uri,
-        None => match &path["/v1/authz".len()..] {
-            "" => "/",
-            rest => rest,
-        },
-    };
-    let a = super::gateway::admit(app, "authz_http", method, checked, headers).await?;
-    let extra = a.headers();
-    let status = StatusCode::from_u16(a.status()).unwrap_or(StatusCode::FORBIDDEN);
-    let has_body = !a.body.is_empty();
-    let mut r = Response::new(Full::new(Bytes::from(a.body)));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    if has_body {
-        h.insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-    }
-    for (k, v) in extra {
-        if let Ok(v) = header::HeaderValue::from_str(&v) {
-            h.insert(k, v);
-        }
-    }
-    Ok(r)
-}
-
 async fn read_body<S>(app: &App<S>, req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
     let limit = app.limits.body_limit;
     let declared = req
@@ -226,13 +186,6 @@ async fn read_body<S>(app: &App<S>, req: Request<Incoming>) -> Result<Vec<u8>, A
     }
 }
 
-/// A decision encoded (appended to the output buffer), or the need to wait for the
-/// store.
-enum Attempt {
-    Done(Result<(), ApiError>),
-    Wait,
-}
-
 fn context<'p>(p: &'p Parsed<'_>) -> Vec<(&'p str, &'p str)> {
     p.context
         .iter()
@@ -240,126 +193,18 @@ fn context<'p>(p: &'p Parsed<'_>) -> Vec<(&'p str, &'p str)> {
         .collect()
 }
 
-fn engine_request<'p>(p: &'p Parsed<'_>, ctx: &'p [(&'p str, &'p str)]) -> engine::Request<'p> {
-    engine::Request {
-        customer: &p.customer,
-        feature: &p.feature,
-        amount: p.amount,
-        context: ctx,
-        at: p.at,
-        holder: p.holder.as_deref(),
-    }
-}
-
-/// Counts the decision in metrics (and the audit log, if it records this one) and
-/// appends its JSON to `out`.
-fn encode<S>(
-    app: &App<S>,
-    p: &Parsed<'_>,
-    now: Timestamp,
-    d: &Decision<'_>,
-    out: &mut Vec<u8>,
-) -> Result<(), ApiError> {
-    let ctx = context(p);
-    record(app, p.op, &p.customer, &p.feature, p.amount, &ctx, now, d);
-    d.write_json(out);
-    Ok(())
-}
-
-/// Counts a decision in metrics, and in the audit log if it records this one.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn record<S>(
-    app: &App<S>,
-    op: Op,
-    customer: &str,
-    feature: &str,
-    amount: u64,
-    context: &[(&str, &str)],
-    now: Timestamp,
-    d: &Decision<'_>,
-) {
-    app.metrics.decision(op, d.kind, d.reason);
-    if let Some(a) = &app.audit
-        && a.wants(d.allowed)
-    {
-        // Dropped (and counted) when the queue is full: the request never waits.
-        let _queued = {
-            a.decision(crate::audit::DecisionRecord {
-                decision_id: crate::audit::decision_id(),
-                time: now,
-                snapshot: d.snapshot.to_string(),
-                op: op.as_str(),
-                customer: customer.to_string(),
-                feature: feature.to_string(),
-                amount,
-                context: context
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                allowed: d.allowed,
-                reason: d.reason.as_str(),
-            })
-        };
-    }
-    if d.warning_crossed {
-        crate::metrics::quota_warning(d.feature);
-    }
-}
-
-/// Decides within one synchronous step when the store can answer at once.
-fn try_sync<S: UsageStore>(
-    app: &App<S>,
-    snap: Option<&Snapshot>,
-    p: &Parsed<'_>,
-    now: Timestamp,
-    out: &mut Vec<u8>,
-    ack: &mut Ack,
-) -> Attempt {
-    let Some(snap) = snap else {
-        return Attempt::Done(Err(ApiError::NotReady));
-    };
-    let ctx = context(p);
-    let req = engine_request(p, &ctx);
-    let mut d = Decision::blank(&p.feature);
-    let pending = match engine::evaluate(snap, p.op, &req, now, &mut d) {
-        Err(e) => return Attempt::Done(Err(e.into())),
-        Ok(pending) => pending,
-    };
-    if let Some(pending) = pending {
-        let meta = step_meta(snap, p);
-        match app.store.try_now(&pending.op, &meta, now) {
-            Some(Ok((outcome, a))) => {
-                *ack = ack.and(a);
-                pending.finish(outcome, &mut d)
-            }
-            Some(Err(e)) => return Attempt::Done(Err(e.into())),
-            None => return Attempt::Wait,
-        }
-    }
-    Attempt::Done(encode(app, p, now, &d, out))
-}
-
-/// Decides against an owned snapshot, awaiting the store.
-async fn decide_async<S: UsageStore>(
-    app: &App<S>,
-    snap: &Snapshot,
-    p: &Parsed<'_>,
-    now: Timestamp,
-    out: &mut Vec<u8>,
-) -> Result<(), ApiError> {
-    let ctx = context(p);
-    let req = engine_request(p, &ctx);
-    let mut d = Decision::blank(&p.feature);
-    let meta = step_meta(snap, p);
-    evaluate_awaiting(app, snap, p.op, &req, &meta, now, &mut d).await?;
-    encode(app, p, now, &d, out)
-}
-
-/// What the store keeps beside the step: the snapshot version for the ledger, the
-/// idempotency key, a reservation's time to live.
-fn step_meta<'a>(snap: &'a Snapshot, p: &'a Parsed<'_>) -> StepMeta<'a> {
-    StepMeta {
-        snapshot: &snap.version,
+/// The decision `p` asks for, with `ctx` its context pairs.
+fn query<'p>(p: &'p Parsed<'_>, ctx: &'p [(&'p str, &'p str)]) -> Query<'p> {
+    Query {
+        op: p.op,
+        req: engine::Request {
+            customer: &p.customer,
+            feature: &p.feature,
+            amount: p.amount,
+            context: ctx,
+            at: p.at,
+            holder: p.holder.as_deref(),
+        },
         idempotency: p.idempotency_key.as_deref().map(|key| IdemKey {
             key,
             fingerprint: p.fingerprint(),
@@ -368,23 +213,8 @@ fn step_meta<'a>(snap: &'a Snapshot, p: &'a Parsed<'_>) -> StepMeta<'a> {
     }
 }
 
-/// Evaluates into `d`, awaiting the store for the usage step if there is one.
-async fn evaluate_awaiting<'a, S: UsageStore>(
-    app: &App<S>,
-    snap: &'a Snapshot,
-    op: Op,
-    req: &engine::Request<'a>,
-    meta: &StepMeta<'_>,
-    now: Timestamp,
-    d: &mut Decision<'a>,
-) -> Result<(), ApiError> {
-    if let Some(pending) = engine::evaluate(snap, op, req, now, d)? {
-        let outcome = app.store.apply(&pending.op, meta, now).await?;
-        pending.finish(outcome, d);
-    }
-    Ok(())
-}
-
+/// One decision: within one synchronous step on the thread's cached snapshot when the
+/// store can answer at once, else awaiting it with an owned snapshot.
 async fn single<S: UsageStore>(
     app: &App<S>,
     shape: Shape,
@@ -392,23 +222,29 @@ async fn single<S: UsageStore>(
 ) -> Result<Resp, ApiError> {
     let v = request::parse_body(body)?;
     let p = request::parse_request(&v, shape)?;
-    let now = app.clock.now();
+    let ctx = context(&p);
+    let q = query(&p, &ctx);
+    let decider = &app.decider;
+    let now = decider.clock.now();
     let mut out = Vec::with_capacity(512);
     let mut ack = Ack::default();
-    match app
-        .snapshot
-        .with(|snap| try_sync(app, snap, &p, now, &mut out, &mut ack))
-    {
-        Attempt::Done(r) => {
-            r?;
-            if ack.0.is_some() {
-                app.store.ack(ack).await?;
-            }
+    let decided = decider.snapshot.with(|snap| {
+        let snap = snap.ok_or(DecideError::NotReady)?;
+        let mut d = Decision::blank(q.req.feature);
+        let decided = decider.decide_now(snap, &q, now, &mut d, &mut ack)?;
+        if decided {
+            d.write_json(&mut out);
         }
-        Attempt::Wait => {
-            let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
-            decide_async(app, &snap, &p, now, &mut out).await?
-        }
+        Ok::<_, DecideError>(decided)
+    })?;
+    if !decided {
+        let snap = decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+        let mut d = Decision::blank(q.req.feature);
+        decider.decide(&snap, &q, now, &mut d, &mut ack).await?;
+        d.write_json(&mut out);
+    }
+    if ack.0.is_some() {
+        decider.store.ack(ack).await?;
     }
     Ok(json(StatusCode::OK, out))
 }
@@ -444,8 +280,9 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
             ),
         ));
     }
-    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
-    let now = app.clock.now();
+    let decider = &app.decider;
+    let snap = decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = decider.clock.now();
     let mut out = Vec::with_capacity(64 + items.len() * 256);
     let mut ack = Ack::default();
     out.extend_from_slice(b"{\"results\":[");
@@ -455,10 +292,18 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
         }
         let mark = out.len();
         let result = match request::parse_request(item, Shape::BatchItem) {
-            Ok(p) => match try_sync(app, Some(&snap), &p, now, &mut out, &mut ack) {
-                Attempt::Done(r) => r,
-                Attempt::Wait => decide_async(app, &snap, &p, now, &mut out).await,
-            },
+            Ok(p) => {
+                let ctx = context(&p);
+                let q = query(&p, &ctx);
+                let mut d = Decision::blank(q.req.feature);
+                match decider.decide(&snap, &q, now, &mut d, &mut ack).await {
+                    Ok(_) => {
+                        d.write_json(&mut out);
+                        Ok(())
+                    }
+                    Err(e) => Err(ApiError::from(e)),
+                }
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -476,19 +321,19 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
     out.extend_from_slice(b"]}");
     // One acknowledgement for the whole batch: its changes share one sync.
     if ack.0.is_some() {
-        app.store.ack(ack).await?;
+        decider.store.ack(ack).await?;
     }
     Ok(json(StatusCode::OK, out))
 }
 
 fn readyz<S: UsageStore>(app: &App<S>) -> Resp {
-    if let Err(reason) = app.store.ready() {
+    if let Err(reason) = app.decider.store.ready() {
         return json_value(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({ "ready": false, "reason": reason }),
         );
     }
-    match app.snapshot.load_full() {
+    match app.decider.snapshot.load_full() {
         Some(s) => json_value(
             StatusCode::OK,
             &serde_json::json!({ "ready": true, "snapshot": &*s.version }),
@@ -504,8 +349,8 @@ fn readyz<S: UsageStore>(app: &App<S>) -> Resp {
 }
 
 fn status<S>(app: &App<S>) -> Resp {
-    let (st, snap) = app.reload.observe(|| app.snapshot.load_full());
-    let now = app.clock.now();
+    let (st, snap) = app.reload.observe(|| app.decider.snapshot.load_full());
+    let now = app.decider.clock.now();
     let snapshot = snap.map(|s| {
         serde_json::json!({
             "version": &*s.version,
@@ -553,8 +398,8 @@ fn expiring<S>(app: &App<S>, query: Option<&str>) -> Result<Resp, ApiError> {
     }
     let us = crate::policy::units::parse_duration(&within)
         .map_err(|e| ApiError::field("within", format!("`within`: {e}")))?;
-    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
-    let now = app.clock.now();
+    let snap = app.decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = app.decider.clock.now();
     let items = engine::report::expiring(&snap, now, us);
     Ok(json_value(
         StatusCode::OK,
@@ -582,8 +427,8 @@ async fn customer<S: UsageStore>(
             ctx.push((k, v));
         }
     }
-    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
-    let now = app.clock.now();
+    let snap = app.decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = app.decider.clock.now();
     let Some(c) = snap.customers.get(&id) else {
         return Ok(json_value(
             StatusCode::NOT_FOUND,
@@ -592,6 +437,7 @@ async fn customer<S: UsageStore>(
     };
     let t = at.unwrap_or(now);
     let mut entitlements = Vec::new();
+    let mut ack = Ack::default();
     for f in &snap.features {
         let req = engine::Request {
             context: &ctx,
@@ -599,11 +445,11 @@ async fn customer<S: UsageStore>(
             ..engine::Request::new(&id, &f.name)
         };
         let mut d = Decision::blank(&f.name);
-        let meta = StepMeta {
-            snapshot: &snap.version,
-            ..StepMeta::default()
-        };
-        evaluate_awaiting(app, &snap, Op::Check, &req, &meta, now, &mut d).await?;
+        // A view, not a decision asked for: not counted or audited.
+        let q = Query::new(Op::Check, req);
+        app.decider
+            .evaluate(&snap, &q, now, &mut d, &mut ack)
+            .await?;
         // A summary shows what the customer has or had, not every feature there is.
         let relevant = d.source.is_some()
             || matches!(
@@ -614,6 +460,9 @@ async fn customer<S: UsageStore>(
         if relevant || (f.kind == Kind::Seats && d.allowed) {
             entitlements.push(serde_json::to_value(&d).unwrap_or_default());
         }
+    }
+    if ack.0.is_some() {
+        app.decider.store.ack(ack).await?;
     }
     let (subscriptions, overrides) = engine::report::records(&snap, &c, t);
     Ok(json_value(
@@ -637,8 +486,8 @@ fn metrics<S>(app: &App<S>) -> Resp {
         }
         .response();
     };
-    if let Some(snap) = app.snapshot.load_full() {
-        crate::metrics::refresh_time_gauges(&snap, app.clock.now());
+    if let Some(snap) = app.decider.snapshot.load_full() {
+        crate::metrics::refresh_time_gauges(&snap, app.decider.clock.now());
     }
     let mut r = Response::new(Full::new(Bytes::from(handle.render())));
     r.headers_mut().insert(
@@ -671,8 +520,8 @@ async fn settle<S: UsageStore>(
             format!("`{raw_id}` is not a reservation id (rsv_ and 32 hex digits)"),
         )
     })?;
-    let snap = app.snapshot.load_full().ok_or(ApiError::NotReady)?;
-    let now = app.clock.now();
+    let snap = app.decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    let now = app.decider.clock.now();
     let (action, op) = match b.amount {
         Some(n) => (SettleAction::Commit(n), "commit"),
         None => (SettleAction::Release, "release"),
@@ -694,7 +543,7 @@ async fn settle<S: UsageStore>(
             .map(|key| IdemKey { key, fingerprint }),
         ttl_us: None,
     };
-    let s = app.store.settle(id, action, &meta, now).await?;
+    let s = app.decider.store.settle(id, action, &meta, now).await?;
     let o = s.outcome;
     if !o.found {
         return Err(ApiError::UnknownReservation(reservation_name(id)));
@@ -765,8 +614,8 @@ async fn test_clock<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp
             .ok_or_else(|| ApiError::field("set", "`set` must be an RFC 3339 timestamp"))?;
         clock.set(t);
     }
-    let now = app.clock.now();
-    let expired = app.store.expire(now);
+    let now = app.decider.clock.now();
+    let expired = app.decider.store.expire(now);
     let mut v = serde_json::json!({ "now": now, "reservations_expired": expired });
     if let Some(n) = &app.notices {
         let scan = tokio::time::timeout(std::time::Duration::from_secs(10), n.scan()).await;

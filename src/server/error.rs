@@ -1,9 +1,11 @@
-//! API errors and their HTTP mapping, in one place.
+//! API errors and their HTTP mapping, in one place; the decision path's errors
+//! ([`DecideError`]) map to API errors here, and to gRPC statuses here too.
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 
+use crate::decide::DecideError;
 use crate::engine::RequestError;
 
 /// Every way a request can fail before (or instead of) a decision.
@@ -126,5 +128,23 @@ impl From<RequestError> for ApiError {
             RequestError::AtNotAllowed => "at",
         };
         ApiError::field(field, e.to_string())
+    }
+}
+
+impl From<DecideError> for ApiError {
+    fn from(e: DecideError) -> Self {
+        match e {
+            DecideError::NotReady => ApiError::NotReady,
+            DecideError::Request(e) => e.into(),
+            DecideError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// The gRPC services answer any failure to decide (no snapshot yet, the store
+/// unavailable) `UNAVAILABLE`, with the message the HTTP API gives.
+impl From<DecideError> for tonic::Status {
+    fn from(e: DecideError) -> Self {
+        tonic::Status::unavailable(ApiError::from(e).to_string())
     }
 }

@@ -4,7 +4,8 @@
 //! use `entitled` as a drop-in for an authorization server and for
 //! envoyproxy/ratelimit, with limits that follow each customer's plan.
 //!
-//! Both answer from the same decisions as the HTTP forward-auth ([`super::gateway`]).
+//! Both translate to and from gateway admission ([`crate::admission`]), so they answer
+//! from the same decisions as the HTTP forward-auth.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,7 +36,7 @@ use envoy_types::pb::google::rpc;
 use tokio::net::TcpListener;
 
 use super::App;
-use super::gateway::{self, Admission, Descriptor, Unit, Verdict};
+use crate::admission::{self, Admission, Descriptor, Unit, Verdict};
 use crate::usage::UsageStore;
 
 /// gRPC status codes Envoy reads from a `CheckResponse`.
@@ -214,9 +215,16 @@ impl<S: UsageStore + 'static> Authorization for Gateway<S> {
         // No decision possible (no snapshot yet, the store unavailable): an RPC error,
         // which Envoy answers by its failure mode (`failure_mode_allow`,
         // `status_on_error`) exactly as it does when the HTTP service answers 5xx.
-        let a = gateway::admit(&self.app, "authz_grpc", &http.method, &http.path, &headers)
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let app = &self.app;
+        let a = admission::admit(
+            &app.decider,
+            app.unmatched,
+            "authz_grpc",
+            &http.method,
+            &http.path,
+            &headers,
+        )
+        .await?;
         Ok(tonic::Response::new(check_response(a)))
     }
 }
@@ -268,9 +276,7 @@ impl<S: UsageStore + 'static> RateLimitService for Gateway<S> {
                 },
             })
             .collect();
-        let answers = gateway::rate_limit(&self.app, &descriptors)
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let answers = admission::rate_limit(&self.app.decider, &descriptors).await?;
         let mut overall = Code::Ok;
         // Envoy's own 429 carries no Retry-After: the headers added here reach the client.
         let retry_after = answers

@@ -2,11 +2,11 @@
 //!
 //! `run` takes a bound listener and a shutdown future (as mini-redis does), so tests
 //! bind `127.0.0.1:0` and run many servers side by side. The server owns no policy
-//! logic: it parses, asks the engine, runs the usage step, encodes.
+//! logic: it parses, asks the decision path ([`crate::decide`]), encodes.
 
 mod api;
+mod authz;
 pub mod error;
-pub mod gateway;
 pub mod grpc;
 pub mod request;
 
@@ -23,10 +23,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::metrics::DecisionMetrics;
+use crate::admission::Unmatched;
+use crate::decide::Decider;
 use crate::reload::ReloadState;
-use crate::snapshot_cell::SnapshotCell;
-use crate::time::Clock;
 use crate::usage::UsageStore;
 
 /// Server limits. Every one is on by default: a sidecar in front of every request
@@ -61,22 +60,18 @@ impl Default for Limits {
 
 /// Everything a request handler needs. Shared by all connections.
 pub struct App<S> {
-    /// The served snapshot; read lock-free through a per-thread cache.
-    pub snapshot: SnapshotCell,
-    pub store: S,
-    pub clock: Arc<dyn Clock>,
+    /// The served snapshot, the store, the clock and the decisions' observer.
+    pub decider: Decider<S>,
     pub reload: Arc<ReloadState>,
-    pub metrics: DecisionMetrics,
     pub prometheus: Option<PrometheusHandle>,
     pub limits: Limits,
-    /// With `--test-clock`: the clock `POST /v1/test-clock` moves (also `clock`).
+    /// With `--test-clock`: the clock `POST /v1/test-clock` moves (also the
+    /// decider's).
     pub test_clock: Option<Arc<crate::time::ManualClock>>,
-    /// The audit log, for decisions (`--audit-decisions`).
-    pub audit: Option<Arc<crate::audit::Audit>>,
     /// Renewal notices: a test-clock move scans at once and waits for the scan.
     pub notices: Option<Arc<crate::notices::Notices>>,
     /// Gateway admission of a request no route matches (`--unmatched`).
-    pub unmatched: gateway::Unmatched,
+    pub unmatched: Unmatched,
 }
 
 impl<S> std::fmt::Debug for App<S> {

@@ -17,8 +17,7 @@ use std::future::Future;
 pub use memory::{MemoryStore, StoreConfig};
 pub use record::{ReservationId, SettleOutcome, Settled};
 
-use crate::engine::{self, Decision, Op, Request, RequestError, UsageOp, UsageOutcome};
-use crate::policy::Snapshot;
+use crate::engine::{UsageOp, UsageOutcome};
 use crate::time::Timestamp;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -138,18 +137,6 @@ pub trait UsageStore: Send + Sync {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
-}
-
-/// Evaluates and completes a decision against the in-memory store, synchronously: for
-/// the CLI, policy tests and benchmarks.
-pub fn decide<'a>(
-    snap: &'a Snapshot,
-    store: &MemoryStore,
-    op: Op,
-    req: &Request<'a>,
-    now: Timestamp,
-) -> Result<Decision<'a>, RequestError> {
-    engine::decide_with(snap, op, req, now, |u| store.run(u, now))
 }
 
 /// The outcome of a step no store ran, answered by policy instead (`admitted`):

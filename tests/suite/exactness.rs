@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use entitled::decide;
 use entitled::engine::{Op, Request};
 use entitled::policy::{self, Limits, Snapshot};
 use entitled::time::Timestamp;
-use entitled::usage::{self, MemoryStore};
+use entitled::usage::MemoryStore;
 
 fn snapshot(policy: &str) -> Snapshot {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -47,7 +48,8 @@ fn racing_consumes_admit_exactly_the_limit() {
                         amount,
                         ..Request::new("acme", "api.calls")
                     };
-                    let d = usage::decide(&snap, &store, Op::Consume, &req, now).expect("decides");
+                    let d =
+                        decide::in_memory(&snap, &store, Op::Consume, &req, now).expect("decides");
                     if d.allowed {
                         admitted.fetch_add(amount, Ordering::Relaxed);
                     }
@@ -58,7 +60,7 @@ fn racing_consumes_admit_exactly_the_limit() {
     for h in handles {
         h.join().expect("thread");
     }
-    let check = usage::decide(
+    let check = decide::in_memory(
         &snap,
         &store,
         Op::Check,
@@ -88,7 +90,7 @@ fn racing_unit_consumes_admit_exactly_the_limit() {
             let (snap, store, admitted) = (snap.clone(), store.clone(), admitted.clone());
             std::thread::spawn(move || {
                 for _ in 0..300 {
-                    let d = usage::decide(
+                    let d = decide::in_memory(
                         &snap,
                         &store,
                         Op::Consume,
@@ -125,8 +127,8 @@ fn racing_seat_acquires_admit_exactly_the_limit() {
                         holder: Some(&holder),
                         ..Request::new("acme", "seats")
                     };
-                    let d =
-                        usage::decide(&snap, &store, Op::SeatAcquire, &req, now).expect("decides");
+                    let d = decide::in_memory(&snap, &store, Op::SeatAcquire, &req, now)
+                        .expect("decides");
                     if d.allowed {
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }

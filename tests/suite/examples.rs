@@ -2,10 +2,11 @@
 
 use std::path::Path;
 
+use entitled::decide;
 use entitled::engine::{Op, Request};
 use entitled::policy::{self, Limits};
 use entitled::time::Timestamp;
-use entitled::usage::{self, MemoryStore};
+use entitled::usage::MemoryStore;
 use serde_json::{Value, json};
 
 fn subset(have: &Value, want: &Value) -> bool {
@@ -90,7 +91,8 @@ fn bundled_policies_answer_as_documented() {
             at,
             ..Request::new(customer, feature)
         };
-        let d = usage::decide(&snap, &MemoryStore::new(), Op::Check, &req, now).expect("decides");
+        let d =
+            decide::in_memory(&snap, &MemoryStore::new(), Op::Check, &req, now).expect("decides");
         let have = serde_json::to_value(&d).expect("json");
         if !subset(&have, want) {
             failures.push(format!(

@@ -1,10 +1,11 @@
 //! Property tests: window arithmetic, precedence against a model, and a loader that
 //! never panics on hostile input.
 
+use entitled::decide;
 use entitled::engine::{Op, Request, window};
 use entitled::policy::{self, Limits, Period, Reset};
 use entitled::time::{DAY, Timestamp};
-use entitled::usage::{self, MemoryStore};
+use entitled::usage::MemoryStore;
 use proptest::prelude::*;
 
 fn period() -> impl Strategy<Value = Period> {
@@ -196,7 +197,7 @@ proptest! {
         std::fs::write(dir.path().join("p.yaml"), &text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let snap = policy::load_dir(dir.path(), &Limits::default()).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
         let now = Timestamp::parse("2026-06-01").map_err(TestCaseError::fail)?;
-        let d = usage::decide(&snap, &MemoryStore::new(), Op::Check, &Request::new("c", "q"), now)
+        let d = decide::in_memory(&snap, &MemoryStore::new(), Op::Check, &Request::new("c", "q"), now)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let want = model(&gs, sum);
         prop_assert_eq!(serde_json::to_value(d.limit).ok(), Some(serde_json::json!(want)), "{}", text);

@@ -1,0 +1,52 @@
+//! Where decisions are reported, whatever the protocol that asked: the decision
+//! counters, quota-warning crossings and the audit log.
+
+use std::sync::Arc;
+
+use super::Query;
+use crate::audit::{Audit, DecisionRecord};
+use crate::engine::Decision;
+use crate::metrics::DecisionMetrics;
+use crate::time::Timestamp;
+
+/// Reports every decision the [`super::Decider`] makes.
+#[derive(Debug)]
+pub struct Observer {
+    pub metrics: DecisionMetrics,
+    /// The audit log, for decisions (`--audit-decisions`).
+    pub audit: Option<Arc<Audit>>,
+}
+
+impl Observer {
+    /// Counts a decision in metrics, and in the audit log if it records this one.
+    pub fn decided(&self, q: &Query<'_>, now: Timestamp, d: &Decision<'_>) {
+        let (op, req) = (q.op, &q.req);
+        self.metrics.decision(op, d.kind, d.reason);
+        if let Some(a) = &self.audit
+            && a.wants(d.allowed)
+        {
+            // Dropped (and counted) when the queue is full: the request never waits.
+            let _queued = {
+                a.decision(DecisionRecord {
+                    decision_id: crate::audit::decision_id(),
+                    time: now,
+                    snapshot: d.snapshot.to_string(),
+                    op: op.as_str(),
+                    customer: req.customer.to_string(),
+                    feature: req.feature.to_string(),
+                    amount: req.amount,
+                    context: req
+                        .context
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    allowed: d.allowed,
+                    reason: d.reason.as_str(),
+                })
+            };
+        }
+        if d.warning_crossed {
+            crate::metrics::quota_warning(d.feature);
+        }
+    }
+}
