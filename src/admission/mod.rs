@@ -267,7 +267,8 @@ fn denied(s: &Step<'_>, customer: &str, now: Timestamp) -> Admission {
     }
 }
 
-/// Admits (or not) one request seen by the gateway.
+/// Admits (or not) one request seen by the gateway. `api` names the protocol it came
+/// by in the gateway metrics (`authz_http`, `authz_grpc`).
 pub async fn admit<S: UsageStore>(
     decider: &Decider<S>,
     unmatched: Unmatched,
