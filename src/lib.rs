@@ -2,7 +2,9 @@
 //!
 //! Data flows one way: policy files → [`policy::raw`] → compiled [`policy::Snapshot`]
 //! → [`engine`] decision → response. The engine is pure and synchronous; usage state
-//! lives behind [`usage`], time comes in as a parameter ([`time`]).
+//! lives behind [`usage`], time comes in as a parameter ([`time`]). Every protocol
+//! decides through one path, [`decide`] (evaluate, usage step, report); [`admission`]
+//! answers API gateways on it, and [`server`] adapts both to HTTP and gRPC.
 
 pub mod admission;
 pub mod audit;
