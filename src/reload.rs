@@ -34,16 +34,16 @@ pub struct SnapshotChange<'a> {
     pub at: Timestamp,
 }
 
-type Notify = Box<dyn Fn(&SnapshotChange<'_>) + Send + Sync>;
+type Tell = Box<dyn Fn(&SnapshotChange<'_>) + Send + Sync>;
 
 /// Told of every snapshot change, on the reload thread, either side of the swap.
 pub enum Subscriber {
     /// Told before requests can see the new snapshot, so what it records comes before
     /// anything decided on it (the audit log's snapshot record).
-    BeforeSwap(Notify),
+    BeforeSwap(Tell),
     /// Told once requests see the new snapshot (and `/v1/status` reports it), for work
     /// that reads the served snapshot (renewal notices scan it).
-    AfterSwap(Notify),
+    AfterSwap(Tell),
 }
 
 impl std::fmt::Debug for Subscriber {
