@@ -405,6 +405,50 @@ mod tests {
     }
 
     #[test]
+    fn subscribers_are_told_either_side_of_the_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "features:\n  f: { kind: flag }\n",
+        )
+        .unwrap();
+        let cell = SnapshotCell::new();
+        // (when, the version told, the version served at that moment)
+        type Seen = Vec<(&'static str, String, Option<String>)>;
+        let seen = Arc::new(Mutex::new(Seen::new()));
+        let tell = |when: &'static str| -> Tell {
+            let (seen, cell) = (seen.clone(), cell.clone());
+            Box::new(move |c: &SnapshotChange<'_>| {
+                let served = cell.load_full().map(|s| s.version.to_string());
+                let told = c.snapshot.version.to_string();
+                seen.lock().unwrap().push((when, told, served));
+            })
+        };
+        let config = ReloadConfig {
+            dir: dir.path().to_path_buf(),
+            limits: Limits::default(),
+            debounce: Duration::from_millis(10),
+            max_delay: Duration::from_millis(100),
+            rescan: Duration::from_secs(60),
+            subscribers: vec![
+                Subscriber::AfterSwap(tell("after")),
+                Subscriber::BeforeSwap(tell("before")),
+            ],
+        };
+        // The first load happens before `start` returns.
+        let reloader = start(config, cell.clone(), Arc::new(ReloadState::default())).unwrap();
+        drop(reloader);
+        let version = cell.load_full().unwrap().version.to_string();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                ("before", version.clone(), None),
+                ("after", version.clone(), Some(version)),
+            ]
+        );
+    }
+
+    #[test]
     fn fingerprint_changes_with_content() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), "features: {}\n").unwrap();
