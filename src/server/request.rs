@@ -245,44 +245,12 @@ pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiE
     let feature = string(required("feature")?, "feature")?;
     let amount = match obj.get("amount") {
         None => 1,
-        Some(a) => match a.as_u64() {
-            Some(n) if (1..=MAX_AMOUNT).contains(&n) => n,
-            _ if a.is_f64() || a.is_i64() || a.is_u64() => {
-                return Err(ApiError::field(
-                    "amount",
-                    format!("`amount` must be a whole number from 1 to {MAX_AMOUNT}"),
-                ));
-            }
-            _ => {
-                return Err(ApiError::field(
-                    "amount",
-                    format!("`amount` must be a number, found {}", type_name(a)),
-                ));
-            }
-        },
+        Some(a) => amount(a)?,
     };
-    let mut context = Vec::new();
-    if let Some(c) = obj.get("context") {
-        let Some(map) = c.as_object() else {
-            return Err(ApiError::field(
-                "context",
-                format!(
-                    "`context` must be an object of strings, found {}",
-                    type_name(c)
-                ),
-            ));
-        };
-        if map.len() > MAX_CONTEXT {
-            return Err(ApiError::field(
-                "context",
-                format!("`context` has more than {MAX_CONTEXT} keys"),
-            ));
-        }
-        for (k, val) in map.iter() {
-            let field = format!("context.{k}");
-            context.push((k.clone(), string(val, &field)?));
-        }
-    }
+    let context = match obj.get("context") {
+        None => Vec::new(),
+        Some(c) => context(c)?,
+    };
     let at = match obj.get("at") {
         None => None,
         Some(a) => {
@@ -319,6 +287,47 @@ pub fn parse_request<'a>(v: &Value<'a>, shape: Shape) -> Result<Parsed<'a>, ApiE
         idempotency_key,
         ttl_us,
     })
+}
+
+/// A request's `amount`: a whole number from 1 to [`MAX_AMOUNT`].
+fn amount(a: &Value<'_>) -> Result<u64, ApiError> {
+    match a.as_u64() {
+        Some(n) if (1..=MAX_AMOUNT).contains(&n) => Ok(n),
+        _ if a.is_f64() || a.is_i64() || a.is_u64() => Err(ApiError::field(
+            "amount",
+            format!("`amount` must be a whole number from 1 to {MAX_AMOUNT}"),
+        )),
+        _ => Err(ApiError::field(
+            "amount",
+            format!("`amount` must be a number, found {}", type_name(a)),
+        )),
+    }
+}
+
+/// A request's `context`: an object of at most [`MAX_CONTEXT`] strings.
+#[expect(clippy::type_complexity, reason = "the pairs as `Parsed` holds them")]
+fn context<'a>(c: &Value<'a>) -> Result<Vec<(Cow<'a, str>, Cow<'a, str>)>, ApiError> {
+    let Some(map) = c.as_object() else {
+        return Err(ApiError::field(
+            "context",
+            format!(
+                "`context` must be an object of strings, found {}",
+                type_name(c)
+            ),
+        ));
+    };
+    if map.len() > MAX_CONTEXT {
+        return Err(ApiError::field(
+            "context",
+            format!("`context` has more than {MAX_CONTEXT} keys"),
+        ));
+    }
+    let mut context = Vec::new();
+    for (k, val) in map.iter() {
+        let field = format!("context.{k}");
+        context.push((k.clone(), string(val, &field)?));
+    }
+    Ok(context)
 }
 
 /// Longest idempotency key (Stripe allows 255).
