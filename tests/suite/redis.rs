@@ -125,7 +125,7 @@ fn serve_on(policies: &PolicyDir, redis: &Redis, state: &Path, extra: &[&str]) -
         url.as_str(),
     ];
     args.extend_from_slice(extra);
-    Server::start_with(policies.path(), &args)
+    Server::spawn_with(policies.path(), &args)
 }
 
 /// A replica on a fresh state directory.
@@ -1695,7 +1695,7 @@ fn tls_and_password_reach_redis() {
     let ca = ca.to_str().expect("UTF-8 path");
     let start = |password: &str| {
         let url = format!("rediss://:{password}@127.0.0.1:{port}");
-        Server::start_with(
+        Server::spawn_with(
             policies.path(),
             &[
                 "--test-clock",

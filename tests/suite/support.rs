@@ -1,8 +1,13 @@
-//! Test support: start the real binary, talk HTTP to it.
+//! Test support: start a sidecar, talk HTTP to it.
 //!
-//! [`Server`] spawns `entitled serve --listen 127.0.0.1:0` on a policy directory, reads
-//! the bound address from its first stdout line (with a deadline), keeps its stderr in
-//! a file (so a full pipe can never block it) and kills it on drop. The HTTP client is
+//! [`Server::start_with`] parses the `serve` flags through the library's
+//! [`ServeArgs`] and runs a [`Sidecar`] on its own runtime in a thread of the test
+//! process (stopped gracefully on drop): many start side by side, quickly.
+//! [`Server::spawn_with`] runs the real binary instead, for what only a process
+//! shows (signals, exit codes, stderr, `kill -9`, the process-wide `/metrics`): it
+//! spawns `entitled serve --listen 127.0.0.1:0` on a policy directory, reads the
+//! bound address from its first stdout line (with a deadline), keeps its stderr in a
+//! file (so a full pipe can never block it) and kills it on drop. The HTTP client is
 //! a few dozen lines over `std::net::TcpStream`: HTTP/1.1 with `Content-Length`, read
 //! timeouts always set, `Connection: close` for one-shot requests and a [`Conn`] for
 //! keep-alive. [`wait_until`] polls for an asynchronous event (a reload) against a hard
@@ -10,6 +15,7 @@
 
 #![allow(dead_code, reason = "each suite uses a different part of the support")]
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,6 +24,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use entitled::sidecar::{ServeArgs, Sidecar};
 use serde_json::Value;
 
 /// How long the binary may take to print its address.
@@ -27,25 +34,154 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval of [`wait_until`].
 const POLL: Duration = Duration::from_millis(20);
 
-/// The real `entitled` binary, serving on a loopback port chosen by the kernel.
+/// An `entitled serve` on a loopback port chosen by the kernel: a [`Sidecar`] in this
+/// process ([`Server::start_with`]), or the real binary ([`Server::spawn_with`]) for
+/// what only a process shows (signals, exit codes, its log, `kill -9`, `/metrics`:
+/// the Prometheus recorder is process-wide).
 #[derive(Debug)]
 pub struct Server {
-    child: Child,
     pub addr: SocketAddr,
-    stderr_path: PathBuf,
-    /// Holds the stderr file and the working directory of the process.
+    run: Run,
+    /// The working directory: relative paths (the default `./state`) land here, never
+    /// in the repository. The spawned binary also keeps its stderr here.
     _work: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+enum Run {
+    InProcess(InProcess),
+    Process(Process),
+}
+
+/// A sidecar serving on its own runtime in a thread of the test process.
+#[derive(Debug)]
+struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+/// The spawned binary.
+#[derive(Debug)]
+struct Process {
+    child: Child,
+    stderr_path: PathBuf,
     exited: Option<ExitStatus>,
 }
 
+/// `entitled serve` as a clap command: the binary's flags, parsed by the library.
+#[derive(Debug, clap::Parser)]
+struct Serve {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+/// An error and its causes on one line, as the binary prints them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 impl Server {
-    /// `entitled serve --policies DIR --listen 127.0.0.1:0`.
+    /// `entitled serve --policies DIR --listen 127.0.0.1:0`, in this process.
     pub fn start(policies: &Path) -> Server {
         Server::start_with(policies, &[])
     }
 
-    /// As [`Server::start`], with extra flags (`--body-limit 1024`, ...).
+    /// As [`Server::start`], with extra flags (`--body-limit 1024`, ...): the same flag
+    /// list the binary takes, parsed by the same [`ServeArgs`].
     pub fn start_with(policies: &Path, extra: &[&str]) -> Server {
+        let work = tempfile::tempdir().expect("tempdir for the server");
+        let mut argv: Vec<&OsStr> = ["entitled", "--policies"].map(OsStr::new).to_vec();
+        argv.push(policies.as_os_str());
+        argv.extend(["--listen", "127.0.0.1:0"].map(OsStr::new));
+        // Many servers run side by side: none takes the default gRPC port unless a
+        // test asks for one.
+        if !extra.iter().any(|a| a.starts_with("--grpc-listen")) {
+            argv.extend(["--grpc-listen", "off"].map(OsStr::new));
+        }
+        argv.extend(extra.iter().map(OsStr::new));
+        let mut args = <Serve as clap::Parser>::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("serve flags {extra:?}: {e}"))
+            .args;
+        // Relative paths resolve against the working directory, as the binary's do.
+        for p in [&mut args.policies, &mut args.state_dir] {
+            *p = work.path().join(&*p);
+        }
+        for p in [
+            &mut args.audit_dir,
+            &mut args.notices_dir,
+            &mut args.store_ca_file,
+            &mut args.notify_ca_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = work.path().join(&*p);
+        }
+        let workers = args.workers.unwrap_or(2).max(1);
+        let config = args
+            .into_config()
+            .unwrap_or_else(|e| panic!("serve flags {extra:?}: {}", chain(&e)));
+        if config.store.is_some() {
+            // rustls is built with ring only: make it the process's provider.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = mpsc::channel::<Result<SocketAddr, String>>();
+        let thread = std::thread::Builder::new()
+            .name("entitled-sidecar".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .worker_threads(workers)
+                    .thread_name("entitled-worker")
+                    .build()
+                    .map_err(|e| format!("starting the runtime: {e}"))?;
+                rt.block_on(async move {
+                    let sidecar = match Sidecar::start(config).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = addr_tx.send(Err(chain(&e)));
+                            return Ok(());
+                        }
+                    };
+                    let _ = addr_tx.send(Ok(sidecar.addr()));
+                    sidecar
+                        .serve(async move {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                        .map_err(|e| chain(&e))
+                })
+            })
+            .expect("spawning the sidecar thread");
+        let addr = match addr_rx.recv_timeout(START_DEADLINE) {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(e)) => panic!("the sidecar did not start: {e}"),
+            Err(e) => panic!("the sidecar did not start within {START_DEADLINE:?} ({e})"),
+        };
+        Server {
+            addr,
+            run: Run::InProcess(InProcess {
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            _work: work,
+        }
+    }
+
+    /// `entitled serve --policies DIR --listen 127.0.0.1:0`, as a child process.
+    pub fn spawn(policies: &Path) -> Server {
+        Server::spawn_with(policies, &[])
+    }
+
+    /// As [`Server::spawn`], with extra flags.
+    pub fn spawn_with(policies: &Path, extra: &[&str]) -> Server {
         let work = tempfile::tempdir().expect("tempdir for the server");
         let stderr_path = work.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("stderr file");
@@ -92,21 +228,49 @@ impl Server {
             .and_then(|a| a.trim().parse::<SocketAddr>().ok())
             .unwrap_or_else(|| panic!("unexpected first stdout line: {first:?}"));
         Server {
-            child,
             addr,
-            stderr_path,
+            run: Run::Process(Process {
+                child,
+                stderr_path,
+                exited: None,
+            }),
             _work: work,
-            exited: None,
+        }
+    }
+
+    /// The spawned process; an in-process server has none to signal or wait for.
+    fn process(&self) -> &Process {
+        match &self.run {
+            Run::Process(p) => p,
+            Run::InProcess(_) => {
+                panic!("an in-process server has no process: start it with Server::spawn_with")
+            }
+        }
+    }
+
+    fn process_mut(&mut self) -> &mut Process {
+        match &mut self.run {
+            Run::Process(p) => p,
+            Run::InProcess(_) => {
+                panic!("an in-process server has no process: start it with Server::spawn_with")
+            }
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process().child.id()
     }
 
-    /// Everything the server logged so far.
+    /// Everything the spawned server logged so far. An in-process server logs into
+    /// this test process (uncaptured): its stderr says so rather than fail the
+    /// assertion message it is read for.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        match &self.run {
+            Run::Process(p) => std::fs::read_to_string(&p.stderr_path).unwrap_or_default(),
+            Run::InProcess(_) => {
+                "(an in-process server has no stderr: start it with Server::spawn_with)".into()
+            }
+        }
     }
 
     /// Sends SIGTERM (graceful stop) without waiting.
@@ -120,13 +284,14 @@ impl Server {
 
     /// Waits (bounded) for the process to exit; `None` if it is still running then.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if let Some(s) = self.exited {
+        let p = self.process_mut();
+        if let Some(s) = p.exited {
             return Some(s);
         }
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                self.exited = Some(s);
+            if let Ok(Some(s)) = p.child.try_wait() {
+                p.exited = Some(s);
                 return Some(s);
             }
             if Instant::now() >= deadline {
@@ -200,11 +365,24 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.exited.is_none() {
-            // SIGKILL (std sends it to our own unreaped child, so the pid cannot have
-            // been reused), then reap.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        match &mut self.run {
+            Run::Process(p) => {
+                if p.exited.is_none() {
+                    // SIGKILL (std sends it to our own unreaped child, so the pid
+                    // cannot have been reused), then reap.
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                }
+            }
+            Run::InProcess(s) => {
+                // A graceful stop: requests in flight finish, the state closes.
+                if let Some(stop) = s.stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(Ok(Err(e))) = s.thread.take().map(std::thread::JoinHandle::join) {
+                    eprintln!("--- entitled ({}) stopped with an error: {e}", self.addr);
+                }
+            }
         }
         if std::thread::panicking() {
             eprintln!("--- entitled stderr ({}) ---\n{}", self.addr, self.stderr());
