@@ -216,7 +216,6 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-
 impl ServeArgs {
     /// The configuration these flags describe. `workers` and `log` are left out: the
     /// runtime and the log subscriber belong to the process, not to a sidecar.

@@ -33,9 +33,9 @@ use crate::reload::{self, ReloadConfig, ReloadState, Reloader};
 use crate::server::{self, App};
 use crate::snapshot_cell::SnapshotCell;
 use crate::time::{Clock, CoarseClock, ManualClock};
+use crate::usage::MemoryStore;
 use crate::usage::StoreError;
 use crate::usage::durable::{DurableConfig, StateDir};
-use crate::usage::MemoryStore;
 use crate::usage::redis::{RedisStore, redact};
 use background::Flush;
 
@@ -172,7 +172,9 @@ impl Sidecar {
             reload: state,
         };
         let serving = match config.store.clone() {
-            None => Serving::Local(Assembly::bind(&config, app(&config, parts, local), None).await?),
+            None => {
+                Serving::Local(Assembly::bind(&config, app(&config, parts, local), None).await?)
+            }
             Some(cfg) => {
                 let url = redact(&cfg.url);
                 let (mode, on_error, every) = (cfg.mode, cfg.on_error, cfg.flush_interval);
@@ -261,7 +263,9 @@ fn reload_config(config: &Config, audit: &Arc<Audit>, notices: &Notices) -> Relo
 }
 
 /// The served clock, and with `--test-clock` the handle that moves it.
-fn clock(config: &Config) -> Result<(Arc<dyn Clock>, Option<Arc<ManualClock>>), SidecarError> {
+type Clocks = (Arc<dyn Clock>, Option<Arc<ManualClock>>);
+
+fn clock(config: &Config) -> Result<Clocks, SidecarError> {
     Ok(match config.test_clock {
         Some(t) => {
             let c = Arc::new(ManualClock::new(t));
@@ -331,8 +335,14 @@ impl<S: Flush> Assembly<S> {
     fn addrs(&self) -> std::io::Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>)> {
         Ok((
             self.http.local_addr()?,
-            self.grpc.as_ref().map(TcpListener::local_addr).transpose()?,
-            self.metrics.as_ref().map(TcpListener::local_addr).transpose()?,
+            self.grpc
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
+            self.metrics
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
         ))
     }
 
@@ -349,9 +359,9 @@ impl<S: Flush> Assembly<S> {
         let extra = self
             .metrics
             .map(|l| tokio::spawn(server::run(l, app.clone(), stopped(stop_rx.clone()))));
-        let grpc = self.grpc.map(|l| {
-            tokio::spawn(server::grpc::run(l, app.clone(), stopped(stop_rx.clone())))
-        });
+        let grpc = self
+            .grpc
+            .map(|l| tokio::spawn(server::grpc::run(l, app.clone(), stopped(stop_rx.clone()))));
         let main = tokio::spawn(server::run(self.http, app.clone(), stopped(stop_rx)));
         stop.await;
         tracing::info!("shutting down: finishing requests in flight");
