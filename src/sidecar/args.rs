@@ -322,3 +322,87 @@ impl ServeArgs {
         Some(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn config(flags: &[&str]) -> Result<Config, ConfigError> {
+        let argv = std::iter::once("entitled").chain(flags.iter().copied());
+        Serve::try_parse_from(argv).unwrap().args.into_config()
+    }
+
+    #[test]
+    fn defaults_keep_everything_under_the_state_dir() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4780");
+        assert_eq!(c.grpc_listen.as_deref(), Some("127.0.0.1:4781"));
+        assert_eq!(c.metrics_listen, None);
+        let durable = c.durable.expect("durable by default");
+        assert_eq!(durable.dir, Path::new("./state"));
+        assert_eq!(
+            durable.journal.durability,
+            Durability::Async(Duration::from_millis(10))
+        );
+        assert_eq!(c.audit.dir, Path::new("./state/audit"));
+        assert_eq!(c.notices.dir, Path::new("./state/notices"));
+        assert!(c.notices.webhook.is_none());
+        assert!(c.store.is_none() && c.test_clock.is_none() && c.prometheus.is_none());
+        assert_eq!(c.limits.body_limit, 64 * 1024);
+        assert_eq!(c.policy_limits.max_file_bytes, 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn flags_reach_their_part() {
+        let c = config(&[
+            "--grpc-listen",
+            "off",
+            "--durability",
+            "memory",
+            "--store",
+            "redis://127.0.0.1:1",
+            "--store-mode",
+            "cached",
+            "--on-store-error",
+            "deny",
+            "--notify-url",
+            "http://127.0.0.1:1/hook",
+            "--notify-max-attempts",
+            "0",
+            "--test-clock",
+            "2030-01-15T00:00:00Z",
+        ])
+        .unwrap();
+        assert_eq!(c.grpc_listen, None);
+        assert!(c.durable.is_none());
+        let store = c.store.expect("a shared store");
+        assert_eq!(
+            (store.mode, store.on_error),
+            (StoreMode::Cached, OnError::Deny)
+        );
+        let hook = c.notices.webhook.expect("a webhook");
+        assert_eq!(hook.max_attempts, 1, "at least one attempt");
+        assert_eq!(
+            c.test_clock.map(|t| t.to_string()).as_deref(),
+            Some("2030-01-15T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_flag() {
+        let e = config(&["--test-clock", "soon"]).unwrap_err();
+        assert!(e.to_string().starts_with("--test-clock: "), "{e}");
+        let e = config(&["--notify-url", "ftp://x"]).unwrap_err();
+        assert!(e.to_string().starts_with("--notify-url: "), "{e}");
+    }
+}
