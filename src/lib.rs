@@ -13,6 +13,7 @@ pub mod policy;
 pub mod reload;
 pub mod rotating_log;
 pub mod server;
+pub mod sidecar;
 pub mod snapshot_cell;
 pub mod test_runner;
 pub mod time;
