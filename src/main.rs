@@ -31,8 +31,8 @@ use entitled::reload::{self, ReloadConfig, ReloadState};
 use entitled::server::{self, App};
 use entitled::snapshot_cell::SnapshotCell;
 use entitled::time::{Clock, CoarseClock, ManualClock, Timestamp};
+use entitled::usage::durable::journal::Durability;
 use entitled::usage::durable::{DurableConfig, StateDir};
-use entitled::usage::journal::Durability;
 use entitled::usage::redis::{OnError, RedisConfig, RedisStore, StoreMode, redact};
 use entitled::usage::{self, MemoryStore, UsageStore};
 
@@ -437,7 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            usage::ledger::export(&dir, since, until, &mut out)?;
+            usage::durable::ledger::export(&dir, since, until, &mut out)?;
             std::io::Write::flush(&mut out)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -30,10 +30,11 @@ use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 
+use super::durable::record::{Record, SettleOutcome, Settled};
 use super::memory::{Gcra, MemoryStore};
-use super::record::{Record, ReservationId, SettleOutcome, Settled};
 use super::{Ack, IdemKey, SettleAction, StepMeta, StoreError, UsageStore};
 use crate::engine::{QuotaMode, SeatAction, UsageKey, UsageOp, UsageOutcome};
+use crate::ids::ReservationId;
 use crate::policy::Limit;
 use crate::time::Timestamp;
 

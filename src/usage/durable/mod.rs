@@ -16,6 +16,14 @@
 //! start never meets them again. A background thread folds the journal into a new
 //! checkpoint every interval or past a size; a graceful close flushes and folds.
 
+pub mod checkpoint;
+pub mod fold;
+pub mod journal;
+pub mod ledger;
+pub mod record;
+pub mod replay;
+pub mod state;
+
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -25,12 +33,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::journal::{self, Journal, JournalConfig};
-use super::ledger::{self, Ledger, LedgerConfig};
-use super::memory::{MemoryStore, StoreConfig};
-use super::record::FORMAT_VERSION;
-use super::state;
+use self::journal::{Journal, JournalConfig};
+use self::ledger::{Ledger, LedgerConfig};
+use self::record::FORMAT_VERSION;
+use crate::files;
 use crate::time::Clock;
+use crate::usage::memory::{MemoryStore, StoreConfig};
 
 #[derive(Debug, Clone)]
 pub struct DurableConfig {
@@ -129,11 +137,7 @@ fn format(dir: &Path) -> anyhow::Result<String> {
                 format: FORMAT_VERSION,
                 id: uuid::Uuid::new_v4().to_string(),
             };
-            let tmp = dir.join("FORMAT.tmp");
-            fs::write(&tmp, serde_json::to_vec(&f)?)?;
-            File::open(&tmp)?.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(dir)?.sync_all()?;
+            files::replace_with_bytes(&path, &serde_json::to_vec(&f)?)?;
             Ok(f.id)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -166,7 +170,7 @@ impl StateDir {
         let mut first = None;
         let mut last = 0;
         let mut seen = Vec::new();
-        let mut rec = state::recover(&dir, None, |lsn, r| {
+        let mut rec = replay::recover(&dir, None, |lsn, r| {
             if ledger::counts(r) {
                 seen.push(lsn);
             }
@@ -226,8 +230,8 @@ impl StateDir {
         if !rec.damaged.is_empty() {
             // Never meet the same damage twice: fold what was recovered (and healed)
             // into a clean checkpoint now and move the damaged files aside.
-            state::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
-            state::remove_folded(&dir, next_lsn - 1, &rec)?;
+            checkpoint::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
+            fold::remove_folded(&dir, next_lsn - 1, &rec)?;
         }
         rec.state.prune(now.0);
         let store_cfg = config.store;
@@ -361,7 +365,7 @@ impl Inner {
         }
         let started = Instant::now();
         let upto = self.journal.seal()?;
-        let r = state::fold(&self.dir, upto, self.clock.now_background().0);
+        let r = fold::fold(&self.dir, upto, self.clock.now_background().0);
         match &r {
             Ok(Some(n)) => {
                 crate::metrics::checkpoint("success", started.elapsed().as_secs_f64());
@@ -551,7 +555,7 @@ mod tests {
             peak_disk < 16 << 20,
             "state on disk peaked at {peak_disk} bytes"
         );
-        let ckpts = state::checkpoints(tmp.path()).unwrap();
+        let ckpts = checkpoint::checkpoints(tmp.path()).unwrap();
         assert_eq!(ckpts.len(), 1);
         dir.close().unwrap();
     }
