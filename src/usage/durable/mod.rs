@@ -15,6 +15,14 @@
 //! writes a clean checkpoint at once and moves the damaged files aside, so the next
 //! start never meets them again. A background thread folds the journal into a new
 //! checkpoint every interval or past a size; a graceful close flushes and folds.
+//!
+//! The parts, each reading only the ones before it: [`record`] (what a record is and
+//! how frames are laid out), [`ledger`] (billing events derived from records),
+//! [`journal`] (the writer thread appending frames), [`state`] (the record set a
+//! directory holds), [`checkpoint`] (writing it), [`replay`] (rebuilding it from
+//! checkpoint and journal) and [`fold`] (the one into the other). This module opens
+//! the directory, loads what replay found into a [`MemoryStore`], and runs the
+//! checkpointer.
 
 pub mod checkpoint;
 pub mod fold;
@@ -202,26 +210,7 @@ impl StateDir {
         }
         let mut healed = 0;
         if !rec.damaged.is_empty() && floor > rec.checkpoint_lsn {
-            // The ledger may hold events whose journal records were lost: they were
-            // served and billed, so count them again rather than give the units away.
-            seen.sort_unstable();
-            let events = ledger::events_after(&dir.join("ledger"), rec.checkpoint_lsn)
-                .context("reading the ledger to heal damaged journal records")?;
-            for (lsn, v) in &events {
-                if seen.binary_search(lsn).is_ok() {
-                    continue;
-                }
-                if let Some(r) = ledger::event_record(v) {
-                    rec.state.apply(&r);
-                    healed += 1;
-                }
-            }
-            if healed > 0 {
-                tracing::warn!(
-                    events = healed,
-                    "restored usage lost with damaged journal records from the usage ledger"
-                );
-            }
+            healed = heal_from_ledger(&dir, &mut rec, &mut seen)?;
         }
         // Never reuse an lsn the ledger has already named an event with (the journal
         // may have lost its tail while the ledger kept it).
@@ -381,6 +370,37 @@ impl Inner {
         }
         Ok(r?)
     }
+}
+
+/// Counts again the ledger's events after the checkpoint whose journal records were
+/// lost to damage (their lsns are not in `seen`). Returns how many.
+fn heal_from_ledger(
+    dir: &Path,
+    rec: &mut replay::Recovered,
+    seen: &mut [u64],
+) -> anyhow::Result<u64> {
+    let mut healed = 0;
+    // The ledger may hold events whose journal records were lost: they were
+    // served and billed, so count them again rather than give the units away.
+    seen.sort_unstable();
+    let events = ledger::events_after(&dir.join("ledger"), rec.checkpoint_lsn)
+        .context("reading the ledger to heal damaged journal records")?;
+    for (lsn, v) in &events {
+        if seen.binary_search(lsn).is_ok() {
+            continue;
+        }
+        if let Some(r) = ledger::event_record(v) {
+            rec.state.apply(&r);
+            healed += 1;
+        }
+    }
+    if healed > 0 {
+        tracing::warn!(
+            events = healed,
+            "restored usage lost with damaged journal records from the usage ledger"
+        );
+    }
+    Ok(healed)
 }
 
 fn journal_bytes(dir: &Path) -> u64 {

@@ -1,13 +1,13 @@
 //! The in-memory store: dashmap shards of atomics, one map per kind of usage.
 //!
-//! - [`quota`]: counters per (customer, feature, window start), compare-and-swap;
-//! - [`rate`]: GCRA limiters per (customer, feature);
-//! - [`seats`]: holder sets per (customer, feature);
-//! - [`reservations`]: units held against a window until committed or released;
-//! - [`idempotency`]: remembered keys and their answers;
-//! - [`journaling`]: how every change reaches the state directory's journal, when
+//! - `quota`: counters per (customer, feature, window start), compare-and-swap;
+//! - `rate`: GCRA limiters per (customer, feature);
+//! - `seats`: holder sets per (customer, feature);
+//! - `reservations`: units held against a window until committed or released;
+//! - `idempotency`: remembered keys and their answers;
+//! - `journaling`: how every change reaches the state directory's journal, when
 //!   the store has one;
-//! - [`keys`]: the maps' keys, probed with borrowed strings (no allocation).
+//! - `keys`: the maps' keys, probed with borrowed strings (no allocation).
 //!
 //! This module puts them together: a step claims its idempotency key, changes one
 //! map, journals the change and remembers the answer. Lookups borrow the request's
@@ -410,7 +410,6 @@ impl MemoryStore {
         }
     }
 
-    /// Loads recovered state (see [`super::state`]): counters with their open holds,
     /// Loads recovered state (see [`super::durable::replay`]): counters with their
     /// open holds, seats and idempotency keys.
     pub fn restore(&mut self, state: State) {

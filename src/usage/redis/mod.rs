@@ -1,14 +1,14 @@
 //! Usage shared across replicas through Redis (or a Redis-compatible server).
 //!
-//! - [`strict`] (the default): every step is one Lua script ([`scripts`]) run
+//! - `strict` (the default): every step is one Lua script (`scripts`) run
 //!   atomically by the server; exact across any number of replicas;
-//! - [`cached`]: the local store answers at once and deltas are flushed in the
+//! - `cached`: the local store answers at once and deltas are flushed in the
 //!   background; over-admission is bounded by one flush interval plus a round trip.
 //!
-//! Keys are built in [`keys`]. Faults: every call is bounded by `timeout` (50 ms);
-//! consecutive failures open a circuit breaker ([`breaker`]) for a cool-down, during
+//! Keys are built in `keys`. Faults: every call is bounded by `timeout` (50 ms);
+//! consecutive failures open a circuit breaker (`breaker`) for a cool-down, during
 //! which calls skip Redis. While Redis is unusable, `--on-store-error` decides
-//! ([`fallback`]): `local` counts in this replica's memory and adds the deltas to
+//! (`fallback`): `local` counts in this replica's memory and adds the deltas to
 //! Redis when it returns, `allow` admits without counting, `deny` answers 503.
 
 mod breaker;
