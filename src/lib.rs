@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod engine;
 pub mod files;
+pub mod ids;
 pub mod metrics;
 pub mod notices;
 pub mod policy;

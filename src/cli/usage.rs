@@ -44,7 +44,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    entitled::usage::ledger::export(&dir, since, until, &mut out)?;
+    entitled::usage::durable::ledger::export(&dir, since, until, &mut out)?;
     std::io::Write::flush(&mut out)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,8 +14,8 @@ use super::request::{self, MAX_BATCH, Parsed, Shape};
 use crate::engine::{self, Decision, Op, Reason};
 use crate::policy::{Kind, Snapshot};
 use crate::time::Timestamp;
-use crate::usage::record::{parse_reservation, reservation_name};
 use crate::usage::{Ack, IdemKey, SettleAction, StepMeta, UsageStore};
+use crate::usage::{parse_reservation, reservation_name};
 
 type Resp = Response<Full<Bytes>>;
 

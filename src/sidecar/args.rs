@@ -13,7 +13,7 @@ use crate::policy;
 use crate::server;
 use crate::time::Timestamp;
 use crate::usage::durable::DurableConfig;
-use crate::usage::journal::Durability;
+use crate::usage::durable::journal::Durability;
 use crate::usage::redis::{OnError, RedisConfig, StoreMode};
 
 use super::{Config, ConfigError};

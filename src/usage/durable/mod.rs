@@ -15,6 +15,22 @@
 //! writes a clean checkpoint at once and moves the damaged files aside, so the next
 //! start never meets them again. A background thread folds the journal into a new
 //! checkpoint every interval or past a size; a graceful close flushes and folds.
+//!
+//! The parts, each reading only the ones before it: [`record`] (what a record is and
+//! how frames are laid out), [`ledger`] (billing events derived from records),
+//! [`journal`] (the writer thread appending frames), [`state`] (the record set a
+//! directory holds), [`checkpoint`] (writing it), [`replay`] (rebuilding it from
+//! checkpoint and journal) and [`fold`] (the one into the other). This module opens
+//! the directory, loads what replay found into a [`MemoryStore`], and runs the
+//! checkpointer.
+
+pub mod checkpoint;
+pub mod fold;
+pub mod journal;
+pub mod ledger;
+pub mod record;
+pub mod replay;
+pub mod state;
 
 use std::fs::{self, File};
 use std::io;
@@ -25,12 +41,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::journal::{self, Journal, JournalConfig};
-use super::ledger::{self, Ledger, LedgerConfig};
-use super::memory::{MemoryStore, StoreConfig};
-use super::record::FORMAT_VERSION;
-use super::state;
+use self::journal::{Journal, JournalConfig};
+use self::ledger::{Ledger, LedgerConfig};
+use self::record::FORMAT_VERSION;
+use crate::files;
 use crate::time::Clock;
+use crate::usage::memory::{MemoryStore, StoreConfig};
 
 #[derive(Debug, Clone)]
 pub struct DurableConfig {
@@ -129,11 +145,7 @@ fn format(dir: &Path) -> anyhow::Result<String> {
                 format: FORMAT_VERSION,
                 id: uuid::Uuid::new_v4().to_string(),
             };
-            let tmp = dir.join("FORMAT.tmp");
-            fs::write(&tmp, serde_json::to_vec(&f)?)?;
-            File::open(&tmp)?.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(dir)?.sync_all()?;
+            files::replace_with_bytes(&path, &serde_json::to_vec(&f)?)?;
             Ok(f.id)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -166,7 +178,7 @@ impl StateDir {
         let mut first = None;
         let mut last = 0;
         let mut seen = Vec::new();
-        let mut rec = state::recover(&dir, None, |lsn, r| {
+        let mut rec = replay::recover(&dir, None, |lsn, r| {
             if ledger::counts(r) {
                 seen.push(lsn);
             }
@@ -198,26 +210,7 @@ impl StateDir {
         }
         let mut healed = 0;
         if !rec.damaged.is_empty() && floor > rec.checkpoint_lsn {
-            // The ledger may hold events whose journal records were lost: they were
-            // served and billed, so count them again rather than give the units away.
-            seen.sort_unstable();
-            let events = ledger::events_after(&dir.join("ledger"), rec.checkpoint_lsn)
-                .context("reading the ledger to heal damaged journal records")?;
-            for (lsn, v) in &events {
-                if seen.binary_search(lsn).is_ok() {
-                    continue;
-                }
-                if let Some(r) = ledger::event_record(v) {
-                    rec.state.apply(&r);
-                    healed += 1;
-                }
-            }
-            if healed > 0 {
-                tracing::warn!(
-                    events = healed,
-                    "restored usage lost with damaged journal records from the usage ledger"
-                );
-            }
+            healed = heal_from_ledger(&dir, &mut rec, &mut seen)?;
         }
         // Never reuse an lsn the ledger has already named an event with (the journal
         // may have lost its tail while the ledger kept it).
@@ -226,8 +219,8 @@ impl StateDir {
         if !rec.damaged.is_empty() {
             // Never meet the same damage twice: fold what was recovered (and healed)
             // into a clean checkpoint now and move the damaged files aside.
-            state::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
-            state::remove_folded(&dir, next_lsn - 1, &rec)?;
+            checkpoint::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
+            fold::remove_folded(&dir, next_lsn - 1, &rec)?;
         }
         rec.state.prune(now.0);
         let store_cfg = config.store;
@@ -361,7 +354,7 @@ impl Inner {
         }
         let started = Instant::now();
         let upto = self.journal.seal()?;
-        let r = state::fold(&self.dir, upto, self.clock.now_background().0);
+        let r = fold::fold(&self.dir, upto, self.clock.now_background().0);
         match &r {
             Ok(Some(n)) => {
                 crate::metrics::checkpoint("success", started.elapsed().as_secs_f64());
@@ -377,6 +370,37 @@ impl Inner {
         }
         Ok(r?)
     }
+}
+
+/// Counts again the ledger's events after the checkpoint whose journal records were
+/// lost to damage (their lsns are not in `seen`). Returns how many.
+fn heal_from_ledger(
+    dir: &Path,
+    rec: &mut replay::Recovered,
+    seen: &mut [u64],
+) -> anyhow::Result<u64> {
+    let mut healed = 0;
+    // The ledger may hold events whose journal records were lost: they were
+    // served and billed, so count them again rather than give the units away.
+    seen.sort_unstable();
+    let events = ledger::events_after(&dir.join("ledger"), rec.checkpoint_lsn)
+        .context("reading the ledger to heal damaged journal records")?;
+    for (lsn, v) in &events {
+        if seen.binary_search(lsn).is_ok() {
+            continue;
+        }
+        if let Some(r) = ledger::event_record(v) {
+            rec.state.apply(&r);
+            healed += 1;
+        }
+    }
+    if healed > 0 {
+        tracing::warn!(
+            events = healed,
+            "restored usage lost with damaged journal records from the usage ledger"
+        );
+    }
+    Ok(healed)
 }
 
 fn journal_bytes(dir: &Path) -> u64 {
@@ -551,7 +575,7 @@ mod tests {
             peak_disk < 16 << 20,
             "state on disk peaked at {peak_disk} bytes"
         );
-        let ckpts = state::checkpoints(tmp.path()).unwrap();
+        let ckpts = checkpoint::checkpoints(tmp.path()).unwrap();
         assert_eq!(ckpts.len(), 1);
         dir.close().unwrap();
     }
