@@ -35,12 +35,9 @@ use crate::snapshot_cell::SnapshotCell;
 use crate::time::{Clock, CoarseClock, ManualClock};
 use crate::usage::MemoryStore;
 use crate::usage::StoreError;
-use crate::usage::durable::{DurableConfig, StateDir};
+use crate::usage::durable::{DurableConfig, StateDir, StateError};
 use crate::usage::redis::{RedisStore, redact};
 use background::Flush;
-
-/// An error of another module's own type, kept with its chain of causes.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a sidecar did not start, or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +58,7 @@ pub enum SidecarError {
     StateDir {
         dir: PathBuf,
         #[source]
-        source: BoxError,
+        source: StateError,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -80,7 +77,7 @@ pub enum SidecarError {
     #[error(transparent)]
     Grpc(#[from] tonic::transport::Error),
     #[error("closing the state directory")]
-    Close(#[source] BoxError),
+    Close(#[source] StateError),
 }
 
 /// A started sidecar: everything open, every listener bound, nothing served yet.
@@ -225,7 +222,7 @@ impl Sidecar {
         }
         if let Some(dir) = self.state_dir {
             // Nothing is in flight now: flush, sync and fold the journal.
-            dir.close().map_err(|e| SidecarError::Close(e.into()))?;
+            dir.close().map_err(SidecarError::Close)?;
         }
         tracing::info!("stopped");
         Ok(())
@@ -292,7 +289,7 @@ fn open_usage(
     let (state_dir, store, report) =
         StateDir::open(cfg, clock).map_err(|e| SidecarError::StateDir {
             dir: dir.clone(),
-            source: e.into(),
+            source: e,
         })?;
     tracing::info!(
         dir = %dir.display(),
