@@ -45,8 +45,10 @@ use std::time::{Duration, Instant};
 use entitled::engine::{self, QuotaMode, UsageKey, UsageOp};
 use entitled::policy::{Limit, Period, Reset};
 use entitled::time::{ManualClock, Timestamp};
-use entitled::usage::durable::{DurableConfig, StateDir};
-use entitled::usage::{MemoryStore, StepMeta, journal, ledger, record, state};
+use entitled::usage::durable::{
+    DurableConfig, StateDir, checkpoint, journal, ledger, record, replay,
+};
+use entitled::usage::{MemoryStore, StepMeta};
 use tikv_jemalloc_ctl::{epoch, stats};
 
 #[global_allocator]
@@ -204,7 +206,7 @@ fn child_phases(dir: &Path) {
     drop(ledger);
 
     // Reading and decoding the files alone (what `recover` does before applying).
-    let mut files: Vec<PathBuf> = state::checkpoints(dir)
+    let mut files: Vec<PathBuf> = checkpoint::checkpoints(dir)
         .unwrap()
         .into_iter()
         .map(|(_, p)| p)
@@ -234,7 +236,7 @@ fn child_phases(dir: &Path) {
     // The whole replay (read + decode + apply), as start-up runs it.
     let t = Instant::now();
     let mut events = 0u64;
-    let mut rec = state::recover(dir, None, |lsn, r| {
+    let mut rec = replay::recover(dir, None, |lsn, r| {
         if lsn > floor && ledger::counts(r) {
             events += 1;
         }

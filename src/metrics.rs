@@ -351,7 +351,17 @@ pub fn checkpoint(result: &'static str, seconds: f64) {
     }
 }
 
-pub fn usage_state(c: &crate::usage::memory::Counts) {
+/// How much live usage state a store holds: one gauge per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageState {
+    pub quota_counters: usize,
+    pub rate_limiters: usize,
+    pub seat_pools: usize,
+    pub reservations: usize,
+    pub idempotency_keys: usize,
+}
+
+pub fn usage_state(c: &UsageState) {
     gauge!(USAGE_STATE, "kind" => "quota_counters").set(c.quota_counters as f64);
     gauge!(USAGE_STATE, "kind" => "rate_limiters").set(c.rate_limiters as f64);
     gauge!(USAGE_STATE, "kind" => "seat_pools").set(c.seat_pools as f64);

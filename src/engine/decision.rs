@@ -195,7 +195,7 @@ impl<'a> Decision<'a> {
 
 fn serialize_reservation<S: serde::Serializer>(id: &Option<u128>, s: S) -> Result<S::Ok, S::Error> {
     match id {
-        Some(id) => s.serialize_str(&crate::usage::record::reservation_name(*id)),
+        Some(id) => s.serialize_str(&crate::ids::reservation_name(*id)),
         None => s.serialize_none(),
     }
 }
@@ -329,7 +329,7 @@ impl Decision<'_> {
         }
         if let Some(id) = self.reservation {
             out.extend_from_slice(b",\"reservation\":");
-            write_str(out, &crate::usage::record::reservation_name(id));
+            write_str(out, &crate::ids::reservation_name(id));
         }
         if let Some(r) = self.retry_after {
             out.extend_from_slice(b",\"retry_after\":");

@@ -15,8 +15,8 @@ use crate::decide::{DecideError, Query};
 use crate::engine::{self, Decision, Op, Reason};
 use crate::policy::Kind;
 use crate::time::Timestamp;
-use crate::usage::record::{parse_reservation, reservation_name};
 use crate::usage::{Ack, IdemKey, SettleAction, StepMeta, UsageStore};
+use crate::usage::{parse_reservation, reservation_name};
 
 type Resp = Response<Full<Bytes>>;
 

@@ -3,19 +3,24 @@
 //! One trait, [`UsageStore`], runs the engine's [`UsageOp`]s atomically. It is
 //! asynchronous because a shared store (Redis) is remote and can fail; the in-memory
 //! store answers with a ready future, so awaiting it costs nothing.
+//!
+//! Three stores, each a folder, and imports run one way between them:
+//!
+//! - [`durable`]'s record format and journal know nothing of the stores;
+//! - [`memory`] counts in this process and hands its changes to a journal, if any;
+//! - [`durable`]'s state directory recovers a [`MemoryStore`] from checkpoint and
+//!   journal, and folds the journal into checkpoints;
+//! - [`redis`] shares usage across replicas, with a [`MemoryStore`] as its local view.
 
 pub mod durable;
-pub mod journal;
-pub mod ledger;
 pub mod memory;
-pub mod record;
 pub mod redis;
-pub mod state;
 
 use std::future::Future;
 
+pub use crate::ids::{ReservationId, parse_reservation, reservation_name};
+pub use durable::record::{SettleOutcome, Settled};
 pub use memory::{MemoryStore, StoreConfig};
-pub use record::{ReservationId, SettleOutcome, Settled};
 
 use crate::engine::{UsageOp, UsageOutcome};
 use crate::time::Timestamp;

@@ -67,7 +67,7 @@ fn serve(policies: &PolicyDir, state: &Path, extra: &[&str]) -> Server {
     let state = state.to_str().expect("a UTF-8 state path");
     let mut args = vec!["--state-dir", state, "--test-clock", T0];
     args.extend_from_slice(extra);
-    Server::start_with(policies.path(), &args)
+    Server::spawn_with(policies.path(), &args)
 }
 
 fn sync(policies: &PolicyDir, state: &Path) -> Server {

@@ -16,7 +16,7 @@
 //! `NGINX_BIN`, `PATH` or `/usr/sbin`; without one a test says so and passes, except
 //! under `CI`, where a missing binary fails.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -125,17 +125,27 @@ struct Stack {
 
 impl Stack {
     fn start(mode: Mode) -> Option<Stack> {
-        let files = format!("{CATALOG}\n{}\n{ROUTES}", customers());
-        Stack::start_on(mode, &files)
+        Stack::start_by(mode, Server::start_with)
     }
 
-    fn start_on(mode: Mode, policy: &str) -> Option<Stack> {
+    /// As [`Stack::start`], with entitled as a process of its own, for a test that
+    /// stops it.
+    fn spawn(mode: Mode) -> Option<Stack> {
+        Stack::start_by(mode, Server::spawn_with)
+    }
+
+    fn start_by(mode: Mode, how: fn(&Path, &[&str]) -> Server) -> Option<Stack> {
+        let files = format!("{CATALOG}\n{}\n{ROUTES}", customers());
+        Stack::start_on(mode, &files, how)
+    }
+
+    fn start_on(mode: Mode, policy: &str, how: fn(&Path, &[&str]) -> Server) -> Option<Stack> {
         let bin = envoy_or_skip()?;
         let policies = PolicyDir::with(&[("policy.yaml", policy)]);
         let upstream = Upstream::start();
         let grpc_port = free_port();
         let grpc_listen = format!("127.0.0.1:{grpc_port}");
-        let server = Server::start_with(
+        let server = how(
             policies.path(),
             &["--durability", "memory", "--grpc-listen", &grpc_listen],
         );
@@ -442,7 +452,7 @@ fn a_burst_trips_the_rate_limit(mode: Mode) {
 }
 
 fn fails_closed_when_entitled_is_down(mode: Mode) {
-    let Some(mut s) = Stack::start(mode) else {
+    let Some(mut s) = Stack::spawn(mode) else {
         return;
     };
     assert_admitted(
@@ -473,7 +483,7 @@ fn fails_closed_when_entitled_is_down(mode: Mode) {
 fn fails_closed_before_a_policy_has_loaded(mode: Mode) {
     // entitled serves, but the only policy file is broken: every decision is 503.
     let broken = "features:\n  api.calls: { kind: quota, per: month, bogus: 1 }\n";
-    let Some(s) = Stack::start_on(mode, broken) else {
+    let Some(s) = Stack::start_on(mode, broken, Server::start_with) else {
         return;
     };
     let r = s.call("GET", "/api/items", Some("acme"));
@@ -589,7 +599,8 @@ impl NginxStack {
         let policy = format!("{CATALOG}\n{}\n{ROUTES}", customers());
         let policies = PolicyDir::with(&[("policy.yaml", &policy)]);
         let upstream = Upstream::start();
-        let server = Server::start_with(
+        // A process of its own: the test stops it.
+        let server = Server::spawn_with(
             policies.path(),
             &["--durability", "memory", "--grpc-listen", "off"],
         );

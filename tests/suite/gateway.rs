@@ -5,6 +5,7 @@
 //! clock. The same answers through a real Envoy are in `envoy.rs`.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use base64::Engine as _;
 use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
@@ -91,10 +92,19 @@ fn policies() -> PolicyDir {
 }
 
 fn start(extra: &[&str]) -> (PolicyDir, Server) {
+    start_by(Server::start_with, extra)
+}
+
+/// As [`start`], as a process of its own: `/metrics` is the process's.
+fn spawn(extra: &[&str]) -> (PolicyDir, Server) {
+    start_by(Server::spawn_with, extra)
+}
+
+fn start_by(how: fn(&Path, &[&str]) -> Server, extra: &[&str]) -> (PolicyDir, Server) {
     let dir = policies();
     let mut args = vec!["--durability", "memory", "--test-clock", T0];
     args.extend_from_slice(extra);
-    let s = Server::start_with(dir.path(), &args);
+    let s = how(dir.path(), &args);
     (dir, s)
 }
 
@@ -343,7 +353,7 @@ fn no_snapshot_means_503_never_an_admission() {
 
 #[test]
 fn gateway_answers_are_counted_without_customer_ids() {
-    let (_d, s) = start(&[]);
+    let (_d, s) = spawn(&[]);
     authz(&s, "GET", "/api/reports", &[("x-customer-id", "big")]);
     authz(&s, "GET", "/api/reports", &[("x-customer-id", "tiny")]);
     authz(&s, "GET", "/nowhere", &[]);
@@ -368,9 +378,13 @@ fn gateway_answers_are_counted_without_customer_ids() {
 // --- gRPC -------------------------------------------------------------------------
 
 fn grpc_server() -> (PolicyDir, Server, String) {
+    grpc_server_by(start)
+}
+
+fn grpc_server_by(how: fn(&[&str]) -> (PolicyDir, Server)) -> (PolicyDir, Server, String) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let (d, s) = start(&["--grpc-listen", &listen]);
+    let (d, s) = how(&["--grpc-listen", &listen]);
     (d, s, format!("http://{listen}"))
 }
 
@@ -542,7 +556,7 @@ async fn should(
 
 #[test]
 fn grpc_rate_limit_service_follows_each_plan() {
-    let (_d, s, url) = grpc_server();
+    let (_d, s, url) = grpc_server_by(spawn);
     runtime().block_on(async {
         let _ = connect_auth(&url).await;
         let mut c = RateLimitServiceClient::connect(url.clone())

@@ -250,7 +250,7 @@ fn start_args(
         args.extend(["--notify-url", url]);
     }
     args.extend(extra);
-    Server::start_with(policies, &args)
+    Server::spawn_with(policies, &args)
 }
 
 /// A subscription ending 2027-01-01 gets its 90-, 60- and 30-day notices exactly once

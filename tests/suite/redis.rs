@@ -112,8 +112,19 @@ impl std::ops::DerefMut for Replica {
     }
 }
 
-/// `entitled serve --store REDIS --state-dir STATE --test-clock T0 EXTRA`.
+/// `entitled serve --store REDIS --state-dir STATE --test-clock T0 EXTRA`, as a
+/// process of its own: these tests stop replicas and read their `/metrics`.
 fn serve_on(policies: &PolicyDir, redis: &Redis, state: &Path, extra: &[&str]) -> Server {
+    serve_by(Server::spawn_with, policies, redis, state, extra)
+}
+
+fn serve_by(
+    how: fn(&Path, &[&str]) -> Server,
+    policies: &PolicyDir,
+    redis: &Redis,
+    state: &Path,
+    extra: &[&str],
+) -> Server {
     let url = redis.url();
     let dir = state.to_str().expect("a UTF-8 state path");
     let mut args = vec![
@@ -125,7 +136,7 @@ fn serve_on(policies: &PolicyDir, redis: &Redis, state: &Path, extra: &[&str]) -
         url.as_str(),
     ];
     args.extend_from_slice(extra);
-    Server::start_with(policies.path(), &args)
+    how(policies.path(), &args)
 }
 
 /// A replica on a fresh state directory.
@@ -133,6 +144,16 @@ fn replica(policies: &PolicyDir, redis: &Redis, extra: &[&str]) -> Replica {
     let state = tempfile::tempdir().expect("state tempdir");
     Replica {
         server: serve_on(policies, redis, state.path(), extra),
+        state,
+    }
+}
+
+/// As [`replica`], in the test process, for a test that neither stops it nor reads
+/// its `/metrics`.
+fn replica_here(policies: &PolicyDir, redis: &Redis) -> Replica {
+    let state = tempfile::tempdir().expect("state tempdir");
+    Replica {
+        server: serve_by(Server::start_with, policies, redis, state.path(), &[]),
         state,
     }
 }
@@ -1511,7 +1532,7 @@ fn keys_never_collide_and_share_the_customer_tag() {
     let _serial = serial();
     let redis = Redis::start();
     let dir = policy();
-    let a = replica(&dir, &redis, &[]);
+    let a = replica_here(&dir, &redis);
     let pairs = [
         ("a:b", "x"),
         ("a", "b:x"),
@@ -1695,7 +1716,7 @@ fn tls_and_password_reach_redis() {
     let ca = ca.to_str().expect("UTF-8 path");
     let start = |password: &str| {
         let url = format!("rediss://:{password}@127.0.0.1:{port}");
-        Server::start_with(
+        Server::spawn_with(
             policies.path(),
             &[
                 "--test-clock",

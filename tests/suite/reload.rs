@@ -32,6 +32,11 @@ fn start(dir: &Path) -> Server {
     Server::start_with(dir, &["--reload-debounce", "50ms"])
 }
 
+/// As [`start`], as a process of its own: `/metrics` is the process's.
+fn spawn(dir: &Path) -> Server {
+    Server::spawn_with(dir, &["--reload-debounce", "50ms"])
+}
+
 fn limit(s: &Server, customer: &str) -> Value {
     s.check(customer, "api.calls")["limit"].clone()
 }
@@ -248,7 +253,7 @@ fn a_burst_of_100_writes_collapses_into_few_reloads() {
 #[test]
 fn a_broken_file_keeps_the_last_good_snapshot_until_fixed() {
     let dir = standard_dir(100);
-    let s = start(dir.path());
+    let s = spawn(dir.path());
     let v1 = s.version().expect("version");
     let before = s.check("acme", "api.calls");
     let failed0 = s.status()["reloads_failed"]

@@ -543,7 +543,7 @@ fn health_and_readiness() {
 #[test]
 fn metrics_endpoint_serves_prometheus_text() {
     let dir = policy();
-    let s = Server::start(dir.path());
+    let s = Server::spawn(dir.path());
     s.check("acme", "sso");
     let r = s.get("/metrics");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -905,7 +905,7 @@ fn silent_connections_cannot_starve_the_server() {
 #[test]
 fn sigterm_finishes_the_request_in_flight_then_exits_0() {
     let dir = policy();
-    let mut s = Server::start(dir.path());
+    let mut s = Server::spawn(dir.path());
     let addr = s.addr;
     let body = br#"{"customer":"acme","feature":"api.calls","amount":2}"#;
     let (first, rest) = body.split_at(body.len() / 2);
@@ -960,7 +960,7 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0() {
 #[test]
 fn sigterm_on_an_idle_server_exits_0() {
     let dir = policy();
-    let mut s = Server::start(dir.path());
+    let mut s = Server::spawn(dir.path());
     s.check("acme", "sso");
     let status = s.stop_gracefully();
     assert!(status.success(), "{status:?}; stderr:\n{}", s.stderr());
@@ -1036,7 +1036,7 @@ fn a_broken_policy_at_start_is_503_until_fixed() {
 #[test]
 fn metrics_parse_as_prometheus_and_carry_no_customer_ids() {
     let dir = policy();
-    let s = Server::start(dir.path());
+    let s = Server::spawn(dir.path());
     // Granted, denied (several reasons), and a consume crossing warn_at (50% of 10).
     s.check("acme", "support.tier");
     s.check("globex", "sso");
@@ -1212,7 +1212,7 @@ customers:
         ticket: SUP-1234
 "#,
     )]);
-    let s = Server::start_with(dir.path(), &["--test-clock", "2026-12-30T23:59:59Z"]);
+    let s = Server::spawn_with(dir.path(), &["--test-clock", "2026-12-30T23:59:59Z"]);
     let d = s.check("hooli", "analytics.advanced");
     assert_eq!(d["allowed"], true, "{d}");
     assert_eq!(d["source"]["type"], "override", "{d}");

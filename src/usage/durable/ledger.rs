@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::record::{Record, reservation_name};
+use super::record::Record;
+use crate::files;
+use crate::ids::{parse_reservation, reservation_name};
 use crate::time::{SECOND, Timestamp};
 
 #[derive(Debug, Clone)]
@@ -184,31 +186,19 @@ struct Segment {
 }
 
 fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(stem) = name
-            .strip_prefix("usage-")
-            .and_then(|n| n.strip_suffix(".ndjson"))
-        else {
-            continue;
-        };
-        let Some((lsn, secs)) = stem.split_once('-') else {
-            continue;
-        };
-        let (Ok(first_lsn), Ok(start_secs)) = (lsn.parse(), secs.parse()) else {
-            continue;
-        };
-        out.push(Segment {
-            path: e.path(),
+    let named = files::list_by(dir, |name| {
+        let stem = name.strip_prefix("usage-")?.strip_suffix(".ndjson")?;
+        let (lsn, secs) = stem.split_once('-')?;
+        Some((lsn.parse::<u64>().ok()?, secs.parse::<i64>().ok()?))
+    })?;
+    Ok(named
+        .into_iter()
+        .map(|((first_lsn, start_secs), path)| Segment {
+            path,
             first_lsn,
             start_secs,
-        });
-    }
-    out.sort_by_key(|s| s.first_lsn);
-    Ok(out)
+        })
+        .collect())
 }
 
 /// The ledger's writer. Lives on the journal's writer thread.
@@ -391,9 +381,7 @@ pub fn event_record(v: &serde_json::Value) -> Option<Record<'_>> {
             snapshot,
         }),
         "commit" => Some(Record::Settle {
-            id: d["reservation"]
-                .as_str()
-                .and_then(super::record::parse_reservation)?,
+            id: d["reservation"].as_str().and_then(parse_reservation)?,
             customer,
             feature,
             window_start: time("window_start")?,

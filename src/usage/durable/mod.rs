@@ -15,6 +15,22 @@
 //! writes a clean checkpoint at once and moves the damaged files aside, so the next
 //! start never meets them again. A background thread folds the journal into a new
 //! checkpoint every interval or past a size; a graceful close flushes and folds.
+//!
+//! The parts, each reading only the ones before it: [`record`] (what a record is and
+//! how frames are laid out), [`ledger`] (billing events derived from records),
+//! [`journal`] (the writer thread appending frames), [`state`] (the record set a
+//! directory holds), [`checkpoint`] (writing it), [`replay`] (rebuilding it from
+//! checkpoint and journal) and [`fold`] (the one into the other). This module opens
+//! the directory, loads what replay found into a [`MemoryStore`], and runs the
+//! checkpointer.
+
+pub mod checkpoint;
+pub mod fold;
+pub mod journal;
+pub mod ledger;
+pub mod record;
+pub mod replay;
+pub mod state;
 
 use std::fs::{self, File};
 use std::io;
@@ -23,14 +39,47 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
-use super::journal::{self, Journal, JournalConfig};
-use super::ledger::{self, Ledger, LedgerConfig};
-use super::memory::{MemoryStore, StoreConfig};
-use super::record::FORMAT_VERSION;
-use super::state;
+use self::journal::{Journal, JournalConfig};
+use self::ledger::{Ledger, LedgerConfig};
+use self::record::FORMAT_VERSION;
+use self::replay::RecoverError;
+use crate::files;
 use crate::time::Clock;
+use crate::usage::StoreError;
+use crate::usage::memory::{MemoryStore, StoreConfig};
+
+/// Why the state directory could not be opened, folded or closed. Each message says
+/// what was being done; the cause follows as the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("creating {}", .0.display())]
+    Create(PathBuf, #[source] io::Error),
+    #[error("{} is in use by another entitled process (LOCK is held)", .0.display())]
+    Locked(PathBuf),
+    #[error("reading {}", .0.display())]
+    ReadFormat(PathBuf, #[source] io::Error),
+    #[error("{}: not a state directory format file", .0.display())]
+    NotFormatFile(PathBuf, #[source] serde_json::Error),
+    #[error(
+        "{}: state directory written by format version {found}; this entitled reads up to version {FORMAT_VERSION}. Run a newer entitled, or point --state-dir at another directory",
+        dir.display()
+    )]
+    NewerFormat { dir: PathBuf, found: u32 },
+    #[error("opening the ledger in {}", .0.display())]
+    OpenLedger(PathBuf, #[source] io::Error),
+    #[error("bringing the ledger up to date")]
+    CatchUp(#[source] io::Error),
+    #[error("reading the ledger to heal damaged journal records")]
+    Heal(#[source] io::Error),
+    #[error("checkpoint lock poisoned")]
+    Poisoned,
+    #[error(transparent)]
+    Recover(#[from] RecoverError),
+    #[error(transparent)]
+    Journal(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
 
 #[derive(Debug, Clone)]
 pub struct DurableConfig {
@@ -108,19 +157,17 @@ pub struct StateDir {
 }
 
 /// Reads and checks `FORMAT` (creating it for a new directory).
-fn format(dir: &Path) -> anyhow::Result<String> {
+fn format(dir: &Path) -> Result<String, StateError> {
     let path = dir.join("FORMAT");
     match fs::read(&path) {
         Ok(bytes) => {
-            let f: Format = serde_json::from_slice(&bytes).with_context(|| {
-                format!("{}: not a state directory format file", path.display())
-            })?;
+            let f: Format = serde_json::from_slice(&bytes)
+                .map_err(|e| StateError::NotFormatFile(path.clone(), e))?;
             if f.format > FORMAT_VERSION {
-                anyhow::bail!(
-                    "{}: state directory written by format version {}; this entitled reads up to version {FORMAT_VERSION}. Run a newer entitled, or point --state-dir at another directory",
-                    dir.display(),
-                    f.format
-                );
+                return Err(StateError::NewerFormat {
+                    dir: dir.to_path_buf(),
+                    found: f.format,
+                });
             }
             Ok(f.id)
         }
@@ -129,14 +176,10 @@ fn format(dir: &Path) -> anyhow::Result<String> {
                 format: FORMAT_VERSION,
                 id: uuid::Uuid::new_v4().to_string(),
             };
-            let tmp = dir.join("FORMAT.tmp");
-            fs::write(&tmp, serde_json::to_vec(&f)?)?;
-            File::open(&tmp)?.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(dir)?.sync_all()?;
+            files::replace_with_bytes(&path, &serde_json::to_vec(&f).map_err(io::Error::other)?)?;
             Ok(f.id)
         }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => Err(StateError::ReadFormat(path, e)),
     }
 }
 
@@ -146,27 +189,23 @@ impl StateDir {
     pub fn open(
         config: DurableConfig,
         clock: Arc<dyn Clock>,
-    ) -> anyhow::Result<(StateDir, MemoryStore, OpenReport)> {
+    ) -> Result<(StateDir, MemoryStore, OpenReport), StateError> {
         let started = Instant::now();
         let dir = config.dir.clone();
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::create_dir_all(&dir).map_err(|e| StateError::Create(dir.clone(), e))?;
         let lock = File::create(dir.join("LOCK"))?;
-        lock.try_lock().map_err(|_| {
-            anyhow::anyhow!(
-                "{} is in use by another entitled process (LOCK is held)",
-                dir.display()
-            )
-        })?;
+        lock.try_lock()
+            .map_err(|_| StateError::Locked(dir.clone()))?;
         let id = format(&dir)?;
         let source = format!("urn:entitled:state:{id}");
         let mut ledger = Ledger::open(&dir.join("ledger"), source.clone(), config.ledger.clone())
-            .with_context(|| format!("opening the ledger in {}", dir.display()))?;
+            .map_err(|e| StateError::OpenLedger(dir.clone(), e))?;
         let floor = ledger.last_lsn();
         let mut events = Vec::new();
         let mut first = None;
         let mut last = 0;
         let mut seen = Vec::new();
-        let mut rec = state::recover(&dir, None, |lsn, r| {
+        let mut rec = replay::recover(&dir, None, |lsn, r| {
             if ledger::counts(r) {
                 seen.push(lsn);
             }
@@ -180,7 +219,7 @@ impl StateDir {
         if let Some(first) = first {
             ledger
                 .append(&events, first, last)
-                .context("bringing the ledger up to date")?;
+                .map_err(StateError::CatchUp)?;
             ledger.sync()?;
         }
         let lost = rec.lost_records();
@@ -198,26 +237,7 @@ impl StateDir {
         }
         let mut healed = 0;
         if !rec.damaged.is_empty() && floor > rec.checkpoint_lsn {
-            // The ledger may hold events whose journal records were lost: they were
-            // served and billed, so count them again rather than give the units away.
-            seen.sort_unstable();
-            let events = ledger::events_after(&dir.join("ledger"), rec.checkpoint_lsn)
-                .context("reading the ledger to heal damaged journal records")?;
-            for (lsn, v) in &events {
-                if seen.binary_search(lsn).is_ok() {
-                    continue;
-                }
-                if let Some(r) = ledger::event_record(v) {
-                    rec.state.apply(&r);
-                    healed += 1;
-                }
-            }
-            if healed > 0 {
-                tracing::warn!(
-                    events = healed,
-                    "restored usage lost with damaged journal records from the usage ledger"
-                );
-            }
+            healed = heal_from_ledger(&dir, &mut rec, &mut seen)?;
         }
         // Never reuse an lsn the ledger has already named an event with (the journal
         // may have lost its tail while the ledger kept it).
@@ -226,8 +246,8 @@ impl StateDir {
         if !rec.damaged.is_empty() {
             // Never meet the same damage twice: fold what was recovered (and healed)
             // into a clean checkpoint now and move the damaged files aside.
-            state::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
-            state::remove_folded(&dir, next_lsn - 1, &rec)?;
+            checkpoint::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
+            fold::remove_folded(&dir, next_lsn - 1, &rec)?;
         }
         rec.state.prune(now.0);
         let store_cfg = config.store;
@@ -288,7 +308,7 @@ impl StateDir {
 
     /// Folds the journal into a new checkpoint now. Returns the entries it holds, or
     /// `None` if nothing changed since the last one.
-    pub fn checkpoint(&self) -> anyhow::Result<Option<usize>> {
+    pub fn checkpoint(&self) -> Result<Option<usize>, StateError> {
         self.inner.fold()
     }
 
@@ -298,7 +318,7 @@ impl StateDir {
 
     /// Flushes and syncs the journal, folds it into a checkpoint (so the next start
     /// reads one file) and stops the background thread.
-    pub fn close(mut self) -> anyhow::Result<()> {
+    pub fn close(mut self) -> Result<(), StateError> {
         self.stop_thread();
         let r = self.inner.fold();
         self.inner.journal.close();
@@ -351,17 +371,14 @@ impl Inner {
         }
     }
 
-    fn fold(&self) -> anyhow::Result<Option<usize>> {
-        let _one = self
-            .folding
-            .lock()
-            .map_err(|_| anyhow::anyhow!("checkpoint lock poisoned"))?;
+    fn fold(&self) -> Result<Option<usize>, StateError> {
+        let _one = self.folding.lock().map_err(|_| StateError::Poisoned)?;
         if self.closed.load(Ordering::Acquire) {
             return Ok(None);
         }
         let started = Instant::now();
         let upto = self.journal.seal()?;
-        let r = state::fold(&self.dir, upto, self.clock.now_background().0);
+        let r = fold::fold(&self.dir, upto, self.clock.now_background().0);
         match &r {
             Ok(Some(n)) => {
                 crate::metrics::checkpoint("success", started.elapsed().as_secs_f64());
@@ -377,6 +394,37 @@ impl Inner {
         }
         Ok(r?)
     }
+}
+
+/// Counts again the ledger's events after the checkpoint whose journal records were
+/// lost to damage (their lsns are not in `seen`). Returns how many.
+fn heal_from_ledger(
+    dir: &Path,
+    rec: &mut replay::Recovered,
+    seen: &mut [u64],
+) -> Result<u64, StateError> {
+    let mut healed = 0;
+    // The ledger may hold events whose journal records were lost: they were
+    // served and billed, so count them again rather than give the units away.
+    seen.sort_unstable();
+    let events =
+        ledger::events_after(&dir.join("ledger"), rec.checkpoint_lsn).map_err(StateError::Heal)?;
+    for (lsn, v) in &events {
+        if seen.binary_search(lsn).is_ok() {
+            continue;
+        }
+        if let Some(r) = ledger::event_record(v) {
+            rec.state.apply(&r);
+            healed += 1;
+        }
+    }
+    if healed > 0 {
+        tracing::warn!(
+            events = healed,
+            "restored usage lost with damaged journal records from the usage ledger"
+        );
+    }
+    Ok(healed)
 }
 
 fn journal_bytes(dir: &Path) -> u64 {
@@ -551,7 +599,7 @@ mod tests {
             peak_disk < 16 << 20,
             "state on disk peaked at {peak_disk} bytes"
         );
-        let ckpts = state::checkpoints(tmp.path()).unwrap();
+        let ckpts = checkpoint::checkpoints(tmp.path()).unwrap();
         assert_eq!(ckpts.len(), 1);
         dir.close().unwrap();
     }

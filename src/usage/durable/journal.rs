@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use super::StoreError;
 use super::ledger::{self, Ledger};
 use super::record::{self, Encoded, Entry};
+use crate::files;
+use crate::usage::StoreError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -59,7 +60,7 @@ pub fn segment_name(first_lsn: u64) -> String {
 
 /// Journal segments in `dir`, by first lsn.
 pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    super::state::numbered(dir, "journal-", ".log")
+    files::numbered(dir, "journal-", ".log")
 }
 
 #[derive(Debug)]
@@ -260,12 +261,14 @@ impl Drop for Journal {
     }
 }
 
+/// Opens a segment for appending; the directory is synced every time (not only when
+/// the file is new), so no append can outlive the segment's name in a crash.
 fn open_segment(dir: &Path, first_lsn: u64) -> io::Result<File> {
     let f = OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(segment_name(first_lsn)))?;
-    File::open(dir)?.sync_all()?;
+    files::sync_dir(dir)?;
     Ok(f)
 }
 
@@ -477,8 +480,8 @@ pub fn record_time(r: &record::Record<'_>) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::ledger::LedgerConfig;
-    use crate::usage::record::{Entry, Record};
+    use crate::usage::durable::ledger::LedgerConfig;
+    use crate::usage::durable::record::{Entry, Record};
 
     fn consume() -> Entry<'static> {
         Entry::Records(vec![Record::Consume {

@@ -14,6 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::engine::UsageOutcome;
+use crate::ids::ReservationId;
 
 /// Bumped when the on-disk format changes incompatibly. A state directory written by
 /// a newer version is refused rather than misread.
@@ -23,20 +24,6 @@ const MAGIC: [u8; 4] = [0xE7, 0x1D, 0xA7, 0x5E];
 pub const FRAME_HEADER: usize = 20;
 /// No honest record comes near this; a larger length is damage.
 const MAX_PAYLOAD: usize = 1 << 20;
-
-/// A reservation's id: 128 random bits, printed as `rsv_` and 32 hex digits.
-pub type ReservationId = u128;
-
-pub fn reservation_name(id: ReservationId) -> String {
-    format!("rsv_{id:032x}")
-}
-
-pub fn parse_reservation(s: &str) -> Option<ReservationId> {
-    let hex = s.strip_prefix("rsv_")?;
-    (hex.len() == 32)
-        .then(|| u128::from_str_radix(hex, 16).ok())
-        .flatten()
-}
 
 /// One change to usage state. Journal records describe what happened; checkpoint
 /// records describe what is (a checkpoint is the journal that rebuilds the state from
@@ -114,6 +101,18 @@ pub struct Settled {
     pub customer: String,
     pub feature: String,
     pub window_start: i64,
+}
+
+impl Settled {
+    /// The answer for a reservation that was not open (unknown, settled or expired).
+    pub fn not_found() -> Settled {
+        Settled {
+            outcome: SettleOutcome::default(),
+            customer: String::new(),
+            feature: String::new(),
+            window_start: 0,
+        }
+    }
 }
 
 /// The result of committing or releasing a reservation.
@@ -388,12 +387,5 @@ mod tests {
         let (frames, damage) = decode_all(b"not a journal at all, just text");
         assert!(frames.is_empty());
         assert_eq!(damage.regions, 1);
-    }
-
-    #[test]
-    fn reservation_names_round_trip() {
-        let id = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
-        assert_eq!(parse_reservation(&reservation_name(id)), Some(id));
-        assert_eq!(parse_reservation("rsv_xyz"), None);
     }
 }

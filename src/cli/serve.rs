@@ -1,0 +1,58 @@
+//! `entitled serve`: the process around a [`Sidecar`]. What is process-wide is set
+//! up here: the log subscriber, the Prometheus recorder, the TLS crypto provider,
+//! the tokio runtime, the signal handlers and the address lines on stdout.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use entitled::sidecar::{ServeArgs, Sidecar};
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let prometheus = entitled::metrics::install().context("installing the metrics recorder")?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().thread_name("entitled-worker");
+    if let Some(n) = args.workers {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build().context("starting the runtime")?;
+    let mut config = args.into_config()?;
+    config.prometheus = Some(prometheus);
+    if config.store.is_some() {
+        // rustls is built with ring only: make it the process's provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    rt.block_on(async {
+        let sidecar = Sidecar::start(config).await?;
+        let stop = shutdown_signal()?;
+        // Plain lines on stdout, for scripts and tests that start us on port 0.
+        out!("entitled: listening on http://{}", sidecar.addr());
+        if let Some(a) = sidecar.metrics_addr() {
+            out!("entitled: metrics on http://{a}");
+        }
+        if let Some(a) = sidecar.grpc_addr() {
+            out!("entitled: grpc on http://{a}");
+        }
+        sidecar.serve(stop).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Installs the SIGTERM and SIGINT handlers now (before the address is announced, so
+/// a stop sent the moment we are up is graceful) and returns the wait for either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,38 @@
+//! `entitled test DIR`: run the policy tests (`tests/*.yaml`) of a policy directory;
+//! exit 1 on any failure, or when there is no test at all.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The policy directory.
+    dir: PathBuf,
+}
+
+pub fn run(Args { dir }: Args) -> anyhow::Result<ExitCode> {
+    let Some(snap) = super::load(&dir) else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let report = entitled::test_runner::run_dir(&dir, &snap)
+        .with_context(|| format!("reading the tests of {}", dir.display()))?;
+    for f in &report.failures {
+        out!("FAIL {f}");
+    }
+    out!(
+        "{} file(s), {} step(s), {} failure(s)",
+        report.files,
+        report.steps,
+        report.failures.len()
+    );
+    Ok(if report.failures.is_empty() && report.files > 0 {
+        ExitCode::SUCCESS
+    } else {
+        if report.files == 0 {
+            eprintln!("no tests/*.yaml under {}", dir.display());
+        }
+        ExitCode::FAILURE
+    })
+}

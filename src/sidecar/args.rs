@@ -1,0 +1,408 @@
+//! The `serve` flags as a library type: every flag of `entitled serve` with its name,
+//! default and `ENTITLED_*` variable, and their mapping onto a [`Config`].
+//!
+//! The binary flattens [`ServeArgs`] into its command line; tests parse the same flag
+//! lists through it, so what a flag means is defined once and tested in-process.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::audit::AuditConfig;
+use crate::notices::{NoticeConfig, WebhookConfig};
+use crate::policy;
+use crate::server;
+use crate::time::Timestamp;
+use crate::usage::durable::DurableConfig;
+use crate::usage::durable::journal::Durability;
+use crate::usage::redis::{OnError, RedisConfig, StoreMode};
+
+use super::{Config, ConfigError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreModeArg {
+    Strict,
+    Cached,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnErrorArg {
+    Local,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityMode {
+    /// Journal flushed every --flush-interval; the hot path never waits for the disk.
+    Async,
+    /// A change is acknowledged only once it is on disk (group commit).
+    Sync,
+    /// No state directory: usage is lost on restart.
+    Memory,
+}
+
+/// Every flag is also an `ENTITLED_*` environment variable.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Policy directory (watched for changes).
+    #[arg(long, env = "ENTITLED_POLICIES", default_value = "./policies")]
+    pub policies: PathBuf,
+    /// Address for the HTTP API.
+    #[arg(long, env = "ENTITLED_LISTEN", default_value = "127.0.0.1:4780")]
+    pub listen: String,
+    /// Address for the gRPC services (Envoy ext_authz and rate limit service);
+    /// `off` serves none.
+    #[arg(long, env = "ENTITLED_GRPC_LISTEN", default_value = "127.0.0.1:4781")]
+    pub grpc_listen: String,
+    /// Gateway admission of a request no route matches.
+    #[arg(long, env = "ENTITLED_UNMATCHED", value_enum, default_value = "deny")]
+    pub unmatched: crate::admission::Unmatched,
+    /// Also serve `/metrics` (and health) on this address, e.g. for a scrape port.
+    #[arg(long, env = "ENTITLED_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Async worker threads (default: one per core).
+    #[arg(long, env = "ENTITLED_WORKERS")]
+    pub workers: Option<usize>,
+    /// Largest request body in bytes.
+    #[arg(long, env = "ENTITLED_BODY_LIMIT", default_value_t = 64 * 1024)]
+    pub body_limit: usize,
+    /// Time allowed to receive request headers; also the HTTP/1 keep-alive idle timeout.
+    #[arg(long, env = "ENTITLED_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Most open connections.
+    #[arg(long, env = "ENTITLED_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Quiet time after a policy change before reloading.
+    #[arg(long, env = "ENTITLED_RELOAD_DEBOUNCE", default_value = "100ms", value_parser = duration)]
+    pub reload_debounce: Duration,
+    /// Full rescan of the policy directory, for filesystems that lose change events.
+    #[arg(long, env = "ENTITLED_RESCAN_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub rescan_interval: Duration,
+    /// How long a graceful stop waits for requests in flight.
+    #[arg(long, env = "ENTITLED_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+    /// Largest policy file in bytes.
+    #[arg(long, env = "ENTITLED_MAX_POLICY_FILE", default_value_t = 256 * 1024 * 1024)]
+    pub max_policy_file: u64,
+    /// Where usage state (journal, checkpoints, ledger) is kept.
+    #[arg(long, env = "ENTITLED_STATE_DIR", default_value = "./state")]
+    pub state_dir: PathBuf,
+    /// How usage is made durable.
+    #[arg(long, env = "ENTITLED_DURABILITY", value_enum, default_value = "async")]
+    pub durability: DurabilityMode,
+    /// Async durability: how often the journal is written and synced (a crash loses
+    /// at most this much).
+    #[arg(long, env = "ENTITLED_FLUSH_INTERVAL", default_value = "10ms", value_parser = duration)]
+    pub flush_interval: Duration,
+    /// Fold the journal into a checkpoint this often (and past 256 MiB of journal).
+    #[arg(long, env = "ENTITLED_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = duration)]
+    pub checkpoint_interval: Duration,
+    /// How long an idempotency key answers retries.
+    #[arg(long, env = "ENTITLED_IDEMPOTENCY_TTL", default_value = "24h", value_parser = duration)]
+    pub idempotency_ttl: Duration,
+    /// Default time to live of a reservation (a reserve's `ttl` overrides it).
+    #[arg(long, env = "ENTITLED_RESERVATION_TTL", default_value = "5m", value_parser = duration)]
+    pub reservation_ttl: Duration,
+    /// Start a new usage ledger segment past this many bytes.
+    #[arg(long, env = "ENTITLED_LEDGER_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    pub ledger_segment_bytes: u64,
+    /// Start a new usage ledger segment once the current one is this old.
+    #[arg(long, env = "ENTITLED_LEDGER_SEGMENT_AGE", default_value = "1h", value_parser = duration)]
+    pub ledger_segment_age: Duration,
+    /// Delete usage ledger segments whose events are all older than this.
+    #[arg(long, env = "ENTITLED_LEDGER_RETENTION", default_value = "30d", value_parser = duration)]
+    pub ledger_retention: Duration,
+    /// Share usage with other replicas through Redis (`redis://[user:password@]host:port[/db]`).
+    /// Without it, usage is this process's own (made durable in --state-dir).
+    #[arg(long, env = "ENTITLED_STORE")]
+    pub store: Option<String>,
+    /// With `rediss://`: a CA certificate (PEM) to trust instead of the system's roots.
+    #[arg(long, env = "ENTITLED_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
+    /// `strict`: every step is one atomic server-side script (exact). `cached`: the
+    /// local store answers and deltas are flushed in batches (bounded over-admission).
+    #[arg(
+        long,
+        env = "ENTITLED_STORE_MODE",
+        value_enum,
+        default_value = "strict"
+    )]
+    pub store_mode: StoreModeArg,
+    /// Longest wait for the shared store on a request.
+    #[arg(long, env = "ENTITLED_STORE_TIMEOUT", default_value = "50ms", value_parser = duration)]
+    pub store_timeout: Duration,
+    /// What to do while the shared store is unusable: `local` counts here and
+    /// reconciles later, `allow` admits without counting, `deny` answers 503.
+    #[arg(
+        long,
+        env = "ENTITLED_ON_STORE_ERROR",
+        value_enum,
+        default_value = "local"
+    )]
+    pub on_store_error: OnErrorArg,
+    /// Prefix of every key in the shared store.
+    #[arg(long, env = "ENTITLED_STORE_PREFIX", default_value = "entitled")]
+    pub store_prefix: String,
+    /// How often deltas counted here go to the shared store (cached mode, and
+    /// reconciliation after an outage).
+    #[arg(long, env = "ENTITLED_STORE_FLUSH_INTERVAL", default_value = "100ms", value_parser = duration)]
+    pub store_flush_interval: Duration,
+    /// For tests and staging: serve time from a clock that starts here (RFC 3339) and
+    /// moves only through `POST /v1/test-clock`.
+    #[arg(long, env = "ENTITLED_TEST_CLOCK")]
+    pub test_clock: Option<String>,
+    /// Where the audit log (snapshot changes, decisions) is written; default
+    /// `<state-dir>/audit`.
+    #[arg(long, env = "ENTITLED_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
+    /// Which decisions the audit log records: none, denials, all, or sample:F.
+    #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
+    pub audit_decisions: crate::audit::Decisions,
+    /// Renewal notices: how long before a subscription's, grant's or override's end
+    /// each notice is made (whole days, comma-separated).
+    #[arg(
+        long,
+        env = "ENTITLED_NOTICE_THRESHOLDS",
+        default_value = "90d,60d,30d"
+    )]
+    pub notice_thresholds: Thresholds,
+    /// Where the notice event log and the notices already made are kept; default
+    /// `<state-dir>/notices`.
+    #[arg(long, env = "ENTITLED_NOTICES_DIR")]
+    pub notices_dir: Option<PathBuf>,
+    /// How often the snapshot is scanned for notices (also after every reload).
+    #[arg(long, env = "ENTITLED_NOTICE_SCAN_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub notice_scan_interval: Duration,
+    /// Also POST each notice to this http:// or https:// URL (CloudEvents, structured mode).
+    #[arg(long, env = "ENTITLED_NOTIFY_URL")]
+    pub notify_url: Option<String>,
+    /// With an https:// webhook: a CA certificate (PEM) to trust instead of the system's roots.
+    #[arg(long, env = "ENTITLED_NOTIFY_CA_FILE")]
+    pub notify_ca_file: Option<PathBuf>,
+    /// First retry delay of a webhook delivery; doubles per attempt, capped at 60 s.
+    #[arg(long, env = "ENTITLED_NOTIFY_RETRY_BASE", default_value = "1s", value_parser = duration)]
+    pub notify_retry_base: Duration,
+    /// Attempts per notice (the first included) before it counts as failed.
+    #[arg(long, env = "ENTITLED_NOTIFY_MAX_ATTEMPTS", default_value_t = 8)]
+    pub notify_max_attempts: u32,
+    /// Bound on one webhook attempt (connect, send, answer).
+    #[arg(long, env = "ENTITLED_NOTIFY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub notify_timeout: Duration,
+    /// Notices waiting for the webhook, at most; beyond, they are dropped and counted.
+    #[arg(long, env = "ENTITLED_NOTIFY_QUEUE", default_value_t = 10_000)]
+    pub notify_queue: usize,
+    /// Log filter (`info`, `entitled=debug`, ...).
+    #[arg(long, env = "ENTITLED_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Notice thresholds in microseconds, widest first (a named type: clap treats a bare
+/// `Vec` as a repeatable flag).
+#[derive(Debug, Clone)]
+pub struct Thresholds(pub Vec<i64>);
+
+impl std::str::FromStr for Thresholds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::notices::parse_thresholds(s).map(Thresholds)
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    crate::policy::units::parse_duration(s).map(|us| Duration::from_micros(us as u64))
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl ServeArgs {
+    /// The configuration these flags describe. `workers` and `log` are left out: the
+    /// runtime and the log subscriber belong to the process, not to a sidecar.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let test_clock = self
+            .test_clock
+            .as_deref()
+            .map(Timestamp::parse)
+            .transpose()
+            .map_err(ConfigError::TestClock)?;
+        let mut audit = AuditConfig::new(
+            self.audit_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("audit")),
+        );
+        audit.decisions = self.audit_decisions;
+        Ok(Config {
+            notices: self.notices()?,
+            durable: self.durable(),
+            store: self.store(),
+            policy_limits: policy::Limits {
+                max_file_bytes: self.max_policy_file,
+                ..policy::Limits::default()
+            },
+            limits: server::Limits {
+                body_limit: self.body_limit,
+                header_read_timeout: self.header_read_timeout,
+                max_connections: self.max_connections,
+                shutdown_timeout: self.shutdown_timeout,
+                ..server::Limits::default()
+            },
+            grpc_listen: match self.grpc_listen.as_str() {
+                "off" => None,
+                _ => Some(self.grpc_listen),
+            },
+            policies: self.policies,
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            unmatched: self.unmatched,
+            reload_debounce: self.reload_debounce,
+            rescan_interval: self.rescan_interval,
+            audit,
+            test_clock,
+            prometheus: None,
+        })
+    }
+
+    fn notices(&self) -> Result<NoticeConfig, ConfigError> {
+        let mut notice_cfg = NoticeConfig::new(
+            self.notices_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("notices")),
+        );
+        notice_cfg.thresholds = self.notice_thresholds.0.clone();
+        notice_cfg.scan_interval = self.notice_scan_interval.max(Duration::from_millis(10));
+        if let Some(url) = &self.notify_url {
+            let mut w = WebhookConfig::new(url).map_err(ConfigError::NotifyUrl)?;
+            w.retry_base = self.notify_retry_base;
+            w.max_attempts = self.notify_max_attempts.max(1);
+            w.timeout = self.notify_timeout;
+            w.queue = self.notify_queue.max(1);
+            w.ca_file = self.notify_ca_file.clone();
+            notice_cfg.webhook = Some(w);
+        }
+        Ok(notice_cfg)
+    }
+
+    /// `None` with `--durability memory`.
+    fn durable(&self) -> Option<DurableConfig> {
+        let mode = self.durability;
+        if mode == DurabilityMode::Memory {
+            return None;
+        }
+        let mut cfg = DurableConfig::new(&self.state_dir);
+        cfg.journal.durability = match mode {
+            DurabilityMode::Sync => Durability::Sync,
+            _ => Durability::Async(self.flush_interval),
+        };
+        cfg.checkpoint_interval = self.checkpoint_interval;
+        cfg.store.idempotency_ttl_us = micros(self.idempotency_ttl);
+        cfg.store.reservation_ttl_us = micros(self.reservation_ttl);
+        cfg.ledger.segment_bytes = self.ledger_segment_bytes;
+        cfg.ledger.segment_age_us = micros(self.ledger_segment_age);
+        cfg.ledger.retention_us = micros(self.ledger_retention);
+        Some(cfg)
+    }
+
+    fn store(&self) -> Option<RedisConfig> {
+        let url = self.store.as_ref()?;
+        let mut cfg = RedisConfig::new(url);
+        cfg.mode = match self.store_mode {
+            StoreModeArg::Strict => StoreMode::Strict,
+            StoreModeArg::Cached => StoreMode::Cached,
+        };
+        cfg.timeout = self.store_timeout;
+        cfg.on_error = match self.on_store_error {
+            OnErrorArg::Local => OnError::Local,
+            OnErrorArg::Allow => OnError::Allow,
+            OnErrorArg::Deny => OnError::Deny,
+        };
+        cfg.prefix = self.store_prefix.clone();
+        cfg.flush_interval = self.store_flush_interval;
+        cfg.ca_file = self.store_ca_file.clone();
+        Some(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn config(flags: &[&str]) -> Result<Config, ConfigError> {
+        let argv = std::iter::once("entitled").chain(flags.iter().copied());
+        Serve::try_parse_from(argv).unwrap().args.into_config()
+    }
+
+    #[test]
+    fn defaults_keep_everything_under_the_state_dir() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4780");
+        assert_eq!(c.grpc_listen.as_deref(), Some("127.0.0.1:4781"));
+        assert_eq!(c.metrics_listen, None);
+        let durable = c.durable.expect("durable by default");
+        assert_eq!(durable.dir, Path::new("./state"));
+        assert_eq!(
+            durable.journal.durability,
+            Durability::Async(Duration::from_millis(10))
+        );
+        assert_eq!(c.audit.dir, Path::new("./state/audit"));
+        assert_eq!(c.notices.dir, Path::new("./state/notices"));
+        assert!(c.notices.webhook.is_none());
+        assert!(c.store.is_none() && c.test_clock.is_none() && c.prometheus.is_none());
+        assert_eq!(c.limits.body_limit, 64 * 1024);
+        assert_eq!(c.policy_limits.max_file_bytes, 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn flags_reach_their_part() {
+        let c = config(&[
+            "--grpc-listen",
+            "off",
+            "--durability",
+            "memory",
+            "--store",
+            "redis://127.0.0.1:1",
+            "--store-mode",
+            "cached",
+            "--on-store-error",
+            "deny",
+            "--notify-url",
+            "http://127.0.0.1:1/hook",
+            "--notify-max-attempts",
+            "0",
+            "--test-clock",
+            "2030-01-15T00:00:00Z",
+        ])
+        .unwrap();
+        assert_eq!(c.grpc_listen, None);
+        assert!(c.durable.is_none());
+        let store = c.store.expect("a shared store");
+        assert_eq!(
+            (store.mode, store.on_error),
+            (StoreMode::Cached, OnError::Deny)
+        );
+        let hook = c.notices.webhook.expect("a webhook");
+        assert_eq!(hook.max_attempts, 1, "at least one attempt");
+        assert_eq!(
+            c.test_clock.map(|t| t.to_string()).as_deref(),
+            Some("2030-01-15T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_flag() {
+        let e = config(&["--test-clock", "soon"]).unwrap_err();
+        assert!(e.to_string().starts_with("--test-clock: "), "{e}");
+        let e = config(&["--notify-url", "ftp://x"]).unwrap_err();
+        assert!(e.to_string().starts_with("--notify-url: "), "{e}");
+    }
+}

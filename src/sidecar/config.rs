@@ -1,0 +1,63 @@
+//! What a sidecar is asked to be, as plain data: addresses, limits and the settings
+//! of each part, with no open file, thread or socket in it.
+//!
+//! A [`Config`] is built from the `serve` flags ([`super::ServeArgs::into_config`]) or
+//! by hand; [`super::Sidecar::start`] turns it into running parts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::admission::Unmatched;
+use crate::audit::AuditConfig;
+use crate::notices::NoticeConfig;
+use crate::policy;
+use crate::server;
+use crate::time::Timestamp;
+use crate::usage::durable::DurableConfig;
+use crate::usage::redis::RedisConfig;
+
+/// Everything a [`super::Sidecar`] needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Policy directory (watched for changes).
+    pub policies: PathBuf,
+    /// Address of the HTTP API (`host:port`; port 0 lets the kernel choose).
+    pub listen: String,
+    /// Address of the gRPC services; `None` serves none.
+    pub grpc_listen: Option<String>,
+    /// A second address serving `/metrics` (and health).
+    pub metrics_listen: Option<String>,
+    /// Gateway admission of a request no route matches.
+    pub unmatched: Unmatched,
+    /// Connection and request limits of every listener.
+    pub limits: server::Limits,
+    /// Limits on the policy files read.
+    pub policy_limits: policy::Limits,
+    /// Quiet time after a policy change before reloading.
+    pub reload_debounce: Duration,
+    /// Full rescan of the policy directory, for filesystems that lose change events.
+    pub rescan_interval: Duration,
+    pub audit: AuditConfig,
+    pub notices: NoticeConfig,
+    /// Serve time from a clock that starts here and moves only through
+    /// `POST /v1/test-clock`; `None` serves the system time.
+    pub test_clock: Option<Timestamp>,
+    /// Where usage is made durable; `None` keeps it in memory only.
+    pub durable: Option<DurableConfig>,
+    /// Share usage with other replicas through Redis.
+    pub store: Option<RedisConfig>,
+    /// The process's Prometheus recorder, rendered by `/metrics` (404 without). The
+    /// recorder is process-wide, so whoever owns the process installs it.
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+/// A flag value that does not make a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--test-clock: {0}")]
+    TestClock(String),
+    #[error("--notify-url: {0}")]
+    NotifyUrl(String),
+}

@@ -1,0 +1,409 @@
+//! The sidecar assembled: policy reload, audit log, renewal notices, usage state
+//! (in memory, on disk, or shared through Redis) and the HTTP, gRPC and metrics
+//! listeners, from one [`Config`].
+//!
+//! [`Sidecar::start`] opens and binds everything, so the caller learns the bound
+//! addresses before anything is served; [`Sidecar::serve`] serves until a shutdown
+//! future completes, then drains (requests in flight, deltas for the shared store)
+//! and closes the state directory — the shape of mini-redis's `server::run(listener,
+//! shutdown)`. What belongs to the process stays with its owner: the tokio runtime
+//! (a sidecar runs on whichever runtime calls it), the log subscriber, the
+//! Prometheus recorder (passed in as [`Config::prometheus`]) and the signals. Tests
+//! start many sidecars side by side in one process.
+
+mod args;
+mod background;
+mod config;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use args::{DurabilityMode, OnErrorArg, ServeArgs, StoreModeArg, Thresholds};
+pub use config::{Config, ConfigError};
+
+use crate::audit::Audit;
+use crate::decide::{Decider, Observer};
+use crate::metrics::DecisionMetrics;
+use crate::notices::Notices;
+use crate::reload::{self, ReloadConfig, ReloadState, Reloader};
+use crate::server::{self, App};
+use crate::snapshot_cell::SnapshotCell;
+use crate::time::{Clock, CoarseClock, ManualClock};
+use crate::usage::MemoryStore;
+use crate::usage::StoreError;
+use crate::usage::durable::{DurableConfig, StateDir, StateError};
+use crate::usage::redis::{RedisStore, redact};
+use background::Flush;
+
+/// Why a sidecar did not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("starting the audit log")]
+    Audit(#[source] std::io::Error),
+    #[error("starting the clock")]
+    Clock(#[source] std::io::Error),
+    #[error("starting renewal notices")]
+    Notices(#[source] std::io::Error),
+    #[error("watching policy directory {}", dir.display())]
+    Watch {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening state directory {}", dir.display())]
+    StateDir {
+        dir: PathBuf,
+        #[source]
+        source: StateError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `what` names the flag for the listeners other than the HTTP API.
+    #[error("binding {addr}{what}")]
+    Bind {
+        addr: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Task(&'static str, #[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("closing the state directory")]
+    Close(#[source] StateError),
+}
+
+/// A started sidecar: everything open, every listener bound, nothing served yet.
+#[derive(Debug)]
+pub struct Sidecar {
+    addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    policies: PathBuf,
+    serving: Serving,
+    /// Closed after the listeners have drained: nothing is in flight by then.
+    state_dir: Option<StateDir>,
+    /// Watches the policy directory until the sidecar has stopped.
+    _reloader: Reloader,
+}
+
+/// The app is generic over its store (no dynamic dispatch on the request path), so
+/// a sidecar holds one of the two assemblies.
+#[derive(Debug)]
+enum Serving {
+    Local(Assembly<MemoryStore>),
+    Shared(Assembly<RedisStore>),
+}
+
+/// An app and its bound listeners.
+#[derive(Debug)]
+struct Assembly<S> {
+    app: Arc<App<S>>,
+    http: TcpListener,
+    grpc: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+    /// With a shared store: how often deltas counted here are flushed to it.
+    flush_every: Option<std::time::Duration>,
+}
+
+/// What `App` needs besides the store.
+struct Parts {
+    snapshot: SnapshotCell,
+    clock: Arc<dyn Clock>,
+    test_clock: Option<Arc<ManualClock>>,
+    audit: Arc<Audit>,
+    notices: Arc<Notices>,
+    reload: Arc<ReloadState>,
+}
+
+impl Sidecar {
+    /// Loads the policy directory and starts watching it, opens the audit log, the
+    /// renewal notices and the usage state (connecting to Redis when shared), and
+    /// binds the listeners. Start-up does blocking file work (recovering the state
+    /// directory) on the calling task: nothing is served yet.
+    pub async fn start(config: Config) -> Result<Sidecar, SidecarError> {
+        let cell = SnapshotCell::new();
+        let state = Arc::new(ReloadState::default());
+        let audit = Arc::new(Audit::start(config.audit.clone()).map_err(SidecarError::Audit)?);
+        let (clock, test_clock) = clock(&config)?;
+        let notices = Arc::new(
+            Notices::start(
+                config.notices.clone(),
+                cell.clone(),
+                clock.clone(),
+                &tokio::runtime::Handle::current(),
+            )
+            .map_err(SidecarError::Notices)?,
+        );
+        let reloader = reload::start(
+            reload_config(&config, &audit, &notices),
+            cell.clone(),
+            state.clone(),
+        )
+        .map_err(|source| SidecarError::Watch {
+            dir: config.policies.clone(),
+            source,
+        })?;
+        if let Some(e) = state.status().last_error {
+            for line in &e.errors {
+                tracing::error!("{line}");
+            }
+            tracing::error!(
+                "no valid policy yet: decisions answer 503 until the policy directory loads"
+            );
+        }
+        let (state_dir, local) = open_usage(config.durable.clone(), clock.clone())?;
+        let parts = Parts {
+            snapshot: cell,
+            clock,
+            test_clock,
+            audit,
+            notices,
+            reload: state,
+        };
+        let serving = match config.store.clone() {
+            None => {
+                Serving::Local(Assembly::bind(&config, app(&config, parts, local), None).await?)
+            }
+            Some(cfg) => {
+                let url = redact(&cfg.url);
+                let (mode, on_error, every) = (cfg.mode, cfg.on_error, cfg.flush_interval);
+                let shared = RedisStore::open(cfg, local)?;
+                shared.connect(Duration::from_secs(1)).await;
+                tracing::info!(store = %url, ?mode, ?on_error, "usage shared through Redis");
+                let app = app(&config, parts, shared);
+                Serving::Shared(Assembly::bind(&config, app, Some(every)).await?)
+            }
+        };
+        let (addr, grpc_addr, metrics_addr) = match &serving {
+            Serving::Local(a) => a.addrs()?,
+            Serving::Shared(a) => a.addrs()?,
+        };
+        Ok(Sidecar {
+            addr,
+            grpc_addr,
+            metrics_addr,
+            policies: config.policies,
+            serving,
+            state_dir,
+            _reloader: reloader,
+        })
+    }
+
+    /// The bound address of the HTTP API.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound address of the gRPC services, if served.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
+    }
+
+    /// The bound address of the metrics listener, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Serves until `shutdown` completes, then lets requests in flight finish, sends
+    /// the last deltas to the shared store and closes the state directory.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), SidecarError> {
+        tracing::info!(addr = %self.addr, policies = %self.policies.display(), "serving");
+        match self.serving {
+            Serving::Local(a) => a.serve(shutdown).await?,
+            Serving::Shared(a) => a.serve(shutdown).await?,
+        }
+        if let Some(dir) = self.state_dir {
+            // Nothing is in flight now: flush, sync and fold the journal.
+            dir.close().map_err(SidecarError::Close)?;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The one place an `App` is put together.
+fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
+    Arc::new(App {
+        decider: Decider {
+            snapshot: parts.snapshot,
+            store,
+            clock: parts.clock,
+            observer: Observer {
+                metrics: DecisionMetrics::new(),
+                audit: Some(parts.audit),
+            },
+        },
+        test_clock: parts.test_clock,
+        notices: Some(parts.notices),
+        reload: parts.reload,
+        prometheus: config.prometheus.clone(),
+        limits: config.limits.clone(),
+        unmatched: config.unmatched,
+    })
+}
+
+/// The one place the reloader's configuration is put together.
+fn reload_config(config: &Config, audit: &Arc<Audit>, notices: &Notices) -> ReloadConfig {
+    let (audit, trigger) = (audit.clone(), notices.trigger());
+    ReloadConfig {
+        subscribers: vec![
+            reload::Subscriber::BeforeSwap(Box::new(move |c| {
+                audit.snapshot_changed(c.snapshot, c.previous, c.at)
+            })),
+            reload::Subscriber::AfterSwap(Box::new(move |_| trigger.poke())),
+        ],
+        dir: config.policies.clone(),
+        limits: config.policy_limits.clone(),
+        debounce: config.reload_debounce,
+        max_delay: Duration::from_secs(1).max(config.reload_debounce),
+        rescan: config.rescan_interval,
+    }
+}
+
+/// The served clock, and with `--test-clock` the handle that moves it.
+type Clocks = (Arc<dyn Clock>, Option<Arc<ManualClock>>);
+
+fn clock(config: &Config) -> Result<Clocks, SidecarError> {
+    Ok(match config.test_clock {
+        Some(t) => {
+            let c = Arc::new(ManualClock::new(t));
+            tracing::warn!(now = %t, "serving time from a test clock: POST /v1/test-clock moves it");
+            (c.clone(), Some(c))
+        }
+        None => (
+            Arc::new(CoarseClock::start(Duration::from_millis(1)).map_err(SidecarError::Clock)?),
+            None,
+        ),
+    })
+}
+
+/// Opens the state directory and recovers usage from it, or starts from nothing.
+fn open_usage(
+    durable: Option<DurableConfig>,
+    clock: Arc<dyn Clock>,
+) -> Result<(Option<StateDir>, MemoryStore), SidecarError> {
+    let Some(cfg) = durable else {
+        tracing::warn!("--durability memory: usage is not kept across restarts");
+        return Ok((None, MemoryStore::new()));
+    };
+    let dir = cfg.dir.clone();
+    let (state_dir, store, report) =
+        StateDir::open(cfg, clock).map_err(|e| SidecarError::StateDir {
+            dir: dir.clone(),
+            source: e,
+        })?;
+    tracing::info!(
+        dir = %dir.display(),
+        checkpoint_lsn = report.checkpoint_lsn,
+        replayed = report.replayed,
+        last_lsn = report.last_lsn,
+        quota_counters = report.quota_counters,
+        lost_records = report.lost_records,
+        ledger_caught_up = report.ledger_caught_up,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "usage state recovered"
+    );
+    Ok((Some(state_dir), store))
+}
+
+impl<S: Flush> Assembly<S> {
+    async fn bind(
+        config: &Config,
+        app: Arc<App<S>>,
+        flush_every: Option<Duration>,
+    ) -> Result<Assembly<S>, SidecarError> {
+        let http = bind(&config.listen, "").await?;
+        let grpc = match &config.grpc_listen {
+            None => None,
+            Some(a) => Some(bind(a, " (--grpc-listen)").await?),
+        };
+        let metrics = match &config.metrics_listen {
+            None => None,
+            Some(m) => Some(bind(m, "").await?),
+        };
+        Ok(Assembly {
+            app,
+            http,
+            grpc,
+            metrics,
+            flush_every,
+        })
+    }
+
+    fn addrs(&self) -> std::io::Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>)> {
+        Ok((
+            self.http.local_addr()?,
+            self.grpc
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
+            self.metrics
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
+        ))
+    }
+
+    async fn serve(self, stop: impl Future<Output = ()>) -> Result<(), SidecarError> {
+        let app = self.app;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let upkeep = tokio::spawn(background::upkeep(app.clone()));
+        let flush = self
+            .flush_every
+            .map(|every| tokio::spawn(background::flush(app.clone(), every)));
+        let extra = self
+            .metrics
+            .map(|l| tokio::spawn(server::run(l, app.clone(), stopped(stop_rx.clone()))));
+        let grpc = self
+            .grpc
+            .map(|l| tokio::spawn(server::grpc::run(l, app.clone(), stopped(stop_rx.clone()))));
+        let main = tokio::spawn(server::run(self.http, app.clone(), stopped(stop_rx)));
+        stop.await;
+        tracing::info!("shutting down: finishing requests in flight");
+        let _ = stop_tx.send(true);
+        main.await
+            .map_err(|e| SidecarError::Task("server task", e))??;
+        if let Some(e) = extra {
+            e.await
+                .map_err(|e| SidecarError::Task("metrics server task", e))??;
+        }
+        if let Some(g) = grpc {
+            g.await
+                .map_err(|e| SidecarError::Task("gRPC server task", e))??;
+        }
+        // Last deltas counted here go to the shared store before the state is closed.
+        app.decider.store.drain(app.decider.clock.now()).await;
+        // The loops hold the app (and with it the store): stop them before the state
+        // directory closes.
+        upkeep.abort();
+        let _ = upkeep.await;
+        if let Some(f) = flush {
+            f.abort();
+            let _ = f.await;
+        }
+        Ok(())
+    }
+}
+
+/// Binds `addr`; `what` names the flag in the error for the secondary listeners.
+async fn bind(addr: &str, what: &'static str) -> Result<TcpListener, SidecarError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SidecarError::Bind {
+            addr: addr.to_string(),
+            what,
+            source,
+        })
+}
