@@ -25,7 +25,8 @@ pub struct Explanation {
     pub rule: Option<&'static str>,
 }
 
-/// Explains the precedence for a request, using the same walk as [`evaluate`].
+/// Explains the precedence for a request, using the same walk as
+/// [`evaluate`](super::evaluate()).
 pub fn explain(snap: &Snapshot, req: &Request<'_>, now: Timestamp) -> Explanation {
     let mut considered = Vec::new();
     let (Some(fid), Some(c)) = (

@@ -1,6 +1,6 @@
 //! A decision waiting for its usage step, and how the store's answer completes it.
 //!
-//! The engine stays free of storage: [`evaluate`](super::evaluate) hands back the
+//! The engine stays free of storage: [`evaluate`](super::evaluate()) hands back the
 //! [`UsageOp`] to run, and [`Pending::finish`] writes the outcome (used, remaining,
 //! overage, warnings, denial and upgrade suggestions) into the decision.
 
@@ -33,8 +33,8 @@ pub(super) struct UpgradeCtx<'a> {
 }
 
 impl<'a> Pending<'a> {
-    /// Completes `d` (as [`evaluate`] left it) with the store's answer to
-    /// [`Pending::op`].
+    /// Completes `d` (as [`evaluate`](super::evaluate()) left it) with the store's
+    /// answer to [`Pending::op`].
     pub fn finish(self, outcome: UsageOutcome, d: &mut Decision<'a>) {
         let Pending {
             op,
