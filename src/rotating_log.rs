@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::files;
 use crate::time::{SECOND, Timestamp};
 
 #[derive(Debug)]
@@ -76,10 +77,11 @@ impl Segments {
     }
 }
 
+/// A new segment, its name made durable before anything is appended to it (so an
+/// event synced into it cannot be lost with the file's name in a crash).
 fn new_file(dir: &Path, prefix: &str, seq: u64) -> io::Result<File> {
     let secs = Timestamp::now().0 / SECOND;
-    let path = dir.join(format!("{prefix}{secs}-{seq:06}.ndjson"));
-    OpenOptions::new().create(true).append(true).open(path)
+    files::open_append(&dir.join(format!("{prefix}{secs}-{seq:06}.ndjson")))
 }
 
 /// The sequence number of a segment: the last part of its name.
@@ -89,15 +91,9 @@ fn seq_of(p: &Path) -> Option<u64> {
 
 /// Files `<prefix>*.ndjson` in `dir`, oldest first (by their sequence number).
 pub fn list(dir: &Path, prefix: &str) -> io::Result<Vec<PathBuf>> {
-    let mut files: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter_map(|p| {
-            let name = p.file_name()?.to_str()?;
-            name.strip_prefix(prefix)?.strip_suffix(".ndjson")?;
-            Some((seq_of(&p)?, p))
-        })
-        .collect();
-    files.sort();
+    let files = files::list_by(dir, |name| {
+        name.strip_prefix(prefix)?.strip_suffix(".ndjson")?;
+        seq_of(Path::new(name))
+    })?;
     Ok(files.into_iter().map(|(_, p)| p).collect())
 }

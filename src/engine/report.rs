@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::grants::{Status, status};
 use crate::policy::{CustomerView, Snapshot};
 use crate::time::Timestamp;
 
@@ -110,11 +111,11 @@ pub fn records<'a>(
             grace_ends: (s.grace_ends != s.ends).then_some(s.grace_ends),
             quantity: s.quantity,
             trial: s.trial,
-            status: match super::status(s.starts, s.ends, s.grace_ends, now) {
-                super::Status::NotYetActive => "not_yet_active",
-                super::Status::Active => "active",
-                super::Status::InGrace => "in_grace",
-                super::Status::Expired | super::Status::OutOfScope => "expired",
+            status: match status(s.starts, s.ends, s.grace_ends, now) {
+                Status::NotYetActive => "not_yet_active",
+                Status::Active => "active",
+                Status::InGrace => "in_grace",
+                Status::Expired | Status::OutOfScope => "expired",
             },
         })
         .collect();

@@ -131,7 +131,8 @@ impl GrantValue {
     }
 
     /// Orders two grants of the same feature by generosity (`Greater`: `self` gives
-    /// more), `quantity` applied. This is rule 3 of precedence (PRODUCT §2.4).
+    /// more), `quantity` applied. This is the last rule of precedence: with no override
+    /// and no `priority` among the grants, the most generous wins.
     pub fn cmp_generosity(
         &self,
         qa: u32,

@@ -1,0 +1,189 @@
+//! Renewal notices: one event when a subscription, customer grant or override comes
+//! within each threshold (90, 60 and 30 days by default) of its end, once per
+//! threshold, written to an NDJSON event log and, with a webhook, POSTed as CloudEvents.
+//!
+//! A dedicated thread owns the state and every file, so nothing here runs on a request
+//! worker or holds a lock a request could wait on. It scans the served snapshot after
+//! every snapshot swap, every scan interval, and when asked (the test clock moved). A
+//! notice is identified by (customer, kind, plan or feature, end, threshold); the ones
+//! already noticed are remembered in `sent.ndjson`, so a restart or a reload never
+//! notices twice and a moved end date (a renewal) starts afresh. Entries whose end has
+//! passed are pruned.
+//!
+//! With a webhook, each event also goes to `outbox.ndjson` before it is queued; a
+//! delivery outcome (delivered, failed, dropped) goes to `outbox-done.ndjson`. At start
+//! whatever the outbox holds without an outcome is queued again, so delivery is
+//! at-least-once across restarts. A tokio task sends the queue (bounded: when it is
+//! full the event is dropped and counted) with retries and exponential backoff.
+//!
+//! One file per part: `config` (settings and thresholds), `rule` (what is due and its
+//! id), `sent` (the remembered notices), `outbox` (events awaiting the webhook),
+//! `scanner` (the thread that scans and writes) and `delivery` (the webhook sender).
+//! This file starts and stops them.
+
+mod config;
+mod delivery;
+mod line_file;
+mod outbox;
+mod rule;
+mod scanner;
+mod sent;
+#[cfg(test)]
+mod tests;
+
+pub use config::{NoticeConfig, WebhookConfig, parse_thresholds};
+pub use delivery::{Outcome, Verdict, retry_after, verdict};
+pub use rule::{Due, ItemKey, due, notice_id};
+pub use scanner::plan;
+pub use sent::Sent;
+
+use std::fs::{self, File};
+use std::io;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Sender};
+
+use serde::Serialize;
+
+use crate::rotating_log::Segments;
+use crate::snapshot_cell::SnapshotCell;
+use crate::time::Clock;
+use delivery::deliver_all;
+use outbox::Outbox;
+use scanner::{Delivery, Scanner};
+
+/// The CloudEvents `type` of a notice.
+pub const EVENT_TYPE: &str = "entitled.renewal.notice";
+/// The CloudEvents `source` of a notice: the same on every replica, so that the same
+/// notice from two replicas carries the same `source` and `id` and dedupes.
+pub const EVENT_SOURCE: &str = "urn:entitled:notices";
+
+/// What one scan made.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ScanReport {
+    /// Notices emitted.
+    pub emitted: usize,
+    /// Remembered notices forgotten because their item ended.
+    pub pruned: usize,
+}
+
+enum Msg {
+    Scan(Option<tokio::sync::oneshot::Sender<ScanReport>>),
+    Outcome { id: String, result: &'static str },
+    Stop,
+}
+
+/// Wakes the scanner (after a snapshot swap). Cheap, never blocks.
+#[derive(Debug, Clone)]
+pub struct Trigger(Sender<Msg>);
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Scan(_) => "Scan",
+            Msg::Outcome { .. } => "Outcome",
+            Msg::Stop => "Stop",
+        })
+    }
+}
+
+impl Trigger {
+    pub fn poke(&self) {
+        let _ = self.0.send(Msg::Scan(None));
+    }
+}
+
+/// The running notice scanner. Dropping it stops the thread (after the scan in
+/// progress, if any).
+#[derive(Debug)]
+pub struct Notices {
+    tx: Sender<Msg>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Notices {
+    /// Opens the notices directory, starts the scanner thread and, with a webhook,
+    /// the delivery task on `runtime` (queueing what the outbox still holds). The
+    /// first scan runs at once (and finds nothing until a snapshot is served).
+    pub fn start(
+        cfg: NoticeConfig,
+        cell: SnapshotCell,
+        clock: Arc<dyn Clock>,
+        runtime: &tokio::runtime::Handle,
+    ) -> io::Result<Notices> {
+        fs::create_dir_all(&cfg.dir)?;
+        // Two processes appending to and compacting the same files would lose notices.
+        let lock = File::create(cfg.dir.join("LOCK"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::other(format!(
+                "{} is in use by another entitled process (LOCK is held)",
+                cfg.dir.display()
+            ))
+        })?;
+        let now = clock.now();
+        let sent = Sent::open(&cfg.dir, now)?;
+        let log = Segments::open(&cfg.dir, "events-", cfg.segment_bytes, cfg.keep, true)?;
+        let (tx, rx) = mpsc::channel();
+        let mut delivery = None;
+        if let Some(w) = &cfg.webhook {
+            let (outbox, backlog) = Outbox::open(&cfg.dir)?;
+            let (qtx, qrx) = tokio::sync::mpsc::channel(w.queue.max(1));
+            let tls = w
+                .tls_config()
+                .map_err(|e| io::Error::other(format!("--notify-url TLS settings: {e}")))?;
+            runtime.spawn(deliver_all(w.clone(), tls, qrx, tx.clone()));
+            let mut d = Delivery { outbox, queue: qtx };
+            if !backlog.is_empty() {
+                tracing::info!(events = backlog.len(), "queueing notices not yet delivered");
+            }
+            for (id, body) in backlog {
+                d.enqueue(id, body);
+            }
+            delivery = Some(d);
+        }
+        tracing::info!(
+            dir = %cfg.dir.display(),
+            remembered = sent.len(),
+            webhook = cfg.webhook.as_ref().map(|w| w.url.to_string()),
+            "renewal notices on"
+        );
+        let mut scanner = Scanner {
+            _lock: lock,
+            interval: cfg.scan_interval,
+            thresholds: cfg.thresholds,
+            cell,
+            clock,
+            sent,
+            log,
+            delivery,
+        };
+        let thread = std::thread::Builder::new()
+            .name("entitled-notices".into())
+            .spawn(move || scanner.run(&rx))?;
+        Ok(Notices {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle that wakes the scanner, for the reloader.
+    pub fn trigger(&self) -> Trigger {
+        Trigger(self.tx.clone())
+    }
+
+    /// Scans now; resolves once the scan is done (and its events are on disk).
+    /// `None` if the scanner has stopped.
+    pub async fn scan(&self) -> Option<ScanReport> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Msg::Scan(Some(tx))).ok()?;
+        rx.await.ok()
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
