@@ -45,9 +45,7 @@ use std::time::{Duration, Instant};
 use entitled::engine::{self, QuotaMode, UsageKey, UsageOp};
 use entitled::policy::{Limit, Period, Reset};
 use entitled::time::{ManualClock, Timestamp};
-use entitled::usage::durable::{
-    DurableConfig, StateDir, checkpoint, journal, ledger, record, replay,
-};
+use entitled::usage::durable::{DurableConfig, checkpoint, journal, ledger, record, replay};
 use entitled::usage::{MemoryStore, StepMeta};
 use tikv_jemalloc_ctl::{epoch, stats};
 
@@ -108,7 +106,7 @@ fn dir_bytes(dir: &Path, prefix: &str) -> u64 {
 fn build(dir: &Path, n: usize, graceful: bool) {
     let now = Timestamp::now();
     let clock = Arc::new(ManualClock::new(now));
-    let (state_dir, store, _) = StateDir::open(DurableConfig::new(dir), clock).unwrap();
+    let (state_dir, store, _) = MemoryStore::open_durable(DurableConfig::new(dir), clock).unwrap();
     let w = engine::window(Period::Month, Reset::Calendar, Timestamp(0), now);
     let meta = StepMeta {
         snapshot: "bench",
@@ -165,7 +163,8 @@ fn build(dir: &Path, n: usize, graceful: bool) {
 fn child_open(dir: &Path) {
     let clock = Arc::new(ManualClock::new(Timestamp::now()));
     let t = Instant::now();
-    let (state_dir, store, report) = StateDir::open(DurableConfig::new(dir), clock).unwrap();
+    let (state_dir, store, report) =
+        MemoryStore::open_durable(DurableConfig::new(dir), clock).unwrap();
     let wall = t.elapsed();
     let (user, sys, minflt, majflt) = cpu_self();
     let hwm = status_kib("self", "VmHWM:");

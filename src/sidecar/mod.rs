@@ -297,7 +297,7 @@ fn open_usage(
     };
     let dir = cfg.dir.clone();
     let (state_dir, store, report) =
-        StateDir::open(cfg, clock).map_err(|e| SidecarError::StateDir {
+        MemoryStore::open_durable(cfg, clock).map_err(|e| SidecarError::StateDir {
             dir: dir.clone(),
             source: e,
         })?;

@@ -20,10 +20,28 @@ use std::future::Future;
 
 pub use crate::ids::{ReservationId, parse_reservation, reservation_name};
 pub use durable::record::{SettleOutcome, Settled};
-pub use memory::{MemoryStore, StoreConfig};
+pub use memory::MemoryStore;
 
 use crate::engine::{UsageOp, UsageOutcome};
-use crate::time::Timestamp;
+use crate::time::{SECOND, Timestamp};
+
+/// Lifetimes the store applies (microseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreConfig {
+    pub reservation_ttl_us: i64,
+    pub max_reservation_ttl_us: i64,
+    pub idempotency_ttl_us: i64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            reservation_ttl_us: 5 * 60 * SECOND,
+            max_reservation_ttl_us: 24 * 3600 * SECOND,
+            idempotency_ttl_us: 24 * 3600 * SECOND,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {

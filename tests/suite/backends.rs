@@ -11,7 +11,7 @@ use std::sync::Arc;
 use entitled::engine::{QuotaMode, SeatAction, UsageKey, UsageOp, UsageOutcome};
 use entitled::policy::Limit;
 use entitled::time::{HOUR, ManualClock, SECOND, Timestamp};
-use entitled::usage::durable::{DurableConfig, StateDir};
+use entitled::usage::durable::DurableConfig;
 use entitled::usage::redis::{RedisConfig, RedisStore, StoreMode};
 use entitled::usage::{IdemKey, MemoryStore, SettleAction, StepMeta, StoreError, UsageStore};
 
@@ -318,7 +318,8 @@ fn memory_store_behaves() {
 fn durable_store_behaves() {
     let dir = tempfile::tempdir().expect("state dir");
     let clock = Arc::new(ManualClock::new(NOW));
-    let (state, store, _) = StateDir::open(DurableConfig::new(dir.path()), clock).expect("open");
+    let (state, store, _) =
+        MemoryStore::open_durable(DurableConfig::new(dir.path()), clock).expect("open");
     runtime().block_on(behaves(&store, "durable"));
     state.close().expect("close");
 }

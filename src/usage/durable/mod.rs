@@ -43,10 +43,11 @@ use self::journal::{Journal, JournalConfig};
 use self::ledger::{Ledger, LedgerConfig};
 use self::record::FORMAT_VERSION;
 use self::replay::RecoverError;
+use self::state::State;
 use crate::files;
 use crate::time::Clock;
+use crate::usage::StoreConfig;
 use crate::usage::StoreError;
-use crate::usage::memory::{MemoryStore, StoreConfig};
 
 /// Why the state directory could not be opened, folded or closed. Each message says
 /// what was being done; the cause follows as the error's source.
@@ -79,6 +80,14 @@ pub enum StateError {
     Journal(#[from] StoreError),
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// What a state directory recovered: the usage state to serve, and the journal that
+/// records every change to it from now on.
+#[derive(Debug)]
+pub struct Opened {
+    pub state: State,
+    pub journal: Arc<Journal>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,12 +193,13 @@ fn format(dir: &Path) -> Result<String, StateError> {
 }
 
 impl StateDir {
-    /// Opens (or creates) the state directory, recovers it into a store and starts
-    /// journaling.
+    /// Opens (or creates) the state directory, recovers the usage state it holds and
+    /// starts the journal that records every change from now on. The in-memory store
+    /// is built on what this returns ([`crate::usage::MemoryStore::open_durable`]).
     pub fn open(
         config: DurableConfig,
         clock: Arc<dyn Clock>,
-    ) -> Result<(StateDir, MemoryStore, OpenReport), StateError> {
+    ) -> Result<(StateDir, Opened, OpenReport), StateError> {
         let started = Instant::now();
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(|e| StateError::Create(dir.clone(), e))?;
@@ -250,7 +260,6 @@ impl StateDir {
             fold::remove_folded(&dir, next_lsn - 1, &rec)?;
         }
         rec.state.prune(now.0);
-        let store_cfg = config.store;
         let truncated = ledger.truncated_bytes;
         if truncated > 0 {
             tracing::warn!(
@@ -264,7 +273,6 @@ impl StateDir {
             config.journal.clone(),
             ledger,
         )?);
-        let mut store = MemoryStore::with_journal(Some(journal.clone()), store_cfg);
         let report = OpenReport {
             state_id: id,
             checkpoint_lsn: rec.checkpoint_lsn,
@@ -277,7 +285,10 @@ impl StateDir {
             quota_counters: rec.state.quotas.len(),
             elapsed: Duration::ZERO,
         };
-        store.restore(rec.state);
+        let opened = Opened {
+            state: rec.state,
+            journal: journal.clone(),
+        };
         let inner = Arc::new(Inner {
             dir,
             journal,
@@ -298,7 +309,7 @@ impl StateDir {
                 inner,
                 thread: Some(thread),
             },
-            store,
+            opened,
             OpenReport {
                 elapsed: started.elapsed(),
                 ..report
@@ -442,12 +453,12 @@ mod tests {
     use crate::engine::{QuotaMode, SeatAction, UsageKey, UsageOp, UsageOutcome};
     use crate::policy::Limit;
     use crate::time::{HOUR, ManualClock, Timestamp};
-    use crate::usage::{IdemKey, SettleAction, StepMeta};
+    use crate::usage::{IdemKey, MemoryStore, SettleAction, StepMeta};
 
     const T0: i64 = 1_800_000_000 * crate::time::SECOND;
 
     fn open(dir: &Path, clock: &Arc<ManualClock>) -> (StateDir, MemoryStore) {
-        let (d, s, _) = StateDir::open(DurableConfig::new(dir), clock.clone()).unwrap();
+        let (d, s, _) = MemoryStore::open_durable(DurableConfig::new(dir), clock.clone()).unwrap();
         (d, s)
     }
 

@@ -11,11 +11,23 @@ use std::collections::{HashMap, HashSet};
 use super::record::{Answer, Record};
 use crate::ids::ReservationId;
 use crate::policy::Limit;
-use crate::usage::memory::Hold;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// (customer, feature) → holders.
 type SeatPools = Map<(Box<str>, Box<str>), HashSet<Box<str>>>;
+
+/// An open reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub customer: Box<str>,
+    pub feature: Box<str>,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub amount: u64,
+    pub limit: Limit,
+    pub allow_overage: bool,
+    pub expires: i64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaState {

@@ -33,32 +33,15 @@ use self::seats::Seats;
 use super::durable::journal::Journal;
 use super::durable::record::{Answer, Record, SettleOutcome, Settled};
 use super::durable::state::State;
-use super::{Ack, IdemKey, SettleAction, StepMeta, StoreError, UsageStore};
+use super::durable::{DurableConfig, OpenReport, StateDir, StateError};
+use super::{Ack, IdemKey, SettleAction, StepMeta, StoreConfig, StoreError, UsageStore};
 use crate::engine::{QuotaMode, UsageKey, UsageOp, UsageOutcome};
 use crate::ids::{ReservationId, reservation_name};
-use crate::time::{SECOND, Timestamp};
+use crate::time::Timestamp;
 
 pub(crate) use self::rate::Gcra;
 pub use self::reservations::Hold;
 use self::reservations::Holds;
-
-/// Lifetimes the store applies (microseconds).
-#[derive(Debug, Clone, Copy)]
-pub struct StoreConfig {
-    pub reservation_ttl_us: i64,
-    pub max_reservation_ttl_us: i64,
-    pub idempotency_ttl_us: i64,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            reservation_ttl_us: 5 * 60 * SECOND,
-            max_reservation_ttl_us: 24 * 3600 * SECOND,
-            idempotency_ttl_us: 24 * 3600 * SECOND,
-        }
-    }
-}
 
 /// How much live state the store holds (for metrics and soak tests): the state
 /// gauges' own record, so that metrics needs nothing from the store.
@@ -81,6 +64,24 @@ impl MemoryStore {
     /// Memory only: usage is lost on restart.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Opens the state directory `config.dir`, recovers the store from it, and journals
+    /// every change from now on.
+    pub fn open_durable(
+        config: DurableConfig,
+        clock: Arc<dyn crate::time::Clock>,
+    ) -> Result<(StateDir, MemoryStore, OpenReport), StateError> {
+        let started = std::time::Instant::now();
+        let store_config = config.store;
+        let (dir, opened, report) = StateDir::open(config, clock)?;
+        let mut store = MemoryStore::with_journal(Some(opened.journal), store_config);
+        store.restore(opened.state);
+        let report = OpenReport {
+            elapsed: started.elapsed(),
+            ..report
+        };
+        Ok((dir, store, report))
     }
 
     /// Writes every change to `journal` (see [`super::durable`]).

@@ -14,19 +14,7 @@ use crate::policy::Limit;
 use crate::time::Timestamp;
 use crate::usage::SettleAction;
 use crate::usage::durable::record::{SettleOutcome, Settled};
-
-/// An open reservation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hold {
-    pub customer: Box<str>,
-    pub feature: Box<str>,
-    pub window_start: i64,
-    pub window_end: i64,
-    pub amount: u64,
-    pub limit: Limit,
-    pub allow_overage: bool,
-    pub expires: i64,
-}
+pub use crate::usage::durable::state::Hold;
 
 /// The open reservations, by id.
 #[derive(Debug, Default)]
