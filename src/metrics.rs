@@ -88,6 +88,8 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     Ok(handle)
 }
 
+/// Describes every metric once, at start-up: a flat list, one entry per metric, kept
+/// together so that the exported names, types and help texts can be read in one place.
 fn describe() {
     describe_counter!(
         DECISIONS,

@@ -31,23 +31,6 @@ pub use window::{Window, window};
 use crate::policy::Snapshot;
 use crate::time::Timestamp;
 
-/// Evaluates and completes a decision with a synchronous usage step (the in-memory
-/// store): `run` answers the step.
-pub fn decide_with<'a>(
-    snap: &'a Snapshot,
-    op: Op,
-    req: &Request<'a>,
-    now: Timestamp,
-    run: impl FnOnce(&UsageOp<'a>) -> UsageOutcome,
-) -> Result<Decision<'a>, RequestError> {
-    let mut d = Decision::blank(req.feature);
-    if let Some(p) = evaluate(snap, op, req, now, &mut d)? {
-        let outcome = run(&p.op);
-        p.finish(outcome, &mut d);
-    }
-    Ok(d)
-}
-
 /// The operations a request can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
