@@ -28,7 +28,6 @@ pub use ops::{QuotaMode, SeatAction, UsageKey, UsageOp, UsageOutcome};
 pub use pending::Pending;
 pub use window::{Window, window};
 
-use crate::policy::Snapshot;
 use crate::time::Timestamp;
 
 /// The operations a request can ask for.
