@@ -1412,6 +1412,17 @@ fn deny_answers_503_and_unready_allow_admits_uncounted() {
         "ready again once Redis answers"
     );
     assert_eq!(metric(&deny, DEGRADED), 0.0);
+    // The allow replica's breaker may stay open a moment longer (its last failure came
+    // later): wait until it answers from Redis again. A check counts nothing; answered
+    // from Redis it sees the unit the deny replica just counted, from the fallback none.
+    let check = json!({"customer": "acme", "feature": "credits"});
+    let reached = wait_until(Duration::from_secs(10), || {
+        allow.post("/v1/check", &check).json()["used"] == 1
+    });
+    assert!(
+        reached,
+        "allow mode never answered from Redis after the restart"
+    );
     let d = consume(&allow, "acme", "credits", 1);
     assert_eq!(
         d["used"], 2,
