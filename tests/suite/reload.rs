@@ -299,3 +299,41 @@ fn a_broken_file_keeps_the_last_good_snapshot_until_fixed() {
     assert!(st["last_error"].is_null(), "{st}");
     assert_ne!(st["snapshot"]["version"], v1.as_str(), "{st}");
 }
+
+/// A FIFO and a device under policy file names (a FIFO opened for reading waits for a
+/// writer; `/dev/zero` reports size 0 and never ends): each is an error naming its
+/// path, the last good snapshot keeps serving, later changes still load, and the
+/// server still stops on SIGTERM.
+#[test]
+fn special_files_are_refused_and_reload_goes_on() {
+    let dir = standard_dir(100);
+    let mut s = spawn(dir.path());
+    let v1 = s.version().expect("version");
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("trap.yaml"))
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    std::os::unix::fs::symlink("/dev/zero", dir.join("zero.yaml")).expect("symlink");
+    let st = wait_for(DEADLINE, || {
+        let st = s.status();
+        let errors = st["last_error"]["errors"].to_string();
+        (errors.contains("trap.yaml") && errors.contains("zero.yaml")).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("special files never reported; status {}", s.status()));
+    let errors = st["last_error"]["errors"].to_string();
+    assert!(errors.contains("not a regular file (a FIFO)"), "{st}");
+    assert!(
+        errors.contains("not a regular file (a character device)"),
+        "{st}"
+    );
+    assert_eq!(st["snapshot"]["version"], v1.as_str(), "{st}");
+    assert_eq!(s.get("/readyz").status, 200);
+
+    dir.remove("trap.yaml");
+    dir.remove("zero.yaml");
+    dir.write("plans.yaml", &plans(500));
+    await_limit(&s, 500);
+    assert!(s.status()["last_error"].is_null(), "{}", s.status());
+    assert!(s.stop_gracefully().success(), "{}", s.stderr());
+}
