@@ -15,6 +15,7 @@ pub mod ids;
 pub mod metrics;
 pub mod notices;
 pub mod policy;
+pub mod redact;
 pub mod reload;
 pub mod rotating_log;
 pub mod server;

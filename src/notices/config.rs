@@ -59,12 +59,15 @@ impl WebhookConfig {
     pub fn new(url: &str) -> Result<Self, String> {
         let uri: hyper::Uri = url
             .parse()
-            .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+            .map_err(|e| format!("`{}` is not a URL: {e}", crate::redact::url(url)))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(format!("`{url}`: expected an http:// or https:// URL"));
+            return Err(format!(
+                "`{}`: expected an http:// or https:// URL",
+                crate::redact::url(url)
+            ));
         }
         if uri.authority().is_none() {
-            return Err(format!("`{url}`: no host"));
+            return Err(format!("`{}`: no host", crate::redact::url(url)));
         }
         Ok(WebhookConfig {
             url: uri,

@@ -143,7 +143,7 @@ impl Notices {
         tracing::info!(
             dir = %cfg.dir.display(),
             remembered = sent.len(),
-            webhook = cfg.webhook.as_ref().map(|w| w.url.to_string()),
+            webhook = cfg.webhook.as_ref().map(|w| crate::redact::url(&w.url.to_string())),
             "renewal notices on"
         );
         let mut scanner = Scanner {

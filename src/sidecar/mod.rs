@@ -37,7 +37,7 @@ use crate::time::{Clock, CoarseClock, ManualClock};
 use crate::usage::MemoryStore;
 use crate::usage::StoreError;
 use crate::usage::durable::{DurableConfig, StateDir, StateError};
-use crate::usage::redis::{RedisStore, redact};
+use crate::usage::redis::RedisStore;
 use background::Flush;
 
 /// Why a sidecar did not start, or did not stop cleanly.
@@ -174,7 +174,7 @@ impl Sidecar {
                 Serving::Local(Assembly::bind(&config, app(&config, parts, local), None).await?)
             }
             Some(cfg) => {
-                let url = redact(&cfg.url);
+                let url = crate::redact::url(&cfg.url);
                 let (mode, on_error, every) = (cfg.mode, cfg.on_error, cfg.flush_interval);
                 let shared = RedisStore::open(cfg, local)?;
                 shared.connect(Duration::from_secs(1)).await;

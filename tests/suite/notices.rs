@@ -694,3 +694,35 @@ fn a_second_process_on_the_same_notices_dir_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another entitled process"), "{err}");
 }
+
+/// The webhook URL is logged at start-up without its secrets: the password in its
+/// userinfo and the values of its query are replaced by `***`.
+#[test]
+fn the_webhook_url_is_logged_without_its_secrets() {
+    let policies = PolicyDir::with(&[("policy.yaml", &subscription_policy("2027-01-01"))]);
+    let state = tempfile::tempdir().unwrap();
+    let state_arg = state.path().display().to_string();
+    let s = Server::spawn_with(
+        policies.path(),
+        &[
+            "--state-dir",
+            &state_arg,
+            "--notify-url",
+            "http://billing:s3cr3t-pw@127.0.0.1:9/hook?token=T0K3N&v=2",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || s
+            .stderr()
+            .contains("renewal notices on")),
+        "{}",
+        s.stderr()
+    );
+    let log = s.stderr();
+    assert!(!log.contains("s3cr3t-pw"), "{log}");
+    assert!(!log.contains("T0K3N"), "{log}");
+    assert!(
+        log.contains("http://***@127.0.0.1:9/hook?token=***&v=***"),
+        "{log}"
+    );
+}

@@ -73,8 +73,9 @@ impl RedisStore {
     /// `local` is this replica's own store (with the state directory's journal, for
     /// the ledger).
     pub fn open(cfg: RedisConfig, local: MemoryStore) -> Result<RedisStore, StoreError> {
-        let bad =
-            |e: redis::RedisError| StoreError::Fatal(format!("--store {}: {e}", redact(&cfg.url)));
+        let bad = |e: redis::RedisError| {
+            StoreError::Fatal(format!("--store {}: {e}", crate::redact::url(&cfg.url)))
+        };
         let client = match &cfg.ca_file {
             None => redis::Client::open(cfg.url.as_str()).map_err(bad)?,
             Some(path) => {
@@ -179,14 +180,6 @@ impl RedisStore {
 
 fn fingerprint(ik: Option<IdemKey<'_>>) -> String {
     ik.map_or(String::new(), |k| format!("{:016x}", k.fingerprint))
-}
-
-/// Hides a password in a URL for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 impl Ack {
