@@ -329,6 +329,15 @@ impl Ledger {
 /// healing counters whose journal records were lost to damage). Segments that end at
 /// or before `after` are skipped unread.
 pub fn events_after(dir: &Path, after: u64) -> io::Result<Vec<(u64, serde_json::Value)>> {
+    events_between(dir, after, u64::MAX)
+}
+
+/// The events with `after < lsn <= upto`, in file order.
+pub fn events_between(
+    dir: &Path,
+    after: u64,
+    upto: u64,
+) -> io::Result<Vec<(u64, serde_json::Value)>> {
     let segs = segments(dir)?;
     let mut out = Vec::new();
     for (i, seg) in segs.iter().enumerate() {
@@ -345,7 +354,7 @@ pub fn events_after(dir: &Path, after: u64) -> io::Result<Vec<(u64, serde_json::
                 continue;
             };
             match v["id"].as_str().and_then(|id| id.parse::<u64>().ok()) {
-                Some(lsn) if lsn > after => out.push((lsn, v)),
+                Some(lsn) if lsn > after && lsn <= upto => out.push((lsn, v)),
                 _ => {}
             }
         }

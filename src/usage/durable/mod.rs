@@ -131,6 +131,8 @@ pub struct OpenReport {
     pub lost_records: u64,
     /// Consumptions lost with damaged journal records but found in the ledger.
     pub healed_from_ledger: u64,
+    /// Quota counters a damaged checkpoint lost, restored from the ledger.
+    pub checkpoint_counters_restored: u64,
     pub ledger_caught_up: u64,
     pub ledger_truncated_bytes: u64,
     pub quota_counters: usize,
@@ -239,15 +241,23 @@ impl StateDir {
                 damaged_regions = d.regions,
                 torn_tail = d.torn_tail,
                 bytes_skipped = d.bytes,
+                records_lost = d.lost_records(),
                 "state directory damage: the valid records around it were recovered; the damaged ones are lost"
             );
-        }
-        if lost > 0 {
-            crate::metrics::state_damaged(lost);
         }
         let mut healed = 0;
         if !rec.damaged.is_empty() && floor > rec.checkpoint_lsn {
             healed = heal_from_ledger(&dir, &mut rec, &mut seen)?;
+        }
+        let mut restored = 0;
+        if let Some(checkpoint) = rec.damaged_checkpoint.take() {
+            restored = heal_checkpoint(&dir, &mut rec, &checkpoint)?;
+        }
+        // A checkpoint cut short does not say how many records it held; each counter
+        // the ledger had to restore was at least one of them.
+        let lost = lost.max(restored);
+        if lost > 0 {
+            crate::metrics::state_damaged(lost);
         }
         // Never reuse an lsn the ledger has already named an event with (the journal
         // may have lost its tail while the ledger kept it).
@@ -278,6 +288,7 @@ impl StateDir {
             checkpoint_lsn: rec.checkpoint_lsn,
             last_lsn: next_lsn - 1,
             healed_from_ledger: healed,
+            checkpoint_counters_restored: restored,
             replayed: rec.replayed,
             lost_records: lost,
             ledger_caught_up: caught_up,
@@ -436,6 +447,35 @@ fn heal_from_ledger(
         );
     }
     Ok(healed)
+}
+
+/// Restores the quota counters a damaged checkpoint lost: the ledger holds every
+/// counted consumption up to the checkpoint (within its retention), so each window's
+/// sum there, where it exceeds what survived in the checkpoint, is counted again.
+/// Returns how many counters were raised. (Seats, holds and idempotency keys are not
+/// in the ledger: those lost with the checkpoint stay lost, and are counted as lost.)
+fn heal_checkpoint(
+    dir: &Path,
+    rec: &mut replay::Recovered,
+    checkpoint: &State,
+) -> Result<u64, StateError> {
+    let events = ledger::events_between(&dir.join("ledger"), 0, rec.checkpoint_lsn)
+        .map_err(StateError::Heal)?;
+    let mut from_ledger = State::default();
+    for (_, v) in &events {
+        if let Some(r) = ledger::event_record(v) {
+            from_ledger.apply(&r);
+        }
+    }
+    let (counters, units) = rec.state.restore_from_ledger(&from_ledger, checkpoint);
+    if counters > 0 {
+        tracing::warn!(
+            counters,
+            units,
+            "restored quota counters lost with a damaged checkpoint from the usage ledger"
+        );
+    }
+    Ok(counters)
 }
 
 fn journal_bytes(dir: &Path) -> u64 {

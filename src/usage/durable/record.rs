@@ -218,11 +218,20 @@ pub struct Damage {
     pub bytes: u64,
     /// The file ended inside a frame (a torn write).
     pub torn_tail: bool,
+    /// Records known lost, where the file says how many it holds (a checkpoint's end
+    /// frame); 0 where only the damaged regions are known.
+    pub records: u64,
 }
 
 impl Damage {
     pub fn is_clean(&self) -> bool {
-        self.regions == 0 && !self.torn_tail
+        self.regions == 0 && !self.torn_tail && self.records == 0
+    }
+
+    /// Records lost: as many as the file says are missing, else at least one per
+    /// damaged region and one for a torn tail.
+    pub fn lost_records(&self) -> u64 {
+        self.records.max(self.regions + u64::from(self.torn_tail))
     }
 }
 

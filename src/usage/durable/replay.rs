@@ -29,15 +29,15 @@ pub struct Recovered {
     pub damaged: Vec<(PathBuf, Damage)>,
     /// Journal segments read (first lsn, path).
     pub segments: Vec<(u64, PathBuf)>,
+    /// When the checkpoint was damaged: the state read from what was left of it, before
+    /// any journal record (what the ledger is compared with to restore the rest).
+    pub damaged_checkpoint: Option<State>,
 }
 
 impl Recovered {
     /// Records lost to damage (a torn tail is one partial record).
     pub fn lost_records(&self) -> u64 {
-        self.damaged
-            .iter()
-            .map(|(_, d)| d.regions + u64::from(d.torn_tail))
-            .sum()
+        self.damaged.iter().map(|(_, d)| d.lost_records()).sum()
     }
 }
 
@@ -96,12 +96,16 @@ pub fn recover(
                 }
             }
         }
-        if end != Some(records) && damage.is_clean() {
-            // Whole frames missing (a checkpoint cut short): at least one lost.
-            damage.regions += 1;
+        match end {
+            // The end frame says how many records the checkpoint holds.
+            Some(n) => damage.records = n.saturating_sub(records),
+            // No end frame (a checkpoint cut short, or empty): at least one lost.
+            None if damage.is_clean() => damage.regions += 1,
+            None => {}
         }
         if !damage.is_clean() {
             rec.damaged.push((path.clone(), damage));
+            rec.damaged_checkpoint = Some(rec.state.clone());
         }
         rec.checkpoint_lsn = *lsn;
         rec.last_lsn = *lsn;

@@ -43,7 +43,7 @@ pub struct IdemState {
     pub answer: Answer,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct State {
     pub quotas: Map<(Box<str>, Box<str>, i64), QuotaState>,
     pub holds: Map<ReservationId, Hold>,
@@ -144,6 +144,24 @@ impl State {
             .entry((customer.into(), feature.into(), start))
             .or_insert(QuotaState { end, used: 0 });
         q.used = q.used.saturating_add(n);
+    }
+
+    /// Restores counters a damaged checkpoint lost: where the usage ledger counted more
+    /// in a window up to the checkpoint (`ledger`) than what was left of the checkpoint
+    /// (`checkpoint`), the difference is counted again here. Returns the counters raised
+    /// and the units added.
+    pub fn restore_from_ledger(&mut self, ledger: &State, checkpoint: &State) -> (u64, u64) {
+        let (mut counters, mut units) = (0, 0);
+        for ((customer, feature, start), q) in &ledger.quotas {
+            let key = (customer.clone(), feature.clone(), *start);
+            let had = checkpoint.quotas.get(&key).map_or(0, |c| c.used);
+            if q.used > had {
+                self.count(customer, feature, *start, q.end, q.used - had);
+                counters += 1;
+                units += q.used - had;
+            }
+        }
+        (counters, units)
     }
 
     /// Drops what has ended by `now`: quota windows, reservations (their units go
