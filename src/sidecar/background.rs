@@ -1,5 +1,6 @@
 //! The loops a serving sidecar runs beside its listeners: usage upkeep every second,
-//! and with a shared store the flush of deltas counted here.
+//! the metrics recorder's upkeep, and with a shared store the flush of deltas counted
+//! here.
 //!
 //! Both are tokio tasks holding the `App`; the sidecar aborts them once it has
 //! drained, so nothing outlives the state directory they write to.
@@ -36,8 +37,17 @@ impl Flush for RedisStore {
     }
 }
 
+/// How often the Prometheus recorder folds recorded histogram samples into its
+/// buckets when nobody scrapes.
+const METRICS_UPKEEP_EVERY_S: u64 = 5;
+
 /// Expired reservations go back to their quotas within a second; counters of
 /// ended windows are dead weight, dropped every minute.
+///
+/// The Prometheus recorder keeps every histogram sample (one per decision) until it
+/// folds them into buckets, which a scrape does, or its upkeep: without a scraper, or
+/// with one that is down, the samples would pile up for ever (about 2 MB/s at 100k
+/// decisions/s). So its upkeep runs here too, whoever scrapes.
 pub(super) async fn upkeep<S: Flush>(app: Arc<App<S>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;
@@ -47,6 +57,11 @@ pub(super) async fn upkeep<S: Flush>(app: Arc<App<S>>) {
         let d = &app.decider;
         d.store
             .maintain(d.clock.now_background(), n.is_multiple_of(60));
+        if n.is_multiple_of(METRICS_UPKEEP_EVERY_S)
+            && let Some(p) = &app.prometheus
+        {
+            p.run_upkeep();
+        }
     }
 }
 
