@@ -171,7 +171,9 @@ async fn read_body<S>(app: &App<S>, req: Request<Incoming>) -> Result<Vec<u8>, A
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::TooLarge { limit });
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    let within = app.limits.body_read_timeout;
+    let read = tokio::time::timeout(within, Limited::new(req.into_body(), limit).collect());
+    match read.await.map_err(|_| ApiError::BodyTimeout(within))? {
         Ok(c) => Ok(c.to_bytes().to_vec()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -19,6 +19,8 @@ pub enum ApiError {
     },
     #[error("request body over the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("no route for `{path}`")]
     NotFound { path: String },
     #[error("method `{method}` not allowed here; allowed: {allow}")]
@@ -63,6 +65,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,6 +79,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => "bad_request",
             ApiError::TooLarge { .. } => "payload_too_large",
+            ApiError::BodyTimeout(_) => "request_timeout",
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::NotReady => "not_ready",
@@ -111,6 +115,13 @@ impl ApiError {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
         );
+        if let ApiError::BodyTimeout(_) = self {
+            // The rest of the body may still come: this connection cannot be reused.
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         if let ApiError::MethodNotAllowed { allow, .. } = self {
             r.headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static(allow));

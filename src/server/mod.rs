@@ -37,6 +37,9 @@ pub struct Limits {
     /// Time to receive a request's headers. hyper starts it whenever an HTTP/1
     /// connection waits for a request, so it is also the keep-alive idle timeout.
     pub header_read_timeout: Duration,
+    /// Time to receive a request's body once its headers are in: a client that
+    /// declares a body and sends it slowly, or never, is answered 408 and closed.
+    pub body_read_timeout: Duration,
     /// HTTP/2 keep-alive ping interval; a peer that does not answer within the same
     /// time is dropped.
     pub h2_keepalive: Duration,
@@ -51,6 +54,7 @@ impl Default for Limits {
         Limits {
             body_limit: 64 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
             h2_keepalive: Duration::from_secs(30),
             max_connections: 4096,
             shutdown_timeout: Duration::from_secs(30),

@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// Time allowed to receive request headers; also the HTTP/1 keep-alive idle timeout.
     #[arg(long, env = "ENTITLED_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub header_read_timeout: Duration,
+    /// Time allowed to receive a request's body once its headers are in.
+    #[arg(long, env = "ENTITLED_BODY_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub body_read_timeout: Duration,
     /// Most open connections.
     #[arg(long, env = "ENTITLED_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -243,6 +246,7 @@ impl ServeArgs {
             limits: server::Limits {
                 body_limit: self.body_limit,
                 header_read_timeout: self.header_read_timeout,
+                body_read_timeout: self.body_read_timeout,
                 max_connections: self.max_connections,
                 shutdown_timeout: self.shutdown_timeout,
                 ..server::Limits::default()

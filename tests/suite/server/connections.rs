@@ -158,3 +158,34 @@ fn silent_connections_cannot_starve_the_server() {
     let d = s.check("acme", "support.tier");
     assert_eq!(d["allowed"], true, "{d}");
 }
+
+/// A request that declares a body and then sends none of it (or only a little) is
+/// answered 408 once `--body-read-timeout` has passed and its connection closed, so it
+/// cannot hold a connection slot for ever (`--header-read-timeout` only bounds the
+/// headers).
+#[test]
+fn a_body_that_never_arrives_is_cut_off_by_the_body_read_timeout() {
+    let dir = policy();
+    let s = Server::start_with(
+        dir.path(),
+        &["--body-read-timeout", "300ms", "--max-connections", "2"],
+    );
+    for sent in [&b""[..], b"{\"customer\":\"ac"] {
+        let mut slow = Conn::open(s.addr);
+        let mut req = b"POST /v1/consume HTTP/1.1\r\nhost: entitled.test\r\n\
+            content-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+            .to_vec();
+        req.extend_from_slice(sent);
+        slow.send_raw(&req);
+        let r = slow.read_response();
+        assert_eq!(r.status, 408, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "request_timeout", "{}", r.text());
+        assert!(
+            slow.closed_within(Duration::from_secs(3)),
+            "the connection stayed open after its 408"
+        );
+    }
+    // Both connection slots are free again.
+    let d = s.check("acme", "support.tier");
+    assert_eq!(d["allowed"], true, "{d}");
+}
