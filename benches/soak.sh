@@ -8,6 +8,7 @@
 #   DURATION=120 bash benches/soak.sh             # shorter
 #   SCRAPE_EVERY=2 bash benches/soak.sh           # the same with a scrape every 2 s
 #   DURABILITY=async bash benches/soak.sh         # with the journal and ledger
+#   BIN=path/to/entitled bash benches/soak.sh     # another build (no cargo build)
 #
 # Load: wrk, 16 connections, random customers of a 100k set; per request one of a flag
 # check, a quota consume or a rate-limited consume. RSS (VmRSS) is sampled every
@@ -26,8 +27,10 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
-cargo build --release --quiet --bin entitled
-BIN=target/release/entitled
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet --bin entitled
+  BIN=target/release/entitled
+fi
 
 mkdir -p "$WORK/policies"
 python3 - "$WORK/policies" "$CUSTOMERS" <<'PY'

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use base64::Engine as _;
 use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
@@ -22,7 +23,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use serde_json::json;
 
-use super::support::{PolicyDir, Resp, Server, free_port, metric_value, request};
+use super::support::{Conn, PolicyDir, Resp, Server, free_port, metric_value, request};
 
 /// 2030-01-10: the month window is January 2030 and resets 2030-02-01T00:00:00Z.
 const T0: &str = "2030-01-10T00:00:00Z";
@@ -401,7 +402,7 @@ async fn connect_auth(url: &str) -> AuthorizationClient<tonic::transport::Channe
         if let Ok(c) = AuthorizationClient::connect(url.to_string()).await {
             return c;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("no gRPC server at {url}");
 }
@@ -645,4 +646,54 @@ fn grpc_rate_limit_service_follows_each_plan() {
         .is_some_and(|v| v >= 3.0),
         "{m}"
     );
+}
+
+/// The gRPC port holds at most `--max-connections` connections, and closes one that
+/// sends nothing within `--header-read-timeout`: idle sockets cannot pile up. With one
+/// slot taken by a client, an idle socket waits unserved in the backlog (it is not even
+/// timed out); once the client leaves, it is accepted and closed for its silence, and
+/// the port serves again.
+#[test]
+fn grpc_connections_are_capped_and_silent_ones_closed() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (_d, _s) = start(&[
+        "--grpc-listen",
+        &listen,
+        "--max-connections",
+        "1",
+        "--header-read-timeout",
+        "300ms",
+    ]);
+    let url = format!("http://{listen}");
+    let addr: std::net::SocketAddr = listen.parse().expect("address");
+    let rt = runtime();
+
+    // Silent from the start: closed at the preface deadline.
+    let mut silent = Conn::open(addr);
+    assert!(
+        silent.closed_within(Duration::from_secs(3)),
+        "a gRPC connection that sent nothing was still open after 3 s"
+    );
+
+    // A client takes the one slot; a silent socket is not served meanwhile. (The
+    // client's connection lives on a runtime of its own: dropping that closes it.)
+    let client_rt = runtime();
+    let mut client = client_rt.block_on(connect_auth(&url));
+    let ok = client_rt.block_on(reports(&mut client, "big"));
+    assert_eq!(status_code(&ok), 0, "{ok:?}");
+    let mut waiting = Conn::open(addr);
+    assert!(
+        !waiting.closed_within(Duration::from_secs(1)),
+        "a second connection was served past --max-connections 1"
+    );
+    drop(client);
+    drop(client_rt);
+    assert!(
+        waiting.closed_within(Duration::from_secs(3)),
+        "the waiting connection was never accepted (and timed out) after the client left"
+    );
+    let mut again = rt.block_on(connect_auth(&url));
+    let ok = rt.block_on(reports(&mut again, "big"));
+    assert_eq!(status_code(&ok), 0, "{ok:?}");
 }
