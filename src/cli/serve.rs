@@ -1,6 +1,7 @@
 //! `entitled serve`: the process around a [`Sidecar`]. What is process-wide is set
 //! up here: the log subscriber, the Prometheus recorder, the TLS crypto provider,
-//! the tokio runtime, the signal handlers and the address lines on stdout.
+//! the open-files limit, the tokio runtime, the signal handlers and the address lines
+//! on stdout.
 
 use std::process::ExitCode;
 
@@ -23,6 +24,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = rt.build().context("starting the runtime")?;
     let mut config = args.into_config()?;
     config.prometheus = Some(prometheus);
+    fit_connections_to_open_files(&mut config.limits.max_connections);
     if config.store.is_some() {
         // rustls is built with ring only: make it the process's provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -41,6 +43,41 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         sidecar.serve(stop).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// File descriptors kept for everything but connections: the state directory's
+/// journal, ledger and checkpoint files, policy files, the audit and notice logs, Redis.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft open-files limit to the hard one (the default soft limit, 1024 on
+/// most systems, is far below what `--max-connections` allows on two ports), says so,
+/// and caps connections so that a flood of them can never take the descriptors the
+/// state directory needs: a journal that cannot open its next segment stops counting.
+fn fit_connections_to_open_files(max_connections: &mut usize) {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open files limit");
+            return;
+        }
+    };
+    if let Ok(before) = before
+        && before < limit
+    {
+        tracing::info!(from = before, to = limit, "raised the open files limit");
+    }
+    // Two ports (HTTP and gRPC) each hold up to `max_connections`.
+    let room = (limit.saturating_sub(FD_RESERVE) / 2).max(1);
+    if (*max_connections as u64) > room {
+        tracing::warn!(
+            max_connections = *max_connections,
+            open_files_limit = limit,
+            capped_to = room,
+            "--max-connections on two ports would leave too few file descriptors for the state directory: connections capped"
+        );
+        *max_connections = usize::try_from(room).unwrap_or(usize::MAX);
+    }
 }
 
 /// Installs the SIGTERM and SIGINT handlers now (before the address is announced, so

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::support::{Conn, PolicyDir, Server, get, names_file_line_col, request_head, wait_until};
+use super::support::{
+    Conn, PolicyDir, Server, get, names_file_line_col, output_within, request_head, wait_until,
+};
 
 use super::{assert_error, policy};
 
@@ -138,4 +140,39 @@ fn a_broken_policy_at_start_is_503_until_fixed() {
     assert_eq!(d["allowed"], true, "{d}");
     let st = s.status();
     assert!(st["last_error"].is_null(), "{st}");
+}
+
+/// At start the soft open-files limit is raised to the hard one, and said so; where
+/// the hard limit itself is low, connections are capped so that the state directory
+/// keeps descriptors. (Each run stops at the bind of a port that is taken, right after.)
+#[test]
+fn the_open_files_limit_is_raised_and_connections_fit_in_it() {
+    let dir = policy();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let serve = |ulimit: &str| {
+        let cmd = format!(
+            "ulimit {ulimit} && exec \"$0\" serve --policies \"$1\" --listen \"$2\" \
+             --grpc-listen off --durability memory --max-connections 4096"
+        );
+        let out = output_within(
+            std::process::Command::new("sh")
+                .args(["-c", &cmd, env!("CARGO_BIN_EXE_entitled")])
+                .arg(dir.path())
+                .arg(&addr),
+            Duration::from_secs(20),
+        );
+        assert!(!out.status.success(), "the port was taken: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let raised = serve("-S -n 300");
+    assert!(
+        raised.contains("raised the open files limit") && raised.contains("from=300"),
+        "{raised}"
+    );
+    let capped = serve("-n 300");
+    assert!(
+        capped.contains("connections capped") && capped.contains("capped_to=22"),
+        "{capped}"
+    );
 }
