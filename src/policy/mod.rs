@@ -8,6 +8,7 @@
 pub mod compile;
 pub mod error;
 pub mod raw;
+pub mod read;
 pub mod snapshot;
 pub mod source;
 pub mod units;
@@ -29,7 +30,7 @@ pub fn load_dir(dir: &Path, limits: &Limits) -> Result<Snapshot, LoadError> {
     let mut texts = Vec::with_capacity(found.len());
     let mut diagnostics = Vec::new();
     for f in &found {
-        match source::read_file(f, limits) {
+        match read::read_file(f, limits) {
             Ok(t) => texts.push(t),
             Err(d) => {
                 diagnostics.push(d);
