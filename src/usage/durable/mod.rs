@@ -234,31 +234,11 @@ impl StateDir {
                 .map_err(StateError::CatchUp)?;
             ledger.sync()?;
         }
-        let lost = rec.lost_records();
-        for (path, d) in &rec.damaged {
-            tracing::error!(
-                file = %path.display(),
-                damaged_regions = d.regions,
-                torn_tail = d.torn_tail,
-                bytes_skipped = d.bytes,
-                records_lost = d.lost_records(),
-                "state directory damage: the valid records around it were recovered; the damaged ones are lost"
-            );
-        }
-        let mut healed = 0;
-        if !rec.damaged.is_empty() && floor > rec.checkpoint_lsn {
-            healed = heal_from_ledger(&dir, &mut rec, &mut seen)?;
-        }
-        let mut restored = 0;
-        if let Some(checkpoint) = rec.damaged_checkpoint.take() {
-            restored = heal_checkpoint(&dir, &mut rec, &checkpoint)?;
-        }
-        // A checkpoint cut short does not say how many records it held; each counter
-        // the ledger had to restore was at least one of them.
-        let lost = lost.max(restored);
-        if lost > 0 {
-            crate::metrics::state_damaged(lost);
-        }
+        let Healed {
+            lost,
+            from_journal_damage: healed,
+            checkpoint_counters: restored,
+        } = heal(&dir, &mut rec, floor, &mut seen)?;
         // Never reuse an lsn the ledger has already named an event with (the journal
         // may have lost its tail while the ledger kept it).
         let next_lsn = rec.last_lsn.max(floor) + 1;
@@ -416,6 +396,56 @@ impl Inner {
         }
         Ok(r?)
     }
+}
+
+/// What recovery made good of the damage it found.
+struct Healed {
+    /// Records lost to damage (before healing).
+    lost: u64,
+    /// Consumptions of damaged journal records counted again from the ledger.
+    from_journal_damage: u64,
+    /// Quota counters of a damaged checkpoint restored from the ledger.
+    checkpoint_counters: u64,
+}
+
+/// Logs each damaged file, heals from the ledger what it can (damaged journal records
+/// after the checkpoint, counters of a damaged checkpoint) and counts the records lost.
+fn heal(
+    dir: &Path,
+    rec: &mut replay::Recovered,
+    floor: u64,
+    seen: &mut [u64],
+) -> Result<Healed, StateError> {
+    let lost = rec.lost_records();
+    for (path, d) in &rec.damaged {
+        tracing::error!(
+            file = %path.display(),
+            damaged_regions = d.regions,
+            torn_tail = d.torn_tail,
+            bytes_skipped = d.bytes,
+            records_lost = d.lost_records(),
+            "state directory damage: the valid records around it were recovered; the damaged ones are lost"
+        );
+    }
+    let mut healed = 0;
+    if !rec.damaged.is_empty() && floor > rec.checkpoint_lsn {
+        healed = heal_from_ledger(dir, rec, seen)?;
+    }
+    let mut restored = 0;
+    if let Some(checkpoint) = rec.damaged_checkpoint.take() {
+        restored = heal_checkpoint(dir, rec, &checkpoint)?;
+    }
+    // A checkpoint cut short does not say how many records it held; each counter
+    // the ledger had to restore was at least one of them.
+    let lost = lost.max(restored);
+    if lost > 0 {
+        crate::metrics::state_damaged(lost);
+    }
+    Ok(Healed {
+        lost,
+        from_journal_damage: healed,
+        checkpoint_counters: restored,
+    })
 }
 
 /// Counts again the ledger's events after the checkpoint whose journal records were
