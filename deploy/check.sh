@@ -72,6 +72,7 @@ run "metric names in dashboard and rules" python3 check.py "${metrics_arg[@]}"
 # 5. promtool
 if command -v promtool >/dev/null; then
   run "promtool check rules" promtool check rules prometheus/alerts.yml
+  run "promtool test rules" promtool test rules prometheus/alerts_test.yml
   echo "--- promtool check config: prometheus/scrape.yml"
   if out=$(promtool check config prometheus/scrape.yml 2>&1); then
     echo "$out"; ok "promtool check config"

@@ -283,6 +283,12 @@ pub fn reload(result: &'static str) {
     counter!(RELOADS, "result" => result).increment(1);
 }
 
+/// Records a successful load of the policy directory, whether or not it changed the
+/// served snapshot (a reverted broken change loads the version already served).
+pub fn reload_succeeded(at: Timestamp) {
+    gauge!(LAST_RELOAD_SUCCESS).set(at.as_secs_f64());
+}
+
 /// Records a newly served snapshot: its version, size and load time.
 pub fn snapshot_served(snap: &Snapshot, previous: Option<&str>, at: Timestamp) {
     if let Some(prev) = previous {

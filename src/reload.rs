@@ -314,12 +314,19 @@ impl Worker {
                 let previous = self.cell.load_full();
                 let prev_version = previous.as_ref().map(|p| p.version.to_string());
                 if prev_version.as_deref() == Some(&*snap.version) {
-                    // Same content (a touch, an editor's save of identical bytes).
+                    // Same content (a touch, an editor's save of identical bytes, a
+                    // broken change reverted): nothing to swap, but the load succeeded,
+                    // and an error it clears is said.
+                    let mut cleared = false;
                     self.state.update(|s| {
                         s.reloads_ok += 1;
-                        s.last_error = None;
+                        cleared = s.last_error.take().is_some();
                     });
                     crate::metrics::reload("success");
+                    crate::metrics::reload_succeeded(now);
+                    if cleared {
+                        tracing::info!(version = %snap.version, "policy error cleared: the files load again (the served snapshot is unchanged)");
+                    }
                     return;
                 }
                 let snap = Arc::new(snap);

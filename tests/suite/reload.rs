@@ -337,3 +337,40 @@ fn special_files_are_refused_and_reload_goes_on() {
     assert!(s.status()["last_error"].is_null(), "{}", s.status());
     assert!(s.stop_gracefully().success(), "{}", s.stderr());
 }
+
+/// A broken change reverted byte for byte loads the version already served: nothing is
+/// swapped, but the load succeeded, so the last-success timestamp moves (the
+/// "stuck on a broken change" alert must not fire) and the log says the error cleared.
+#[test]
+fn a_reverted_broken_change_clears_the_error_and_moves_the_success_time() {
+    let dir = standard_dir(100);
+    let s = spawn(dir.path());
+    let v1 = s.version().expect("version");
+    let success = |s: &Server| {
+        metric_value(
+            &s.get("/metrics").text(),
+            "entitled_policy_last_reload_success_timestamp_seconds",
+        )
+        .expect("the last-success gauge")
+    };
+    let t1 = success(&s);
+    dir.write("plans.yaml", "plans: [\n");
+    assert!(
+        wait_until(DEADLINE, || !s.status()["last_error"].is_null()),
+        "the broken file was never reported; status {}",
+        s.status()
+    );
+    dir.write("plans.yaml", &plans(100));
+    assert!(
+        wait_until(DEADLINE, || s.status()["last_error"].is_null()),
+        "the error never cleared; status {}",
+        s.status()
+    );
+    assert_eq!(s.version().as_deref(), Some(v1.as_str()));
+    assert!(success(&s) > t1, "the last-success time did not move");
+    assert!(
+        wait_until(DEADLINE, || s.stderr().contains("policy error cleared")),
+        "{}",
+        s.stderr()
+    );
+}
