@@ -354,9 +354,10 @@ fn a_damaged_checkpoint_is_restored_from_the_ledger() {
             s.stderr()
         );
         // A flipped byte loses the one record it hit (the end frame says how many the
-        // checkpoint held); a checkpoint cut short or emptied lost at least the two
-        // counters the ledger restored.
-        let lost = if damage == "flip" { 1.0 } else { 2.0 };
+        // checkpoint held); an emptied checkpoint lost both counters the ledger
+        // restored; one cut in half lost at least one (which records sit in which half
+        // varies from run to run).
+        let lost = if damage == "empty" { 2.0 } else { 1.0 };
         assert!(
             damaged_metric(&s) >= lost,
             "{damage}: {}",
