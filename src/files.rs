@@ -42,7 +42,7 @@ pub fn replace_with_bytes(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// The temporary name [`replace`] writes to: `<file name>.tmp` in the same directory
 /// (a rename is atomic only within one file system).
-pub fn tmp_path(path: &Path) -> PathBuf {
+fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)

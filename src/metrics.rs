@@ -295,7 +295,7 @@ pub fn snapshot_served(snap: &Snapshot, previous: Option<&str>, at: Timestamp) {
         gauge!(SNAPSHOT_INFO, "version" => prev.to_string()).set(0.0);
     }
     gauge!(SNAPSHOT_INFO, "version" => snap.version.to_string()).set(1.0);
-    gauge!(LAST_RELOAD_SUCCESS).set(at.as_secs_f64());
+    reload_succeeded(at);
     gauge!(CUSTOMERS).set(snap.customers.len() as f64);
 }
 

@@ -332,7 +332,8 @@ pub fn events_after(dir: &Path, after: u64) -> io::Result<Vec<(u64, serde_json::
     events_between(dir, after, u64::MAX)
 }
 
-/// The events with `after < lsn <= upto`, in file order.
+/// The events with `after < lsn <= upto`, in file order. Segments wholly outside the
+/// range are skipped unread.
 pub fn events_between(
     dir: &Path,
     after: u64,
@@ -346,6 +347,9 @@ pub fn events_between(
             .is_some_and(|next| next.first_lsn <= after + 1)
         {
             continue;
+        }
+        if seg.first_lsn > upto {
+            break;
         }
         let r = BufReader::new(File::open(&seg.path)?);
         for line in r.split(b'\n') {
