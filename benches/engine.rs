@@ -90,7 +90,7 @@ fn decisions(c: &mut Criterion) {
         c.bench_function("floor: snapshot read + clock", |b| {
             b.iter(|| {
                 snap.with(|s| {
-                    black_box(s.map(|s| s.features.len()))
+                    black_box(s.map(|s| s.catalog.features.len()))
                         .map(|n| n as i64 + clock.now().as_micros())
                 })
             })

@@ -173,10 +173,10 @@ impl Audit {
             files_added: added,
             files_changed: changed,
             files_removed: removed,
-            features: new.features.len(),
+            features: new.catalog.features.len(),
             plans: new.plans().count(),
             customers: new.customers.len(),
-            routes: new.routes.len(),
+            routes: new.catalog.routes.len(),
         });
     }
 

@@ -304,7 +304,7 @@ pub fn snapshot_served(snap: &Snapshot, previous: Option<&str>, at: Timestamp) {
 pub fn refresh_time_gauges(snap: &Snapshot, now: Timestamp) {
     gauge!(OVERRIDES_ACTIVE).set(snap.overrides_active(now) as f64);
     let mut counts = [0u64; EXPIRING_WINDOWS.len()];
-    for s in &snap.customers.subs {
+    for s in snap.customers.subscriptions() {
         if s.ends <= now || s.ends == Timestamp::MAX {
             continue;
         }

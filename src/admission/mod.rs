@@ -162,7 +162,7 @@ async fn step<'a, S: UsageStore>(
     now: Timestamp,
     ack: &mut Ack,
 ) -> Result<Step<'a>, DecideError> {
-    let name = &*snap.features[feature as usize].name;
+    let name = &*snap.catalog.features[feature as usize].name;
     let q = Query::new(
         op,
         engine::Request {
@@ -281,6 +281,7 @@ pub async fn admit<S: UsageStore>(
     let now = decider.clock.now();
     let path = normalize_path(raw_path);
     let Some(route) = snap
+        .catalog
         .routes
         .iter()
         .find(|r| r.matches(method, &path, |k| headers.header(k)))

@@ -93,7 +93,7 @@ pub async fn rate_limit<S: UsageStore>(
             out.push(over);
             continue;
         };
-        let kind = snap.features[f as usize].kind;
+        let kind = snap.catalog.features[f as usize].kind;
         let op = if d.hits > 0
             && matches!(kind, crate::policy::Kind::Quota | crate::policy::Kind::Rate)
         {

@@ -17,10 +17,10 @@ pub fn run(Args { dir }: Args) -> anyhow::Result<ExitCode> {
         Ok(s) => {
             out!(
                 "ok: {} features, {} plans, {} customers, {} routes (snapshot {})",
-                s.features.len(),
+                s.catalog.features.len(),
                 s.plans().count(),
                 s.customers.len(),
-                s.routes.len(),
+                s.catalog.routes.len(),
                 s.version
             );
             Ok(ExitCode::SUCCESS)

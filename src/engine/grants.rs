@@ -86,7 +86,7 @@ pub(super) fn for_each_candidate<'a>(
     ctx: Context<'_>,
     mut visit: impl FnMut(Candidate<'a>),
 ) {
-    let in_scope = |scope: u32| scope == NONE || snap.scope(scope).is_none_or(|s| s.matches(ctx));
+    let in_scope = |scope: u32| scope == NONE || c.scope(scope).is_none_or(|s| s.matches(ctx));
     for (i, s) in c.subs.iter().enumerate() {
         let Some(g) = snap.bundle_grant(s.plan, feature) else {
             continue;

@@ -122,7 +122,7 @@ fn remaining(limit: Limit, used: u64) -> Limit {
 /// denials only.
 pub(super) fn upgrades<'a>(ctx: UpgradeCtx<'a>) -> Vec<&'a str> {
     let snap = ctx.snap;
-    let Some(list) = snap.upgrades.get(ctx.feature as usize) else {
+    let Some(list) = snap.catalog.upgrades.get(ctx.feature as usize) else {
         return Vec::new();
     };
     let feature = snap.feature(ctx.feature);
@@ -138,7 +138,7 @@ pub(super) fn upgrades<'a>(ctx: UpgradeCtx<'a>) -> Vec<&'a str> {
     list.iter()
         .filter(|(plan, _)| !held(*plan))
         .filter(|(_, g)| {
-            let Some(bg) = snap.grants.get(*g as usize) else {
+            let Some(bg) = snap.catalog.grants.get(*g as usize) else {
                 return false;
             };
             match (ctx.limit, bg.value.scaled_limit(1), ctx.current) {

@@ -6,6 +6,7 @@
 //! directory, reporting every problem of every file with file:line:col.
 
 pub mod compile;
+pub mod customers;
 pub mod error;
 pub mod raw;
 pub mod read;

@@ -2,18 +2,17 @@
 //! every request through an `Arc`.
 //!
 //! Names are interned into dense ids; plans are flattened through `includes` once, so a
-//! decision reads a plan's grant for a feature with one array index. Customers live in
-//! a flat table found through a `hashbrown::HashTable<u32>` (4 bytes a slot) whose
-//! records keep short ids inline, which keeps a 1M-customer snapshot near 150 bytes a
-//! customer and a lookup to a few cache misses.
+//! decision reads a plan's grant for a feature with one array index. A snapshot is a
+//! [`Catalog`] (features, plans, groups, routes: what every customer's meaning depends
+//! on) and a [`Customers`] table sharded by id hash (see [`super::customers`]), each
+//! shared by reference: a change to some customers publishes a new snapshot that
+//! rebuilds only the shards it touched.
 
 use std::cmp::Ordering;
-use std::hash::BuildHasher;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use compact_str::CompactString;
-use hashbrown::HashTable;
-
+pub use super::customers::{CustomerView, Customers};
 pub use super::raw::{Combine, Kind, Limit, Overage, Prefer, Reset, ValueType};
 use crate::time::Timestamp;
 
@@ -249,92 +248,6 @@ impl Scope {
     }
 }
 
-/// The rarely-present parts of a customer, kept out of line.
-#[derive(Debug, Clone, Copy)]
-pub struct Extras {
-    pub grants: (u32, u32),
-    pub overrides: (u32, u32),
-}
-
-#[derive(Debug)]
-pub struct CustomerRec {
-    pub id: CompactString,
-    /// Offset and length in `Customers::names`.
-    pub name: (u32, u32),
-    pub subs: (u32, u32),
-    /// Index into `Customers::extras`, or `NONE`.
-    pub extras: u32,
-}
-
-/// All customers, in flat tables.
-#[derive(Debug, Default)]
-pub struct Customers {
-    pub(crate) index: HashTable<u32>,
-    pub(crate) hasher: foldhash::fast::FixedState,
-    pub records: Vec<CustomerRec>,
-    pub subs: Vec<Subscription>,
-    pub grants: Vec<CustomerGrant>,
-    pub overrides: Vec<Override>,
-    pub extras: Vec<Extras>,
-    pub names: String,
-}
-
-/// A customer as the engine reads it.
-#[derive(Debug, Clone, Copy)]
-pub struct CustomerView<'a> {
-    pub index: u32,
-    pub id: &'a str,
-    pub name: Option<&'a str>,
-    pub subs: &'a [Subscription],
-    pub grants: &'a [CustomerGrant],
-    pub overrides: &'a [Override],
-}
-
-impl Customers {
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
-    pub(crate) fn hash(&self, id: &str) -> u64 {
-        self.hasher.hash_one(id)
-    }
-
-    #[inline]
-    pub fn get(&self, id: &str) -> Option<CustomerView<'_>> {
-        let h = self.hash(id);
-        let &i = self.index.find(h, |&i| self.records[i as usize].id == id)?;
-        Some(self.view(i))
-    }
-
-    pub fn view(&self, i: u32) -> CustomerView<'_> {
-        let r = &self.records[i as usize];
-        let range = |(s, n): (u32, u32)| s as usize..(s + n) as usize;
-        let (grants, overrides) = match self.extras.get(r.extras as usize) {
-            Some(x) => (
-                &self.grants[range(x.grants)],
-                &self.overrides[range(x.overrides)],
-            ),
-            None => (&[][..], &[][..]),
-        };
-        CustomerView {
-            index: i,
-            id: &r.id,
-            name: (r.name.1 > 0).then(|| &self.names[range(r.name)]),
-            subs: &self.subs[range(r.subs)],
-            grants,
-            overrides,
-        }
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = CustomerView<'_>> {
-        (0..self.records.len() as u32).map(|i| self.view(i))
-    }
-}
-
 /// Where a route takes the customer id from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CustomerFrom {
@@ -393,11 +306,10 @@ pub struct SourceInfo {
     pub hash: String,
 }
 
+/// What the policy files define for everyone: features, plans and groups, routes.
+/// Compiled as a whole; every customer's meaning depends on it.
 #[derive(Debug)]
-pub struct Snapshot {
-    /// Content hash of every file (path and bytes): the same files give the same
-    /// version on every replica.
-    pub version: Box<str>,
+pub struct Catalog {
     pub features: Vec<Feature>,
     pub(crate) feature_index:
         std::collections::HashMap<Box<str>, FeatureId, foldhash::fast::FixedState>,
@@ -405,15 +317,12 @@ pub struct Snapshot {
     pub(crate) bundle_index:
         std::collections::HashMap<Box<str>, BundleId, foldhash::fast::FixedState>,
     pub grants: Vec<BundleGrant>,
-    pub customers: Customers,
-    pub scopes: Vec<Scope>,
     pub routes: Vec<Route>,
     /// Per feature: the plans granting it, in tier order.
     pub upgrades: Vec<Box<[(BundleId, GrantId)]>>,
-    pub files: Vec<SourceInfo>,
 }
 
-impl Snapshot {
+impl Catalog {
     #[inline]
     pub fn feature_id(&self, name: &str) -> Option<FeatureId> {
         self.feature_index.get(name).copied()
@@ -444,15 +353,52 @@ impl Snapshot {
             .get(feature as usize)?;
         self.grants.get(g as usize)
     }
+}
 
-    pub fn scope(&self, id: ScopeId) -> Option<&Scope> {
-        self.scopes.get(id as usize)
+/// The compiled policy a request reads: the catalog and the customer table, each
+/// shared by reference, so a snapshot that changes customers only (an incremental
+/// reload, a customer written through the API) shares the catalog and every customer
+/// shard it did not touch.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Content hash of every file (path and bytes): the same files give the same
+    /// version on every replica.
+    pub version: Box<str>,
+    pub catalog: Arc<Catalog>,
+    pub customers: Customers,
+    pub files: Arc<[SourceInfo]>,
+}
+
+impl Snapshot {
+    #[inline]
+    pub fn feature_id(&self, name: &str) -> Option<FeatureId> {
+        self.catalog.feature_id(name)
+    }
+
+    pub fn feature(&self, id: FeatureId) -> &Feature {
+        self.catalog.feature(id)
+    }
+
+    pub fn bundle_id(&self, name: &str) -> Option<BundleId> {
+        self.catalog.bundle_id(name)
+    }
+
+    pub fn bundle(&self, id: BundleId) -> &Bundle {
+        self.catalog.bundle(id)
+    }
+
+    pub fn plans(&self) -> impl Iterator<Item = &Bundle> {
+        self.catalog.plans()
+    }
+
+    #[inline]
+    pub fn bundle_grant(&self, bundle: BundleId, feature: FeatureId) -> Option<&BundleGrant> {
+        self.catalog.bundle_grant(bundle, feature)
     }
 
     pub fn overrides_active(&self, now: Timestamp) -> usize {
         self.customers
-            .overrides
-            .iter()
+            .overrides()
             .filter(|o| o.starts <= now && now < o.expires)
             .count()
     }

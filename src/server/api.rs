@@ -357,13 +357,13 @@ fn status<S>(app: &App<S>) -> Resp {
         serde_json::json!({
             "version": &*s.version,
             "loaded_at": st.loaded_at,
-            "features": s.features.len(),
+            "features": s.catalog.features.len(),
             "plans": s.plans().count(),
-            "groups": s.bundles.iter().filter(|b| !b.is_plan).count(),
+            "groups": s.catalog.bundles.iter().filter(|b| !b.is_plan).count(),
             "customers": s.customers.len(),
-            "routes": s.routes.len(),
+            "routes": s.catalog.routes.len(),
             "overrides_active": s.overrides_active(now),
-            "files": s.files,
+            "files": &*s.files,
         })
     });
     json_value(
@@ -440,7 +440,7 @@ async fn customer<S: UsageStore>(
     let t = at.unwrap_or(now);
     let mut entitlements = Vec::new();
     let mut ack = Ack::default();
-    for f in &snap.features {
+    for f in &snap.catalog.features {
         let req = engine::Request {
             context: &ctx,
             at,

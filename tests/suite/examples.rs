@@ -25,10 +25,10 @@ fn bundled_policies_answer_as_documented() {
         .unwrap_or_else(|e| panic!("policies/ must load:\n{e}"));
     assert_eq!(
         (
-            snap.features.len(),
+            snap.catalog.features.len(),
             snap.plans().count(),
             snap.customers.len(),
-            snap.routes.len()
+            snap.catalog.routes.len()
         ),
         (20, 9, 17, 3)
     );

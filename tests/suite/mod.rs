@@ -7,6 +7,7 @@ mod envoy;
 mod exactness;
 mod examples;
 mod gateway;
+mod incremental;
 mod notices;
 mod props;
 pub mod redis;

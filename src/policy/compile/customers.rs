@@ -4,37 +4,23 @@
 //! A customer record's problems are placed on demand from where the record sits (a
 //! document's `customers` list or an NDJSON line), so a clean load builds no paths.
 
-use compact_str::CompactString;
-
 use super::features::unknown_feature;
 use super::grants::compile_grant;
 use super::{Issue, Issues, Map, Place, Unit, k};
+use crate::policy::customers::{Parts, SHARDS, Shard, locate};
 use crate::policy::raw::{self, Grant, GrantFields};
 use crate::policy::snapshot::*;
 use crate::policy::source::{Content, Origin, Seg};
 use crate::policy::units::parse_duration;
 use crate::time::Timestamp;
 
-/// Compiles every file's customers, in file order, into the customer tables and the
-/// scopes they use (each distinct scope stored once).
+/// Compiles every file's customers, in file order, into the customer table.
 pub(super) fn compile_customers(
     units: &[Unit],
-    features: &[Feature],
-    feature_index: &Map<Box<str>, FeatureId>,
-    bundles: &[Bundle],
-    bundle_index: &Map<Box<str>, BundleId>,
+    catalog: &Catalog,
     issues: &mut Issues,
-) -> (Customers, Vec<Scope>) {
-    let mut cc = CustomerCompiler {
-        features,
-        feature_index,
-        bundles,
-        bundle_index,
-        out: Customers::default(),
-        scopes: Vec::new(),
-        origins: Vec::new(),
-        issues,
-    };
+) -> Customers {
+    let mut cc = CustomerCompiler::new(catalog, issues);
     let total: usize = units
         .iter()
         .map(|u| match &u.content {
@@ -69,12 +55,74 @@ pub(super) fn compile_customers(
             }
         }
     }
-    let CustomerCompiler {
-        out: customers,
-        scopes,
-        ..
-    } = cc;
-    (customers, scopes)
+    Customers::from_shards(cc.out)
+}
+
+/// One change to a compiled customer table.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// Sets the customer `record.id` to `record` (added or replaced); `file` and
+    /// `origin` say where the record sits, for its errors.
+    Set {
+        record: &'a raw::Customer,
+        file: usize,
+        origin: Origin,
+    },
+    /// Removes the customer with this id (nothing when there is none).
+    Remove(&'a str),
+}
+
+impl Change<'_> {
+    fn id(&self) -> &str {
+        match self {
+            Change::Set { record, .. } => &record.id,
+            Change::Remove(id) => id,
+        }
+    }
+}
+
+/// Applies `changes`, in order, to `table`: only the shards holding a changed id are
+/// rebuilt (their other customers copied as compiled), every other shard is shared.
+/// A record with problems changes nothing: the problems come back instead, located
+/// as a full compile would locate them.
+pub fn update_customers(
+    catalog: &Catalog,
+    table: &Customers,
+    changes: &[Change<'_>],
+) -> Result<Customers, Vec<Issue>> {
+    // The last change of an id wins: a batch is a sequence of writes.
+    let mut last: Map<&str, usize> = Map::default();
+    for (i, c) in changes.iter().enumerate() {
+        last.insert(c.id(), i);
+    }
+    let mut by_shard: std::collections::BTreeMap<usize, Vec<&Change<'_>>> = Default::default();
+    for (i, c) in changes.iter().enumerate() {
+        if last.get(c.id()) == Some(&i) {
+            by_shard.entry(locate(c.id()).1).or_default().push(c);
+        }
+    }
+    let mut issues = Issues::default();
+    let mut cc = CustomerCompiler::new(catalog, &mut issues);
+    let mut rebuilt = Vec::with_capacity(by_shard.len());
+    for (shard, list) in by_shard {
+        let drop: Vec<&str> = list.iter().map(|c| c.id()).collect();
+        cc.out[shard] = table.shard_without(shard, &drop);
+        for c in list {
+            if let Change::Set {
+                record,
+                file,
+                origin,
+            } = *c
+            {
+                cc.customer(record, CustAt { file, origin });
+            }
+        }
+        rebuilt.push((shard, std::mem::take(&mut cc.out[shard])));
+    }
+    if !issues.0.is_empty() {
+        return Err(issues.0);
+    }
+    Ok(table.with_shards(rebuilt))
 }
 
 /// Where a customer record sits, for building error paths on demand.
@@ -118,18 +166,42 @@ struct CustomerCompiler<'a> {
     feature_index: &'a Map<Box<str>, FeatureId>,
     bundles: &'a [Bundle],
     bundle_index: &'a Map<Box<str>, BundleId>,
-    out: Customers,
-    scopes: Vec<Scope>,
-    origins: Vec<CustAt>,
+    /// The shards being filled, each customer in the one [`locate`] picks.
+    out: Vec<Shard>,
+    /// Per shard, where each of its customers was defined (for "defined twice").
+    origins: Vec<Vec<CustAt>>,
+    /// The shard of the customer being compiled (its scopes are interned there).
+    cur: usize,
+    /// One customer's compiled parts, reused from customer to customer.
+    subs: Vec<Subscription>,
+    grants: Vec<CustomerGrant>,
+    overrides: Vec<Override>,
     issues: &'a mut Issues,
 }
 
-impl CustomerCompiler<'_> {
+impl<'a> CustomerCompiler<'a> {
+    fn new(catalog: &'a Catalog, issues: &'a mut Issues) -> Self {
+        CustomerCompiler {
+            features: &catalog.features,
+            feature_index: &catalog.feature_index,
+            bundles: &catalog.bundles,
+            bundle_index: &catalog.bundle_index,
+            out: (0..SHARDS).map(|_| Shard::default()).collect(),
+            origins: vec![Vec::new(); SHARDS],
+            cur: 0,
+            subs: Vec::new(),
+            grants: Vec::new(),
+            overrides: Vec::new(),
+            issues,
+        }
+    }
+
     fn reserve(&mut self, n: usize) {
-        self.out.records.reserve_exact(n);
-        self.out.subs.reserve(n * 2);
-        self.out.index.reserve(n, |_| 0);
-        self.origins.reserve_exact(n);
+        let per = n / SHARDS + n / (SHARDS * 8) + 1;
+        for (shard, origins) in self.out.iter_mut().zip(&mut self.origins) {
+            shard.reserve(per);
+            origins.reserve_exact(per);
+        }
     }
 
     fn customer(&mut self, c: &raw::Customer, at: CustAt) {
@@ -138,73 +210,52 @@ impl CustomerCompiler<'_> {
                 .push(at.place(&[k("id")]), "a customer id may not be empty");
             return;
         }
-        let h = self.out.hash(&c.id);
-        let records = &self.out.records;
-        if let Some(&first) = self
-            .out
-            .index
-            .find(h, |&i| records[i as usize].id == c.id.as_str())
-        {
+        let (h, shard) = locate(&c.id);
+        if let Some(first) = self.out[shard].find(h, &c.id) {
             self.issues.0.push(Issue {
                 at: at.place(&[k("id")]),
                 message: format!("customer `{}` is defined twice", c.id),
                 unresolved: false,
-                first: Some(self.origins[first as usize].place(&[k("id")])),
+                first: self.origins[shard]
+                    .get(first as usize)
+                    .map(|o| o.place(&[k("id")])),
             });
             return;
         }
-        let subs_start = self.out.subs.len() as u32;
+        self.cur = shard;
+        self.compile_parts(c, &at);
+        let parts = Parts {
+            id: &c.id,
+            name: c.name.as_deref(),
+            subs: &self.subs,
+            grants: &self.grants,
+            overrides: &self.overrides,
+        };
+        self.out[shard].push(h, parts);
+        self.origins[shard].push(at);
+    }
+
+    /// Compiles one customer's subscriptions, grants and overrides into the reused
+    /// buffers, reporting what is wrong with them.
+    fn compile_parts(&mut self, c: &raw::Customer, at: &CustAt) {
+        self.subs.clear();
+        self.grants.clear();
+        self.overrides.clear();
         for (i, s) in c.subscriptions.iter().enumerate() {
-            if let Some(sub) = self.subscription(s, &at, i) {
-                self.out.subs.push(sub);
+            if let Some(sub) = self.subscription(s, at, i) {
+                self.subs.push(sub);
             }
         }
-        let subs = (subs_start, self.out.subs.len() as u32 - subs_start);
-
-        let extras = if c.grants.is_empty() && c.overrides.is_empty() {
-            NONE
-        } else {
-            let gs = self.out.grants.len() as u32;
-            for (i, g) in c.grants.iter().enumerate() {
-                if let Some(g) = self.customer_grant(g, &at, i) {
-                    self.out.grants.push(g);
-                }
+        for (i, g) in c.grants.iter().enumerate() {
+            if let Some(g) = self.customer_grant(g, at, i) {
+                self.grants.push(g);
             }
-            let os = self.out.overrides.len() as u32;
-            for (i, o) in c.overrides.iter().enumerate() {
-                if let Some(o) = self.override_(o, &at, i) {
-                    self.out.overrides.push(o);
-                }
+        }
+        for (i, o) in c.overrides.iter().enumerate() {
+            if let Some(o) = self.override_(o, at, i) {
+                self.overrides.push(o);
             }
-            let x = Extras {
-                grants: (gs, self.out.grants.len() as u32 - gs),
-                overrides: (os, self.out.overrides.len() as u32 - os),
-            };
-            self.out.extras.push(x);
-            self.out.extras.len() as u32 - 1
-        };
-
-        let name = match &c.name {
-            Some(n) if !n.is_empty() => {
-                let off = self.out.names.len() as u32;
-                self.out.names.push_str(n);
-                (off, n.len() as u32)
-            }
-            _ => (0, 0),
-        };
-        let idx = self.out.records.len() as u32;
-        self.out.records.push(CustomerRec {
-            id: CompactString::from(c.id.as_str()),
-            name,
-            subs,
-            extras,
-        });
-        self.origins.push(at);
-        let (records, hasher) = (&self.out.records, &self.out.hasher);
-        self.out.index.insert_unique(h, idx, |&i| {
-            use std::hash::BuildHasher;
-            hasher.hash_one(records[i as usize].id.as_str())
-        });
+        }
     }
 
     fn time(&mut self, s: &str, at: &CustAt, path: &[Seg]) -> Option<Timestamp> {
@@ -270,11 +321,7 @@ impl CustomerCompiler<'_> {
         let s = Scope {
             keys: keys.into_boxed_slice(),
         };
-        if let Some(i) = self.scopes.iter().position(|x| *x == s) {
-            return Some(i as ScopeId);
-        }
-        self.scopes.push(s);
-        Some(self.scopes.len() as ScopeId - 1)
+        Some(self.out[self.cur].intern_scope(s))
     }
 
     fn subscription(

@@ -14,9 +14,11 @@ mod features;
 mod grants;
 mod routes;
 
+pub use customers::{Change, update_customers};
 pub use grants::compile_grant;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::raw;
 use super::snapshot::*;
@@ -122,29 +124,24 @@ pub fn compile(
     let flat = bundles::flatten(&raw_bundles, &own, &bundle_index, &features, &mut issues);
     let (bundles, grants) = bundles::bundle_tables(&raw_bundles, &flat, features.len());
     let upgrades = bundles::upgrades(&bundles, &grants, features.len());
-    let (customers, scopes) = customers::compile_customers(
-        units,
-        &features,
-        &feature_index,
-        &bundles,
-        &bundle_index,
-        &mut issues,
-    );
     let routes = routes::compile_routes(&docs, &features, &feature_index, &mut issues);
-    if !issues.0.is_empty() {
-        return Err(issues.0);
-    }
-    Ok(Snapshot {
-        version,
+    let catalog = Catalog {
         features,
         feature_index,
         bundles,
         bundle_index,
         grants,
-        customers,
-        scopes,
         routes,
         upgrades,
-        files,
+    };
+    let customers = customers::compile_customers(units, &catalog, &mut issues);
+    if !issues.0.is_empty() {
+        return Err(issues.0);
+    }
+    Ok(Snapshot {
+        version,
+        catalog: Arc::new(catalog),
+        customers,
+        files: files.into(),
     })
 }
