@@ -219,6 +219,9 @@ pub fn fingerprint(dir: &Path) -> u64 {
 #[derive(Debug)]
 pub struct Reloader {
     stop: Arc<AtomicBool>,
+    /// Holds a sender of the reloader's channel (`confirm`), dropped with the watcher
+    /// so that the channel closes and wakes the thread at once.
+    state: Arc<ReloadState>,
     _watcher: Option<notify::RecommendedWatcher>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -226,6 +229,9 @@ pub struct Reloader {
 impl Drop for Reloader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        if let Ok(mut wake) = self.state.wake.lock() {
+            wake.take();
+        }
         self._watcher.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -244,6 +250,7 @@ pub fn start(
     if let Ok(mut wake) = state.wake.lock() {
         *wake = Some(tx.clone());
     }
+    let wake_state = state.clone();
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) if is_relevant(&ev) => {
@@ -285,6 +292,7 @@ pub fn start(
         })?;
     Ok(Reloader {
         stop,
+        state: wake_state,
         _watcher: Some(watcher),
         thread: Some(thread),
     })
@@ -391,7 +399,9 @@ impl Worker {
         let after = fingerprint(&self.config.dir);
         self.last_fingerprint = after;
         if before != after {
-            tracing::debug!("policy files changed while they were read; looking again once they are quiet");
+            tracing::debug!(
+                "policy files changed while they were read; looking again once they are quiet"
+            );
             if confirmed {
                 self.state.confirmed.store(true, Ordering::Release);
             }

@@ -41,7 +41,11 @@ fn no_answer() -> ExitCode {
 #[derive(Debug, clap::Args)]
 pub struct PolicyDir {
     /// The policy directory.
-    #[arg(value_name = "DIR", env = "ENTITLED_POLICIES", default_value = "./policies")]
+    #[arg(
+        value_name = "DIR",
+        env = "ENTITLED_POLICIES",
+        default_value = "./policies"
+    )]
     dir: PathBuf,
     /// Accept a policy directory that defines no features (by default it is refused:
     /// an empty or mistyped directory would deny everything).

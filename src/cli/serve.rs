@@ -89,7 +89,9 @@ fn confirm_on_hangup(reload: std::sync::Arc<entitled::reload::ReloadState>) -> a
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: loading the policy directory, serving it even if it removes most customers");
+            tracing::info!(
+                "SIGHUP: loading the policy directory, serving it even if it removes most customers"
+            );
             reload.confirm();
         }
     });

@@ -345,10 +345,7 @@ impl<'de> de::Deserializer<'de> for NodeDe<'_> {
             found: self.found,
         });
         match r {
-            Err(e) if !e.silent && unknown && e.at.is_none() => Err(Error {
-                silent: true,
-                ..e
-            }),
+            Err(e) if !e.silent && unknown && e.at.is_none() => Err(Error { silent: true, ..e }),
             r => r.map_err(|e| e.located(self.node)),
         }
     }
@@ -400,7 +397,10 @@ struct MapDe<'a> {
 impl<'de> de::MapAccess<'de> for MapDe<'_> {
     type Error = Error;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Error> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Error> {
         let Some((key, value)) = self.entries.next() else {
             return Ok(None);
         };

@@ -59,7 +59,9 @@ pub fn require_features(dir: &Path, snapshot: &Snapshot) -> Result<(), LoadError
     Err(LoadError {
         diagnostics: vec![Diagnostic::at_path(
             dir,
-            format!("{found}: a policy directory without features would deny every request (`--allow-empty` accepts it)"),
+            format!(
+                "{found}: a policy directory without features would deny every request (`--allow-empty` accepts it)"
+            ),
         )],
     })
 }

@@ -425,8 +425,14 @@ fn a_slow_in_place_writer_never_serves_a_partial_customer_set() {
         // What the reloader makes of the file so far, before the next part comes.
         wait_until(Duration::from_secs(1), || reload_attempts(&s) > seen);
         let served = customers_served(&s);
-        assert_eq!(served, Some(N as u64), "a partial customer set was served; status {}", s.status());
-        file.write_all(chunk.concat().as_bytes()).expect("writing a chunk");
+        assert_eq!(
+            served,
+            Some(N as u64),
+            "a partial customer set was served; status {}",
+            s.status()
+        );
+        file.write_all(chunk.concat().as_bytes())
+            .expect("writing a chunk");
         file.flush().expect("flushing a chunk");
     }
     drop(file);
@@ -436,14 +442,21 @@ fn a_slow_in_place_writer_never_serves_a_partial_customer_set() {
         s.status()
     );
     let st = s.status();
-    assert_eq!(generation(&s), g0 + 1, "more than one snapshot change: {st}");
+    assert_eq!(
+        generation(&s),
+        g0 + 1,
+        "more than one snapshot change: {st}"
+    );
     assert!(st["held"].is_null(), "{st}");
     assert!(st["reloads_held"].as_u64().is_some_and(|n| n >= 1), "{st}");
     assert_eq!(s.check(&format!("c{N:04}"), "api.calls")["allowed"], true);
 }
 
 fn start_with_settle(dir: &Path, settle: &str) -> Server {
-    Server::start_with(dir, &["--reload-debounce", "50ms", "--reload-settle", settle])
+    Server::start_with(
+        dir,
+        &["--reload-debounce", "50ms", "--reload-settle", settle],
+    )
 }
 
 /// A load that removes most customers at once is held: the last snapshot keeps
@@ -456,7 +469,10 @@ fn a_mass_removal_is_held_and_reported_until_sighup_confirms_it() {
         ("plans.yaml", &plans(100)),
         ("customers.yaml", &many_customers(300)),
     ]);
-    let s = Server::spawn_with(dir.path(), &["--reload-debounce", "50ms", "--reload-settle", "1h"]);
+    let s = Server::spawn_with(
+        dir.path(),
+        &["--reload-debounce", "50ms", "--reload-settle", "1h"],
+    );
     let v1 = s.version().expect("version");
     dir.write(".customers.yaml.tmp", &many_customers(100));
     std::fs::rename(dir.join(".customers.yaml.tmp"), dir.join("customers.yaml")).expect("rename");
@@ -468,17 +484,31 @@ fn a_mass_removal_is_held_and_reported_until_sighup_confirms_it() {
     assert_eq!(st["snapshot"]["version"], v1.as_str(), "{st}");
     assert_eq!(st["snapshot"]["customers"], 300, "{st}");
     assert_eq!(
-        (&st["held"]["customers_served"], &st["held"]["customers_loaded"], &st["held"]["customers_removed"]),
+        (
+            &st["held"]["customers_served"],
+            &st["held"]["customers_loaded"],
+            &st["held"]["customers_removed"]
+        ),
         (&json!(300), &json!(100), &json!(200)),
         "{st}"
     );
-    assert!(st["held"]["reason"].as_str().is_some_and(|r| r.contains("SIGHUP")), "{st}");
+    assert!(
+        st["held"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SIGHUP")),
+        "{st}"
+    );
     assert_eq!(s.check("c0250", "api.calls")["allowed"], true);
     assert_eq!(s.get("/readyz").status, 200);
     let metrics = s.get("/metrics").text();
-    assert_eq!(metric_value(&metrics, "entitled_policy_reload_held"), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "entitled_policy_reload_held"),
+        Some(1.0),
+        "{metrics}"
+    );
     assert!(
-        metric_value(&metrics, r#"entitled_policy_reloads_total{result="held"}"#).is_some_and(|v| v >= 1.0),
+        metric_value(&metrics, r#"entitled_policy_reloads_total{result="held"}"#)
+            .is_some_and(|v| v >= 1.0),
         "{metrics}"
     );
     assert!(s.stderr().contains("policy load held"), "{}", s.stderr());
@@ -493,7 +523,11 @@ fn a_mass_removal_is_held_and_reported_until_sighup_confirms_it() {
     assert!(st["held"].is_null(), "{st}");
     assert_eq!(s.check("c0250", "api.calls")["reason"], "unknown_customer");
     let metrics = s.get("/metrics").text();
-    assert_eq!(metric_value(&metrics, "entitled_policy_reload_held"), Some(0.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "entitled_policy_reload_held"),
+        Some(0.0),
+        "{metrics}"
+    );
 }
 
 /// Sends `signal` (`HUP`) to `pid` with the `kill` command; its exit code.
@@ -525,7 +559,10 @@ fn a_held_mass_removal_is_served_once_the_files_settle() {
     );
     let st = s.status();
     assert!(st["held"].is_null(), "{st}");
-    assert!(st["reloads_held"].as_u64().is_some_and(|n| n >= 1), "it was never held: {st}");
+    assert!(
+        st["reloads_held"].as_u64().is_some_and(|n| n >= 1),
+        "it was never held: {st}"
+    );
     assert_eq!(generation(&s), g0 + 1, "{st}");
 }
 
@@ -542,7 +579,10 @@ fn a_policy_directory_without_features_is_not_ready() {
     assert_eq!(st["ready"], false, "{st}");
     let errors = st["last_error"]["errors"].to_string();
     assert!(errors.contains("--allow-empty"), "{st}");
-    assert!(!errors.contains(":0:0"), "a path-level error shows a position: {st}");
+    assert!(
+        !errors.contains(":0:0"),
+        "a path-level error shows a position: {st}"
+    );
 
     let s = Server::start_with(dir.path(), &["--allow-empty"]);
     assert_eq!(s.get("/readyz").status, 200);

@@ -7,7 +7,10 @@
 
 /// The candidate closest to `name`, if one is close enough; ties go to the
 /// alphabetically first, so the message does not depend on table order.
-pub(crate) fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
     let lower = name.to_lowercase();
     let budget = (lower.chars().count() / 3).max(1);
     candidates
