@@ -51,7 +51,9 @@ pub(super) fn compile_customers(
                         c,
                         CustAt {
                             file,
-                            origin: Origin::Document { index },
+                            origin: Origin::Document {
+                                index: d.customer_position(index),
+                            },
                         },
                     );
                 }
@@ -140,18 +142,18 @@ impl CustomerCompiler<'_> {
         }
         let h = self.out.hash(&c.id);
         let records = &self.out.records;
-        if let Some(&first) = self
+        let twice = self
             .out
             .index
             .find(h, |&i| records[i as usize].id == c.id.as_str())
-        {
+            .copied();
+        if let Some(first) = twice {
             self.issues.0.push(Issue {
                 at: at.place(&[k("id")]),
                 message: format!("customer `{}` is defined twice", c.id),
-                unresolved: false,
+                unresolved: None,
                 first: Some(self.origins[first as usize].place(&[k("id")])),
             });
-            return;
         }
         let subs_start = self.out.subs.len() as u32;
         for (i, s) in c.subscriptions.iter().enumerate() {
@@ -184,6 +186,11 @@ impl CustomerCompiler<'_> {
             self.out.extras.len() as u32 - 1
         };
 
+        if twice.is_some() {
+            // Its subscriptions and grants were checked (their errors are reported too);
+            // the load fails, so what they added to the tables is never served.
+            return;
+        }
         let name = match &c.name {
             Some(n) if !n.is_empty() => {
                 let off = self.out.names.len() as u32;
@@ -295,9 +302,12 @@ impl CustomerCompiler<'_> {
                 None
             }
             None => {
+                let plans = self.bundles.iter().filter(|b| b.is_plan);
+                let hint = super::names::did_you_mean(&s.plan, plans.map(|b| &*b.name));
                 self.issues.unresolved(
                     at.place(&with("plan")),
-                    format!("unknown plan `{}`", s.plan),
+                    &s.plan,
+                    format!("unknown plan `{}`{hint}", s.plan),
                 );
                 None
             }
@@ -347,7 +357,7 @@ impl CustomerCompiler<'_> {
             Some(&f) => Some(f),
             None => {
                 let msg = unknown_feature(name, self.feature_index);
-                self.issues.unresolved(at.place(path), msg);
+                self.issues.unresolved(at.place(path), name, msg);
                 None
             }
         }
