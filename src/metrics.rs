@@ -21,6 +21,7 @@ pub const DECISIONS: &str = "entitled_decisions_total";
 pub const DECISION_DURATION: &str = "entitled_decision_duration_seconds";
 pub const RELOADS: &str = "entitled_policy_reloads_total";
 pub const LAST_RELOAD_SUCCESS: &str = "entitled_policy_last_reload_success_timestamp_seconds";
+pub const RELOAD_HELD: &str = "entitled_policy_reload_held";
 pub const SNAPSHOT_INFO: &str = "entitled_policy_snapshot_info";
 pub const CUSTOMERS: &str = "entitled_customers";
 pub const OVERRIDES_ACTIVE: &str = "entitled_overrides_active";
@@ -102,7 +103,11 @@ fn describe() {
     );
     describe_counter!(
         RELOADS,
-        "Policy reload attempts, by result (success, failure, unchanged)."
+        "Policy reload attempts, by result (success, failure, held)."
+    );
+    describe_gauge!(
+        RELOAD_HELD,
+        "1 while a policy load that removes most customers is held back (the last snapshot serves)."
     );
     describe_gauge!(
         LAST_RELOAD_SUCCESS,
@@ -281,6 +286,11 @@ pub fn quota_warning(feature: &str) {
 
 pub fn reload(result: &'static str) {
     counter!(RELOADS, "result" => result).increment(1);
+}
+
+/// Whether a policy load is held back (see `reload::Held`).
+pub fn reload_held(held: bool) {
+    gauge!(RELOAD_HELD).set(if held { 1.0 } else { 0.0 });
 }
 
 /// Records a successful load of the policy directory, whether or not it changed the

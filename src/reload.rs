@@ -65,9 +65,19 @@ pub struct ReloadConfig {
     pub max_delay: Duration,
     /// Full rescan interval (file fingerprints), for filesystems that lose events.
     pub rescan: Duration,
+    /// How long a held load must stay unchanged on disk before it is served.
+    pub settle: Duration,
+    /// Serve a load that removes most customers at once without holding it.
+    pub allow_mass_removal: bool,
+    /// Serve a policy set that defines no features.
+    pub allow_empty: bool,
     /// Told of every snapshot change.
     pub subscribers: Vec<Subscriber>,
 }
+
+/// A load that removes more than half of the served customers, and at least this
+/// many, is held (see [`Held`]).
+pub const MASS_REMOVAL_MIN: usize = 100;
 
 /// What `/v1/status` and `/readyz` report about loading.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -78,7 +88,26 @@ pub struct Status {
     pub generation: u64,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// Loads held back (see [`Held`]).
+    pub reloads_held: u64,
     pub last_error: Option<LastError>,
+    /// A load that is not served yet: the last snapshot keeps serving.
+    pub held: Option<Held>,
+}
+
+/// A load held back because it removes most customers at once, which is what a policy
+/// file seen half-written looks like. It is served once the files have stayed
+/// unchanged for the settle time, or at once when an operator confirms (SIGHUP).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Held {
+    /// The version loaded and not served.
+    pub version: String,
+    pub since: Timestamp,
+    pub customers_served: usize,
+    pub customers_loaded: usize,
+    /// Served customers the held version does not have.
+    pub customers_removed: usize,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -95,6 +124,11 @@ pub struct ReloadState {
     /// Bumped whenever the reloader finishes an attempt (tests and operators can wait
     /// for "the reloader has looked at my change").
     attempts: AtomicU64,
+    /// Set by an operator's confirmation (SIGHUP): the next load is served even if it
+    /// removes most customers.
+    confirmed: AtomicBool,
+    /// Wakes the reloader (set once it runs).
+    wake: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 impl ReloadState {
@@ -113,6 +147,17 @@ impl ReloadState {
 
     pub fn attempts(&self) -> u64 {
         self.attempts.load(Ordering::Acquire)
+    }
+
+    /// An operator's confirmation: load the directory now and serve it even if it
+    /// removes most customers (a held load is released).
+    pub fn confirm(&self) {
+        self.confirmed.store(true, Ordering::Release);
+        if let Ok(wake) = self.wake.lock()
+            && let Some(tx) = &*wake
+        {
+            let _ = tx.send(());
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut Status)) {
@@ -174,6 +219,9 @@ pub fn fingerprint(dir: &Path) -> u64 {
 #[derive(Debug)]
 pub struct Reloader {
     stop: Arc<AtomicBool>,
+    /// Holds a sender of the reloader's channel (`confirm`), dropped with the watcher
+    /// so that the channel closes and wakes the thread at once.
+    state: Arc<ReloadState>,
     _watcher: Option<notify::RecommendedWatcher>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -181,6 +229,9 @@ pub struct Reloader {
 impl Drop for Reloader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        if let Ok(mut wake) = self.state.wake.lock() {
+            wake.take();
+        }
         self._watcher.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -196,6 +247,10 @@ pub fn start(
     state: Arc<ReloadState>,
 ) -> std::io::Result<Reloader> {
     let (tx, rx) = mpsc::channel::<()>();
+    if let Ok(mut wake) = state.wake.lock() {
+        *wake = Some(tx.clone());
+    }
+    let wake_state = state.clone();
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) if is_relevant(&ev) => {
@@ -219,7 +274,10 @@ pub fn start(
         state,
         last_fingerprint: 0,
         retired: Vec::new(),
+        pending: None,
+        retry_at: None,
     };
+    crate::metrics::reload_held(false);
     worker.reload();
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
@@ -234,6 +292,7 @@ pub fn start(
         })?;
     Ok(Reloader {
         stop,
+        state: wake_state,
         _watcher: Some(watcher),
         thread: Some(thread),
     })
@@ -247,6 +306,18 @@ struct Worker {
     /// Superseded snapshots, dropped here once no request thread holds them: freeing
     /// a million customers takes milliseconds, and must not land on a request.
     retired: Vec<Arc<Snapshot>>,
+    /// The load being held, until the files settle.
+    pending: Option<Pending>,
+    /// When to look again without an event: files that changed while they were read,
+    /// or a held load whose settle time ends.
+    retry_at: Option<Instant>,
+}
+
+/// A held load: what was loaded, from which files, since when.
+struct Pending {
+    version: Box<str>,
+    fingerprint: u64,
+    since: Instant,
 }
 
 impl Worker {
@@ -262,7 +333,10 @@ impl Worker {
         let mut free_wait = tick;
         while !stop.load(Ordering::Acquire) {
             self.retired.retain(|s| Arc::strong_count(s) > 1);
-            let until_rescan = next_rescan.saturating_duration_since(Instant::now());
+            let mut until_rescan = next_rescan.saturating_duration_since(Instant::now());
+            if let Some(at) = self.retry_at {
+                until_rescan = until_rescan.min(at.saturating_duration_since(Instant::now()));
+            }
             let wait = if self.retired.is_empty() {
                 until_rescan
             } else {
@@ -278,7 +352,10 @@ impl Worker {
                     next_rescan = Instant::now() + self.config.rescan;
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if Instant::now() >= next_rescan {
+                    if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+                        self.reload();
+                        free_wait = tick;
+                    } else if Instant::now() >= next_rescan {
                         next_rescan = Instant::now() + self.config.rescan;
                         if fingerprint(&self.config.dir) != self.last_fingerprint {
                             self.reload();
@@ -306,78 +383,210 @@ impl Worker {
         }
     }
 
+    /// Loads the directory, unless its files change while they are read: then it
+    /// looks again after a quiet period (a file being written is never compiled).
     fn reload(&mut self) {
-        self.last_fingerprint = fingerprint(&self.config.dir);
+        self.retry_at = None;
+        let confirmed = self.state.confirmed.swap(false, Ordering::AcqRel);
+        let before = fingerprint(&self.config.dir);
         let now = Timestamp::now();
-        match policy::load_dir(&self.config.dir, &self.config.limits) {
-            Ok(snap) => {
-                let previous = self.cell.load_full();
-                let prev_version = previous.as_ref().map(|p| p.version.to_string());
-                if prev_version.as_deref() == Some(&*snap.version) {
-                    // Same content (a touch, an editor's save of identical bytes, a
-                    // broken change reverted): nothing to swap, but the load succeeded,
-                    // and an error it clears is said.
-                    let mut cleared = false;
-                    self.state.update(|s| {
-                        s.reloads_ok += 1;
-                        cleared = s.last_error.take().is_some();
-                    });
-                    crate::metrics::reload("success");
-                    crate::metrics::reload_succeeded(now);
-                    if cleared {
-                        tracing::info!(version = %snap.version, "policy error cleared: the files load again (the served snapshot is unchanged)");
-                    }
-                    return;
-                }
-                let snap = Arc::new(snap);
-                crate::metrics::snapshot_served(&snap, prev_version.as_deref(), now);
-                let change = SnapshotChange {
-                    snapshot: &snap,
-                    previous: previous.as_deref(),
-                    at: now,
-                };
-                for s in &self.config.subscribers {
-                    if let Subscriber::BeforeSwap(tell) = s {
-                        tell(&change);
-                    }
-                }
-                crate::metrics::reload("success");
-                tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
-                // Published under the status lock, so `/v1/status` never pairs this
-                // snapshot with the previous one's generation (this thread runs at the
-                // lowest priority and can be preempted between the two for long).
-                self.state.update(|s| {
-                    self.cell.store(snap.clone());
-                    s.version = Some(snap.version.to_string());
-                    s.loaded_at = Some(now);
-                    s.generation += 1;
-                    s.reloads_ok += 1;
-                    s.last_error = None;
-                });
-                for s in &self.config.subscribers {
-                    if let Subscriber::AfterSwap(tell) = s {
-                        tell(&change);
-                    }
-                }
-                // Request threads drop their cached reference on their next read;
-                // the last reference (and the freeing) stays on this thread.
-                self.retired.extend(previous);
+        let loaded = policy::load_dir(&self.config.dir, &self.config.limits).and_then(|snap| {
+            if !self.config.allow_empty {
+                policy::require_features(&self.config.dir, &snap)?;
             }
-            Err(e) => {
-                crate::metrics::reload("failure");
-                let errors: Vec<String> = e.diagnostics.iter().map(|d| d.to_string()).collect();
-                tracing::warn!(errors = errors.len(), first = %errors.first().map(String::as_str).unwrap_or(""), "policy reload failed; still serving the last good snapshot");
-                self.state.update(|s| {
-                    s.reloads_failed += 1;
-                    s.last_error = Some(LastError {
-                        at: now,
-                        errors,
-                        diagnostics: e.diagnostics,
-                    });
-                });
+            Ok(snap)
+        });
+        let after = fingerprint(&self.config.dir);
+        self.last_fingerprint = after;
+        if before != after {
+            tracing::debug!(
+                "policy files changed while they were read; looking again once they are quiet"
+            );
+            if confirmed {
+                self.state.confirmed.store(true, Ordering::Release);
             }
+            self.retry_at = Some(Instant::now() + self.config.debounce);
+            return;
+        }
+        match loaded {
+            Ok(snap) => self.loaded(snap, after, confirmed, now),
+            Err(e) => self.failed(e, now),
         }
     }
+
+    fn loaded(&mut self, snap: Snapshot, fingerprint: u64, confirmed: bool, now: Timestamp) {
+        let previous = self.cell.load_full();
+        if previous.as_ref().map(|p| &p.version) == Some(&snap.version) {
+            return self.unchanged(&snap, now);
+        }
+        if let Some(prev) = &previous
+            && let Some(held) = self.hold_reason(prev, &snap, fingerprint, confirmed, now)
+        {
+            return self.hold(held, fingerprint);
+        }
+        if self.pending.take().is_some() {
+            tracing::info!(version = %snap.version, confirmed, "held policy load released");
+            crate::metrics::reload_held(false);
+        }
+        self.serve(Arc::new(snap), previous, now);
+    }
+
+    /// Same content (a touch, an editor's save of identical bytes, a broken change
+    /// reverted, a held change undone): nothing to swap, but the load succeeded, and an
+    /// error or a hold it clears is said.
+    fn unchanged(&mut self, snap: &Snapshot, now: Timestamp) {
+        let mut cleared = false;
+        let released = self.pending.take().is_some();
+        self.state.update(|s| {
+            s.reloads_ok += 1;
+            cleared = s.last_error.take().is_some();
+            s.held = None;
+        });
+        crate::metrics::reload("success");
+        crate::metrics::reload_succeeded(now);
+        if released {
+            crate::metrics::reload_held(false);
+            tracing::info!(version = %snap.version, "held policy load dropped: the files are back to the served version");
+        }
+        if cleared {
+            tracing::info!(version = %snap.version, "policy error cleared: the files load again (the served snapshot is unchanged)");
+        }
+    }
+
+    /// Why `snap` must not be served yet, if so: it removes most of the served
+    /// customers, or it follows such a load before the files have settled. A load is
+    /// served once the same files have stayed unchanged for the settle time.
+    fn hold_reason(
+        &self,
+        prev: &Snapshot,
+        snap: &Snapshot,
+        fingerprint: u64,
+        confirmed: bool,
+        now: Timestamp,
+    ) -> Option<Held> {
+        if confirmed || self.config.allow_mass_removal {
+            return None;
+        }
+        let settled = self.pending.as_ref().is_some_and(|p| {
+            p.version == snap.version
+                && p.fingerprint == fingerprint
+                && p.since.elapsed() >= self.config.settle
+        });
+        if settled {
+            return None;
+        }
+        let removed = removed_customers(prev, snap);
+        let reason = if removed > prev.customers.len() / 2 && removed >= MASS_REMOVAL_MIN {
+            format!(
+                "the load removes {removed} of {} customers at once; held until the files stay unchanged for {:?}, or confirmed with SIGHUP",
+                prev.customers.len(),
+                self.config.settle
+            )
+        } else if self.pending.is_some() {
+            format!(
+                "the files are still changing after a load that removed most customers; held until they stay unchanged for {:?}, or confirmed with SIGHUP",
+                self.config.settle
+            )
+        } else {
+            return None;
+        };
+        Some(Held {
+            version: snap.version.to_string(),
+            since: now,
+            customers_served: prev.customers.len(),
+            customers_loaded: snap.customers.len(),
+            customers_removed: removed,
+            reason,
+        })
+    }
+
+    fn hold(&mut self, held: Held, fingerprint: u64) {
+        let same = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| *p.version == *held.version && p.fingerprint == fingerprint);
+        if !same {
+            tracing::warn!(version = %held.version, served = held.customers_served, loaded = held.customers_loaded, "policy load held: {}", held.reason);
+            self.pending = Some(Pending {
+                version: held.version.as_str().into(),
+                fingerprint,
+                since: Instant::now(),
+            });
+        }
+        let since = self.pending.as_ref().map_or_else(Instant::now, |p| p.since);
+        self.retry_at = Some(since + self.config.settle);
+        crate::metrics::reload("held");
+        crate::metrics::reload_held(true);
+        self.state.update(|s| {
+            s.reloads_held += 1;
+            s.held = Some(match s.held.take() {
+                Some(h) if same => h,
+                _ => held,
+            });
+        });
+    }
+
+    fn serve(&mut self, snap: Arc<Snapshot>, previous: Option<Arc<Snapshot>>, now: Timestamp) {
+        let prev_version = previous.as_ref().map(|p| p.version.to_string());
+        crate::metrics::snapshot_served(&snap, prev_version.as_deref(), now);
+        let change = SnapshotChange {
+            snapshot: &snap,
+            previous: previous.as_deref(),
+            at: now,
+        };
+        for s in &self.config.subscribers {
+            if let Subscriber::BeforeSwap(tell) = s {
+                tell(&change);
+            }
+        }
+        crate::metrics::reload("success");
+        tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
+        // Published under the status lock, so `/v1/status` never pairs this
+        // snapshot with the previous one's generation (this thread runs at the
+        // lowest priority and can be preempted between the two for long).
+        self.state.update(|s| {
+            self.cell.store(snap.clone());
+            s.version = Some(snap.version.to_string());
+            s.loaded_at = Some(now);
+            s.generation += 1;
+            s.reloads_ok += 1;
+            s.last_error = None;
+            s.held = None;
+        });
+        for s in &self.config.subscribers {
+            if let Subscriber::AfterSwap(tell) = s {
+                tell(&change);
+            }
+        }
+        // Request threads drop their cached reference on their next read;
+        // the last reference (and the freeing) stays on this thread.
+        self.retired.extend(previous);
+    }
+
+    fn failed(&mut self, e: policy::LoadError, now: Timestamp) {
+        crate::metrics::reload("failure");
+        let errors: Vec<String> = e.diagnostics.iter().map(|d| d.to_string()).collect();
+        tracing::warn!(errors = errors.len(), first = %errors.first().map(String::as_str).unwrap_or(""), "policy reload failed; still serving the last good snapshot");
+        self.state.update(|s| {
+            s.reloads_failed += 1;
+            s.last_error = Some(LastError {
+                at: now,
+                errors,
+                diagnostics: e.diagnostics,
+            });
+        });
+    }
+}
+
+/// How many of `prev`'s customers `snap` does not have.
+fn removed_customers(prev: &Snapshot, snap: &Snapshot) -> usize {
+    if prev.customers.len() < MASS_REMOVAL_MIN {
+        return prev.customers.len().saturating_sub(snap.customers.len());
+    }
+    prev.customers
+        .iter()
+        .filter(|c| snap.customers.get(c.id).is_none())
+        .count()
 }
 
 #[cfg(test)]
@@ -437,6 +646,9 @@ mod tests {
             debounce: Duration::from_millis(10),
             max_delay: Duration::from_millis(100),
             rescan: Duration::from_secs(60),
+            settle: Duration::from_secs(30),
+            allow_mass_removal: false,
+            allow_empty: false,
             subscribers: vec![
                 Subscriber::AfterSwap(tell("after")),
                 Subscriber::BeforeSwap(tell("before")),

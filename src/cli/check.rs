@@ -1,21 +1,26 @@
 //! `entitled check DIR --customer C --feature F`: make one decision offline, against
-//! a fresh in-memory usage store, and explain which grant won and why.
+//! a fresh in-memory usage store, and explain which grant won and why. The exit code
+//! tells an allowed (0) from a denied (1) request, a policy that does not load (2)
+//! and a customer or feature the policy does not have (3).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 
 use entitled::decide;
-use entitled::engine::{self, Op, Request};
+use entitled::engine::{self, Op, Reason, Request};
 use entitled::time::Timestamp;
 use entitled::usage::MemoryStore;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::EXIT_CODES)]
 pub struct Args {
-    dir: PathBuf,
+    #[command(flatten)]
+    policies: super::PolicyDir,
+    /// The customer id asked about.
     #[arg(long)]
     customer: String,
+    /// The feature asked about (`sso`, `api.calls`).
     #[arg(long)]
     feature: String,
     /// Evaluate as of this time (RFC 3339 or a date); default now.
@@ -34,7 +39,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Args {
-        dir,
+        policies,
         customer,
         feature,
         at,
@@ -42,8 +47,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         amount,
         json,
     } = args;
-    let Some(snap) = super::load(&dir) else {
-        return Ok(ExitCode::FAILURE);
+    let Some(snap) = super::load(&policies) else {
+        return Ok(super::no_answer());
     };
     let at = at
         .map(|s| Timestamp::parse(&s).map_err(anyhow::Error::msg))
@@ -88,9 +93,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             out!("rule: {rule}");
         }
     }
-    Ok(if decision.allowed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    Ok(match decision.reason {
+        _ if decision.allowed => ExitCode::SUCCESS,
+        Reason::UnknownCustomer | Reason::UnknownFeature => ExitCode::from(3),
+        _ => ExitCode::FAILURE,
     })
 }

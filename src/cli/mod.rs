@@ -18,16 +18,71 @@ mod test;
 mod usage;
 mod validate;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use entitled::policy::{self, Limits, Snapshot};
+use entitled::policy::{self, Diagnostic, Limits, LoadError, Snapshot};
 use entitled::sidecar::ServeArgs;
 
+/// Exit codes of the offline subcommands: 0 the answer is yes, 1 it is no, 2 there is
+/// no answer (a wrong command line, or a policy directory that does not load), 3 the
+/// question names a customer or feature the policy does not have (`check`).
+const EXIT_CODES: &str = "Exit codes: 0 yes (valid, allowed, all tests pass); 1 no (validate: the policy has errors; check: denied; test: a test failed or there is none); 2 no answer (a wrong command line, or for check, test and report a policy directory that does not load); 3 check only: the customer or feature is not in the policy.";
+
+/// See [`EXIT_CODES`].
+fn no_answer() -> ExitCode {
+    ExitCode::from(2)
+}
+
+/// The policy directory argument the offline subcommands share, defaulting as
+/// `serve --policies` does.
+#[derive(Debug, clap::Args)]
+pub struct PolicyDir {
+    /// The policy directory.
+    #[arg(
+        value_name = "DIR",
+        env = "ENTITLED_POLICIES",
+        default_value = "./policies"
+    )]
+    dir: PathBuf,
+    /// Accept a policy directory that defines no features (by default it is refused:
+    /// an empty or mistyped directory would deny everything).
+    #[arg(long)]
+    allow_empty: bool,
+}
+
+impl PolicyDir {
+    /// Loads and compiles the directory (refusing one without features unless
+    /// `--allow-empty`).
+    fn load(&self) -> Result<Snapshot, LoadError> {
+        let snap = policy::load_dir(&self.dir, &Limits::default())?;
+        if !self.allow_empty {
+            policy::require_features(&self.dir, &snap)?;
+        }
+        Ok(snap)
+    }
+
+    /// A diagnostic as the user named the directory: `DIR/file:line:col: message`
+    /// (a path-level one names the path only).
+    fn show(&self, d: &Diagnostic) -> String {
+        let file = if d.file.starts_with(&self.dir) {
+            d.file.clone()
+        } else {
+            self.dir.join(&d.file)
+        };
+        d.display_as(&file).replace("/./", "/")
+    }
+}
+
 #[derive(Debug, Parser)]
-#[command(name = "entitled", version, about = "Entitlement decision sidecar")]
+#[command(
+    name = "entitled",
+    version,
+    about = "Entitlement decision sidecar",
+    after_help = EXIT_CODES
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,11 +122,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// The compiled policy directory, or `None` once its errors are printed.
-fn load(dir: &Path) -> Option<Snapshot> {
-    match policy::load_dir(dir, &Limits::default()) {
+fn load(dir: &PolicyDir) -> Option<Snapshot> {
+    match dir.load() {
         Ok(s) => Some(s),
         Err(e) => {
-            eprintln!("{e}");
+            for d in &e.diagnostics {
+                eprintln!("{}", dir.show(d));
+            }
             None
         }
     }

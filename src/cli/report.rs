@@ -1,7 +1,6 @@
 //! `entitled report …`: reports over a policy directory, read offline (the same
 //! answers the running sidecar gives under `/v1/reports`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -12,8 +11,10 @@ use entitled::time::Timestamp;
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Subscriptions, grants and overrides ending soon, soonest first.
+    #[command(after_help = super::EXIT_CODES)]
     Expiring {
-        dir: PathBuf,
+        #[command(flatten)]
+        policies: super::PolicyDir,
         /// How far ahead (`90d`, `2w`, `36h`).
         #[arg(long, default_value = "90d")]
         within: String,
@@ -28,7 +29,7 @@ pub enum Command {
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     let Command::Expiring {
-        dir,
+        policies,
         within,
         at,
         json,
@@ -41,8 +42,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         .transpose()
         .context("--at")?
         .unwrap_or_else(Timestamp::now);
-    let Some(snap) = super::load(&dir) else {
-        return Ok(ExitCode::FAILURE);
+    let Some(snap) = super::load(&policies) else {
+        return Ok(super::no_answer());
     };
     let items = engine::report::expiring(&snap, now, us);
     if json {

@@ -1,6 +1,7 @@
 //! `entitled serve`: the process around a [`Sidecar`]. What is process-wide is set
 //! up here: the log subscriber, the Prometheus recorder, the TLS crypto provider,
-//! the open-files limit, the tokio runtime, the signal handlers and the address lines
+//! the open-files limit, the tokio runtime, the signal handlers (SIGTERM and SIGINT
+//! stop, SIGHUP confirms a held policy load) and the address lines
 //! on stdout.
 
 use std::process::ExitCode;
@@ -32,6 +33,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let sidecar = Sidecar::start(config).await?;
         let stop = shutdown_signal()?;
+        confirm_on_hangup(sidecar.reload_state())?;
         // Plain lines on stdout, for scripts and tests that start us on port 0.
         out!("entitled: listening on http://{}", sidecar.addr());
         if let Some(a) = sidecar.metrics_addr() {
@@ -78,6 +80,22 @@ fn fit_connections_to_open_files(max_connections: &mut usize) {
         );
         *max_connections = usize::try_from(room).unwrap_or(usize::MAX);
     }
+}
+
+/// SIGHUP is the operator's confirmation of a held policy load (one that removes most
+/// customers): the directory is loaded again and served whatever it removes.
+fn confirm_on_hangup(reload: std::sync::Arc<entitled::reload::ReloadState>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(
+                "SIGHUP: loading the policy directory, serving it even if it removes most customers"
+            );
+            reload.confirm();
+        }
+    });
+    Ok(())
 }
 
 /// Installs the SIGTERM and SIGINT handlers now (before the address is announced, so

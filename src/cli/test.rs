@@ -1,22 +1,26 @@
 //! `entitled test DIR`: run the policy tests (`tests/*.yaml`) of a policy directory;
-//! exit 1 on any failure, or when there is no test at all.
+//! exit 1 on any failure, or when there is no test at all, 2 when the policy does not
+//! load.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 
+use super::PolicyDir;
+
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::EXIT_CODES)]
 pub struct Args {
-    /// The policy directory.
-    dir: PathBuf,
+    #[command(flatten)]
+    policies: PolicyDir,
 }
 
-pub fn run(Args { dir }: Args) -> anyhow::Result<ExitCode> {
-    let Some(snap) = super::load(&dir) else {
-        return Ok(ExitCode::FAILURE);
+pub fn run(Args { policies }: Args) -> anyhow::Result<ExitCode> {
+    let Some(snap) = super::load(&policies) else {
+        return Ok(super::no_answer());
     };
-    let report = entitled::test_runner::run_dir(&dir, &snap)
+    let dir = &policies.dir;
+    let report = entitled::test_runner::run_dir(dir, &snap)
         .with_context(|| format!("reading the tests of {}", dir.display()))?;
     for f in &report.failures {
         out!("FAIL {f}");

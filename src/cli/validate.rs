@@ -1,19 +1,19 @@
 //! `entitled validate DIR`: load and compile a policy directory; print every error
 //! with file:line:col (what an editor or CI annotation jumps to).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use entitled::policy::{self, Limits};
+use super::PolicyDir;
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::EXIT_CODES)]
 pub struct Args {
-    /// The policy directory.
-    dir: PathBuf,
+    #[command(flatten)]
+    policies: PolicyDir,
 }
 
-pub fn run(Args { dir }: Args) -> anyhow::Result<ExitCode> {
-    match policy::load_dir(&dir, &Limits::default()) {
+pub fn run(Args { policies }: Args) -> anyhow::Result<ExitCode> {
+    match policies.load() {
         Ok(s) => {
             out!(
                 "ok: {} features, {} plans, {} customers, {} routes (snapshot {})",
@@ -27,12 +27,7 @@ pub fn run(Args { dir }: Args) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             for d in &e.diagnostics {
-                eprintln!(
-                    "{}: {}",
-                    dir.join(&d.file).display().to_string().replace("/./", "/")
-                        + &format!(":{}:{}", d.line, d.column),
-                    d.message
-                );
+                eprintln!("{}", policies.show(d));
             }
             eprintln!("{} error(s)", e.diagnostics.len());
             Ok(ExitCode::FAILURE)

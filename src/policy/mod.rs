@@ -8,6 +8,7 @@
 pub mod compile;
 pub mod customers;
 pub mod error;
+mod lenient;
 pub mod raw;
 pub mod read;
 pub mod snapshot;
@@ -45,6 +46,27 @@ pub fn load_dir(dir: &Path, limits: &Limits) -> Result<Snapshot, LoadError> {
     load_texts(&found, &texts, limits)
 }
 
+/// Refuses a policy set that defines no feature. An empty directory, or one whose
+/// files were mistyped (`polices/`, `*.yml.txt`), would otherwise load cleanly and
+/// deny every request; callers let an operator accept it on purpose.
+pub fn require_features(dir: &Path, snapshot: &Snapshot) -> Result<(), LoadError> {
+    if !snapshot.catalog.features.is_empty() {
+        return Ok(());
+    }
+    let found = match snapshot.files.len() {
+        0 => "no policy files (*.yaml, *.yml, *.json, *.ndjson)".to_string(),
+        n => format!("{n} policy file(s) but no `features`"),
+    };
+    Err(LoadError {
+        diagnostics: vec![Diagnostic::at_path(
+            dir,
+            format!(
+                "{found}: a policy directory without features would deny every request (`--allow-empty` accepts it)"
+            ),
+        )],
+    })
+}
+
 /// Compiles already-read files (`found[i]` holds `texts[i]`).
 pub fn load_texts(
     found: &[FoundFile],
@@ -60,20 +82,23 @@ pub fn load_texts(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or((None, Vec::new())))
+            .map(|h| h.join().unwrap_or_default())
             .collect()
     });
     let mut units = Vec::with_capacity(parsed.len());
     let mut diagnostics = Vec::new();
-    for (content, diags) in parsed {
-        diagnostics.extend(diags);
-        if let Some(content) = content {
-            units.push(Unit { content });
-        } else {
-            units.push(Unit {
-                content: source::Content::Document(Default::default()),
-            });
-        }
+    let mut broken = std::collections::HashSet::new();
+    // A file none of which could be read: any name may have been defined there.
+    let mut opaque = false;
+    for p in parsed {
+        opaque |= p.content.is_none() && !p.diagnostics.is_empty();
+        diagnostics.extend(p.diagnostics);
+        broken.extend(p.broken);
+        units.push(Unit {
+            content: p
+                .content
+                .unwrap_or_else(|| source::Content::Document(Default::default())),
+        });
     }
     let mut hasher = blake3::Hasher::new();
     let mut files = Vec::with_capacity(found.len());
@@ -92,9 +117,10 @@ pub fn load_texts(
         Ok(snapshot) if diagnostics.is_empty() => Ok(snapshot),
         Ok(_) => Err(sorted(diagnostics)),
         Err(mut issues) => {
-            if !diagnostics.is_empty() {
-                issues.retain(|i| !i.unresolved);
-            }
+            issues.retain(|i| match &i.unresolved {
+                None => true,
+                Some(name) => !opaque && !broken.contains(&**name),
+            });
             diagnostics.extend(locate(found, texts, limits, issues));
             Err(sorted(diagnostics))
         }

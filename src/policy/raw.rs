@@ -24,6 +24,25 @@ pub struct Document {
     pub customers: Vec<Customer>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Where each of `customers` sits in the file, when entries that failed to parse
+    /// were left out (empty: none was).
+    #[serde(skip)]
+    pub customer_positions: Vec<usize>,
+    /// As `customer_positions`, for `routes`.
+    #[serde(skip)]
+    pub route_positions: Vec<usize>,
+}
+
+impl Document {
+    /// The position in the file of `customers[i]`.
+    pub fn customer_position(&self, i: usize) -> usize {
+        self.customer_positions.get(i).copied().unwrap_or(i)
+    }
+
+    /// The position in the file of `routes[i]`.
+    pub fn route_position(&self, i: usize) -> usize {
+        self.route_positions.get(i).copied().unwrap_or(i)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]

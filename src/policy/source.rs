@@ -160,33 +160,70 @@ pub enum Content {
     Customers(Vec<(u64, Customer)>),
 }
 
-/// Reads and parses one file. Parse errors are returned located; an NDJSON file
-/// reports every bad line, and its good lines still parse.
-pub fn parse_file(
-    file: &FoundFile,
-    text: &str,
-    limits: &Limits,
-) -> (Option<Content>, Vec<Diagnostic>) {
-    match file.format {
+/// One file, parsed: what could be read of it, its errors, and the names of the
+/// entries that failed (references to them are not reported as unknown).
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// `None` when nothing of the file could be read (a syntax error).
+    pub content: Option<Content>,
+    pub diagnostics: Vec<Diagnostic>,
+    pub broken: Vec<String>,
+}
+
+/// Reads and parses one file. A document that does not fit the schema is read again
+/// entry by entry, so every bad entry is reported and the good ones are still
+/// compiled; an NDJSON file reports every bad line, and its good lines still parse.
+pub fn parse_file(file: &FoundFile, text: &str, limits: &Limits) -> Parsed {
+    let diag = |(line, column, message): (u64, u64, String)| Diagnostic {
+        file: file.rel.clone(),
+        line,
+        column,
+        message,
+    };
+    let first = match file.format {
         Format::Yaml => match parse_yaml::<Document>(text, limits) {
-            Ok(doc) => (Some(Content::Document(doc)), vec![]),
-            Err((line, column, message)) => (
-                None,
-                vec![Diagnostic {
-                    file: file.rel.clone(),
-                    line,
-                    column,
-                    message,
-                }],
-            ),
+            Ok(doc) => return Parsed::whole(Content::Document(doc)),
+            Err(e) => diag(e),
         },
         Format::Json => match serde_json::from_str::<Document>(text) {
-            Ok(doc) => (Some(Content::Document(doc)), vec![]),
-            Err(e) => (None, vec![json_diag(&file.rel, &e, 0)]),
+            Ok(doc) => return Parsed::whole(Content::Document(doc)),
+            Err(e) if e.classify() != serde_json::error::Category::Data => {
+                return Parsed::failed(json_diag(&file.rel, &e, 0));
+            }
+            Err(e) => json_diag(&file.rel, &e, 0),
         },
         Format::Ndjson => {
-            let (customers, errors) = parse_ndjson(&file.rel, text);
-            (Some(Content::Customers(customers)), errors)
+            let (customers, diagnostics) = parse_ndjson(&file.rel, text);
+            return Parsed {
+                content: Some(Content::Customers(customers)),
+                diagnostics,
+                broken: Vec::new(),
+            };
+        }
+    };
+    match super::lenient::recover(text, limits) {
+        Some(r) if !r.errors.is_empty() => Parsed {
+            content: Some(Content::Document(r.document)),
+            diagnostics: r.errors.into_iter().map(diag).collect(),
+            broken: r.broken,
+        },
+        _ => Parsed::failed(first),
+    }
+}
+
+impl Parsed {
+    fn whole(content: Content) -> Self {
+        Parsed {
+            content: Some(content),
+            ..Parsed::default()
+        }
+    }
+
+    fn failed(d: Diagnostic) -> Self {
+        Parsed {
+            content: None,
+            diagnostics: vec![d],
+            broken: Vec::new(),
         }
     }
 }
@@ -300,7 +337,7 @@ fn yaml_options(text: &str, limits: &Limits) -> serde_saphyr::Options {
 }
 
 /// Parses YAML into `T`, returning `(line, column, message)` on error.
-fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(
+pub(super) fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(
     text: &str,
     limits: &Limits,
 ) -> Result<T, (u64, u64, String)> {
@@ -399,12 +436,28 @@ pub fn path_to_string(path: &[Seg]) -> String {
 }
 
 /// A document tree that remembers where each node was written.
-#[derive(Debug, Default)]
-enum PosNode {
-    #[default]
-    Leaf,
+#[derive(Debug)]
+pub(super) enum PosNode {
+    Leaf(Scalar),
     Seq(Vec<Spanned<PosNode>>),
     Map(Vec<(Spanned<String>, Spanned<PosNode>)>),
+}
+
+impl Default for PosNode {
+    fn default() -> Self {
+        PosNode::Leaf(Scalar::Null)
+    }
+}
+
+/// A scalar as the YAML core schema typed it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Scalar {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Str(String),
 }
 
 impl<'de> Deserialize<'de> for PosNode {
@@ -415,26 +468,26 @@ impl<'de> Deserialize<'de> for PosNode {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("any YAML node")
             }
-            fn visit_bool<E>(self, _: bool) -> Result<PosNode, E> {
-                Ok(PosNode::Leaf)
+            fn visit_bool<E>(self, v: bool) -> Result<PosNode, E> {
+                Ok(PosNode::Leaf(Scalar::Bool(v)))
             }
-            fn visit_i64<E>(self, _: i64) -> Result<PosNode, E> {
-                Ok(PosNode::Leaf)
+            fn visit_i64<E>(self, v: i64) -> Result<PosNode, E> {
+                Ok(PosNode::Leaf(Scalar::Int(v)))
             }
-            fn visit_u64<E>(self, _: u64) -> Result<PosNode, E> {
-                Ok(PosNode::Leaf)
+            fn visit_u64<E>(self, v: u64) -> Result<PosNode, E> {
+                Ok(PosNode::Leaf(Scalar::UInt(v)))
             }
-            fn visit_f64<E>(self, _: f64) -> Result<PosNode, E> {
-                Ok(PosNode::Leaf)
+            fn visit_f64<E>(self, v: f64) -> Result<PosNode, E> {
+                Ok(PosNode::Leaf(Scalar::Float(v)))
             }
-            fn visit_str<E>(self, _: &str) -> Result<PosNode, E> {
-                Ok(PosNode::Leaf)
+            fn visit_str<E>(self, v: &str) -> Result<PosNode, E> {
+                Ok(PosNode::Leaf(Scalar::Str(v.to_owned())))
             }
             fn visit_unit<E>(self) -> Result<PosNode, E> {
-                Ok(PosNode::Leaf)
+                Ok(PosNode::Leaf(Scalar::Null))
             }
             fn visit_none<E>(self) -> Result<PosNode, E> {
-                Ok(PosNode::Leaf)
+                Ok(PosNode::Leaf(Scalar::Null))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PosNode, A::Error> {
                 let mut v = Vec::new();
@@ -529,7 +582,7 @@ impl<'a> Locator<'a> {
     }
 }
 
-fn parse_pos(text: &str, limits: &Limits) -> Option<Spanned<PosNode>> {
+pub(super) fn parse_pos(text: &str, limits: &Limits) -> Option<Spanned<PosNode>> {
     serde_saphyr::from_str_with_options::<Spanned<PosNode>>(text, yaml_options(text, limits)).ok()
 }
 

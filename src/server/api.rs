@@ -344,9 +344,17 @@ fn readyz<S: UsageStore>(app: &App<S>) -> Resp {
             let st = app.reload.status();
             json_value(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({ "ready": false, "reason": "no policy snapshot loaded yet", "last_error": st.last_error }),
+                &serde_json::json!({ "ready": false, "reason": not_ready_reason(&st), "last_error": st.last_error }),
             )
         }
+    }
+}
+
+/// Why no snapshot is served: the first error of the last load, if there is one.
+fn not_ready_reason(st: &crate::reload::Status) -> String {
+    match st.last_error.as_ref().and_then(|e| e.errors.first()) {
+        Some(first) => format!("no policy snapshot loaded yet: {first}"),
+        None => "no policy snapshot loaded yet".into(),
     }
 }
 
@@ -374,7 +382,9 @@ fn status<S>(app: &App<S>) -> Resp {
             "generation": st.generation,
             "reloads_ok": st.reloads_ok,
             "reloads_failed": st.reloads_failed,
+            "reloads_held": st.reloads_held,
             "last_error": st.last_error,
+            "held": st.held,
         }),
     )
 }

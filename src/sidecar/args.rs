@@ -81,6 +81,18 @@ pub struct ServeArgs {
     /// Full rescan of the policy directory, for filesystems that lose change events.
     #[arg(long, env = "ENTITLED_RESCAN_INTERVAL", default_value = "30s", value_parser = duration)]
     pub rescan_interval: Duration,
+    /// How long a held policy load (one that removes most customers at once, as a file
+    /// seen half-written does) must stay unchanged on disk before it is served;
+    /// SIGHUP serves it at once.
+    #[arg(long, env = "ENTITLED_RELOAD_SETTLE", default_value = "30s", value_parser = duration)]
+    pub reload_settle: Duration,
+    /// Serve a policy load that removes most customers at once without holding it.
+    #[arg(long, env = "ENTITLED_ALLOW_MASS_REMOVAL")]
+    pub allow_mass_removal: bool,
+    /// Serve a policy directory that defines no features (by default it is refused:
+    /// not ready, and a reload to it keeps the last snapshot).
+    #[arg(long, env = "ENTITLED_ALLOW_EMPTY")]
+    pub allow_empty: bool,
     /// How long a graceful stop waits for requests in flight.
     #[arg(long, env = "ENTITLED_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub shutdown_timeout: Duration,
@@ -261,6 +273,9 @@ impl ServeArgs {
             unmatched: self.unmatched,
             reload_debounce: self.reload_debounce,
             rescan_interval: self.rescan_interval,
+            reload_settle: self.reload_settle,
+            allow_mass_removal: self.allow_mass_removal,
+            allow_empty: self.allow_empty,
             audit,
             test_clock,
             prometheus: None,

@@ -39,6 +39,12 @@ pub struct Config {
     pub reload_debounce: Duration,
     /// Full rescan of the policy directory, for filesystems that lose change events.
     pub rescan_interval: Duration,
+    /// How long a held policy load must stay unchanged before it is served.
+    pub reload_settle: Duration,
+    /// Serve a policy load that removes most customers at once without holding it.
+    pub allow_mass_removal: bool,
+    /// Serve a policy directory that defines no features.
+    pub allow_empty: bool,
     pub audit: AuditConfig,
     pub notices: NoticeConfig,
     /// Serve time from a clock that starts here and moves only through

@@ -93,6 +93,7 @@ pub struct Sidecar {
     state_dir: Option<StateDir>,
     /// Watches the policy directory until the sidecar has stopped.
     _reloader: Reloader,
+    reload: Arc<ReloadState>,
 }
 
 /// The app is generic over its store (no dynamic dispatch on the request path), so
@@ -160,6 +161,7 @@ impl Sidecar {
                 "no valid policy yet: decisions answer 503 until the policy directory loads"
             );
         }
+        let reload = state.clone();
         let (state_dir, local) = open_usage(config.durable.clone(), clock.clone())?;
         let parts = Parts {
             snapshot: cell,
@@ -195,7 +197,13 @@ impl Sidecar {
             serving,
             state_dir,
             _reloader: reloader,
+            reload,
         })
+    }
+
+    /// The reloader's state: `confirm()` is the operator's confirmation of a held load.
+    pub fn reload_state(&self) -> Arc<ReloadState> {
+        self.reload.clone()
     }
 
     /// The bound address of the HTTP API.
@@ -266,6 +274,9 @@ fn reload_config(config: &Config, audit: &Arc<Audit>, notices: &Notices) -> Relo
         debounce: config.reload_debounce,
         max_delay: Duration::from_secs(1).max(config.reload_debounce),
         rescan: config.rescan_interval,
+        settle: config.reload_settle,
+        allow_mass_removal: config.allow_mass_removal,
+        allow_empty: config.allow_empty,
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod backends;
 mod cases;
+mod cli;
 pub mod durable;
 mod envoy;
 mod exactness;

@@ -374,3 +374,216 @@ fn a_reverted_broken_change_clears_the_error_and_moves_the_success_time() {
         s.stderr()
     );
 }
+
+/// `n` customers on the pro plan, ids `c0000`, `c0001`, ... (one YAML line each).
+fn many_customers(n: usize) -> String {
+    let mut s = String::from("customers:\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "  - {{ id: c{i:04}, subscriptions: [{{ plan: pro, starts: 2020-01-01 }}] }}\n"
+        ));
+    }
+    s
+}
+
+fn customers_served(s: &Server) -> Option<u64> {
+    s.status()["snapshot"]["customers"].as_u64()
+}
+
+/// Loads the reloader has finished (served, failed or held).
+fn reload_attempts(s: &Server) -> u64 {
+    let st = s.status();
+    ["reloads_ok", "reloads_failed", "reloads_held"]
+        .iter()
+        .map(|k| st[k].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// A file rewritten in place by a slow writer (truncated, then written in ten chunks
+/// of whole lines, each pause long enough for the reloader to load what is there) is
+/// never served half-written: the first load of it removes most customers and is
+/// held, every later part is held until the files stay unchanged for the settle time,
+/// and then the whole new file is served, as the one snapshot change.
+#[test]
+fn a_slow_in_place_writer_never_serves_a_partial_customer_set() {
+    use std::io::Write as _;
+    const N: usize = 1000;
+    let dir = PolicyDir::with(&[
+        ("catalog.yaml", CATALOG),
+        ("plans.yaml", &plans(100)),
+        ("customers.yaml", &many_customers(N)),
+    ]);
+    let s = start_with_settle(dir.path(), "5s");
+    assert_eq!(customers_served(&s), Some(N as u64));
+    let g0 = generation(&s);
+
+    let new = many_customers(N + 1);
+    let lines: Vec<&str> = new.split_inclusive('\n').collect();
+    let mut file = std::fs::File::create(dir.join("customers.yaml")).expect("truncating");
+    for chunk in lines.chunks(lines.len() / 10 + 1) {
+        let seen = reload_attempts(&s);
+        // What the reloader makes of the file so far, before the next part comes.
+        wait_until(Duration::from_secs(1), || reload_attempts(&s) > seen);
+        let served = customers_served(&s);
+        assert_eq!(
+            served,
+            Some(N as u64),
+            "a partial customer set was served; status {}",
+            s.status()
+        );
+        file.write_all(chunk.concat().as_bytes())
+            .expect("writing a chunk");
+        file.flush().expect("flushing a chunk");
+    }
+    drop(file);
+    assert!(
+        wait_until(DEADLINE, || customers_served(&s) == Some(N as u64 + 1)),
+        "the finished file was not served; status {}",
+        s.status()
+    );
+    let st = s.status();
+    assert_eq!(
+        generation(&s),
+        g0 + 1,
+        "more than one snapshot change: {st}"
+    );
+    assert!(st["held"].is_null(), "{st}");
+    assert!(st["reloads_held"].as_u64().is_some_and(|n| n >= 1), "{st}");
+    assert_eq!(s.check(&format!("c{N:04}"), "api.calls")["allowed"], true);
+}
+
+fn start_with_settle(dir: &Path, settle: &str) -> Server {
+    Server::start_with(
+        dir,
+        &["--reload-debounce", "50ms", "--reload-settle", settle],
+    )
+}
+
+/// A load that removes most customers at once is held: the last snapshot keeps
+/// serving, `/v1/status` says what is held and why, the metrics show it, and SIGHUP
+/// (the operator's confirmation) serves it.
+#[test]
+fn a_mass_removal_is_held_and_reported_until_sighup_confirms_it() {
+    let dir = PolicyDir::with(&[
+        ("catalog.yaml", CATALOG),
+        ("plans.yaml", &plans(100)),
+        ("customers.yaml", &many_customers(300)),
+    ]);
+    let s = Server::spawn_with(
+        dir.path(),
+        &["--reload-debounce", "50ms", "--reload-settle", "1h"],
+    );
+    let v1 = s.version().expect("version");
+    dir.write(".customers.yaml.tmp", &many_customers(100));
+    std::fs::rename(dir.join(".customers.yaml.tmp"), dir.join("customers.yaml")).expect("rename");
+    let st = wait_for(DEADLINE, || {
+        let st = s.status();
+        (!st["held"].is_null()).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("the mass removal was not held; status {}", s.status()));
+    assert_eq!(st["snapshot"]["version"], v1.as_str(), "{st}");
+    assert_eq!(st["snapshot"]["customers"], 300, "{st}");
+    assert_eq!(
+        (
+            &st["held"]["customers_served"],
+            &st["held"]["customers_loaded"],
+            &st["held"]["customers_removed"]
+        ),
+        (&json!(300), &json!(100), &json!(200)),
+        "{st}"
+    );
+    assert!(
+        st["held"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("SIGHUP")),
+        "{st}"
+    );
+    assert_eq!(s.check("c0250", "api.calls")["allowed"], true);
+    assert_eq!(s.get("/readyz").status, 200);
+    let metrics = s.get("/metrics").text();
+    assert_eq!(
+        metric_value(&metrics, "entitled_policy_reload_held"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_value(&metrics, r#"entitled_policy_reloads_total{result="held"}"#)
+            .is_some_and(|v| v >= 1.0),
+        "{metrics}"
+    );
+    assert!(s.stderr().contains("policy load held"), "{}", s.stderr());
+
+    assert_eq!(send_signal(s.pid(), "HUP"), 0, "sending SIGHUP");
+    assert!(
+        wait_until(DEADLINE, || customers_served(&s) == Some(100)),
+        "SIGHUP did not serve the held load; status {}",
+        s.status()
+    );
+    let st = s.status();
+    assert!(st["held"].is_null(), "{st}");
+    assert_eq!(s.check("c0250", "api.calls")["reason"], "unknown_customer");
+    let metrics = s.get("/metrics").text();
+    assert_eq!(
+        metric_value(&metrics, "entitled_policy_reload_held"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
+/// Sends `signal` (`HUP`) to `pid` with the `kill` command; its exit code.
+fn send_signal(pid: u32, signal: &str) -> i32 {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    status.code().unwrap_or(-1)
+}
+
+/// Without a confirmation, a held mass removal is served once the files have stayed
+/// unchanged for the settle time.
+#[test]
+fn a_held_mass_removal_is_served_once_the_files_settle() {
+    let dir = PolicyDir::with(&[
+        ("catalog.yaml", CATALOG),
+        ("plans.yaml", &plans(100)),
+        ("customers.yaml", &many_customers(300)),
+    ]);
+    let s = start_with_settle(dir.path(), "300ms");
+    let g0 = generation(&s);
+    dir.write("customers.yaml", &many_customers(100));
+    assert!(
+        wait_until(DEADLINE, || customers_served(&s) == Some(100)),
+        "the settled load was not served; status {}",
+        s.status()
+    );
+    let st = s.status();
+    assert!(st["held"].is_null(), "{st}");
+    assert!(
+        st["reloads_held"].as_u64().is_some_and(|n| n >= 1),
+        "it was never held: {st}"
+    );
+    assert_eq!(generation(&s), g0 + 1, "{st}");
+}
+
+/// A policy directory without features is not ready, and says why; `--allow-empty`
+/// serves it.
+#[test]
+fn a_policy_directory_without_features_is_not_ready() {
+    let dir = PolicyDir::with(&[("customers.yaml", "customers: []\n")]);
+    let s = start(dir.path());
+    let r = s.get("/readyz");
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("no `features`"), "{}", r.text());
+    let st = s.status();
+    assert_eq!(st["ready"], false, "{st}");
+    let errors = st["last_error"]["errors"].to_string();
+    assert!(errors.contains("--allow-empty"), "{st}");
+    assert!(
+        !errors.contains(":0:0"),
+        "a path-level error shows a position: {st}"
+    );
+
+    let s = Server::start_with(dir.path(), &["--allow-empty"]);
+    assert_eq!(s.get("/readyz").status, 200);
+}

@@ -40,7 +40,7 @@ pub(super) fn collect_bundles<'a>(
                         message: format!(
                             "`{name}` is defined twice (plans and groups share one namespace)"
                         ),
-                        unresolved: false,
+                        unresolved: None,
                         first: Some(key_place(
                             first.file,
                             seg_path(&[first.section, first.name]),
@@ -80,6 +80,7 @@ pub(super) fn own_grants(
             let Some(&fid) = feature_index.get(fname) else {
                 issues.unresolved(
                     key_place(b.file, path()),
+                    fname,
                     unknown_feature(fname, feature_index),
                 );
                 continue;
@@ -143,8 +144,12 @@ impl Flattener<'_, '_> {
                 )
             };
             let Some(&child) = self.index.get(inc.as_str()) else {
-                self.issues
-                    .unresolved(at(), format!("unknown plan or group `{inc}` in `includes`"));
+                let hint = super::names::did_you_mean(inc, self.index.keys().map(|k| &**k));
+                self.issues.unresolved(
+                    at(),
+                    inc,
+                    format!("unknown plan or group `{inc}` in `includes`{hint}"),
+                );
                 continue;
             };
             if self.state[child as usize] == State::Visiting {

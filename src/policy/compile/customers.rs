@@ -37,7 +37,9 @@ pub(super) fn compile_customers(
                         c,
                         CustAt {
                             file,
-                            origin: Origin::Document { index },
+                            origin: Origin::Document {
+                                index: d.customer_position(index),
+                            },
                         },
                     );
                 }
@@ -211,19 +213,24 @@ impl<'a> CustomerCompiler<'a> {
             return;
         }
         let (h, shard) = locate(&c.id);
-        if let Some(first) = self.out[shard].find(h, &c.id) {
+        let twice = self.out[shard].find(h, &c.id);
+        if let Some(first) = twice {
             self.issues.0.push(Issue {
                 at: at.place(&[k("id")]),
                 message: format!("customer `{}` is defined twice", c.id),
-                unresolved: false,
+                unresolved: None,
                 first: self.origins[shard]
                     .get(first as usize)
                     .map(|o| o.place(&[k("id")])),
             });
-            return;
         }
         self.cur = shard;
         self.compile_parts(c, &at);
+        if twice.is_some() {
+            // Its subscriptions and grants were checked (their errors are reported
+            // too); the load fails, so nothing of it is kept.
+            return;
+        }
         let parts = Parts {
             id: &c.id,
             name: c.name.as_deref(),
@@ -342,9 +349,12 @@ impl<'a> CustomerCompiler<'a> {
                 None
             }
             None => {
+                let plans = self.bundles.iter().filter(|b| b.is_plan);
+                let hint = super::names::did_you_mean(&s.plan, plans.map(|b| &*b.name));
                 self.issues.unresolved(
                     at.place(&with("plan")),
-                    format!("unknown plan `{}`", s.plan),
+                    &s.plan,
+                    format!("unknown plan `{}`{hint}", s.plan),
                 );
                 None
             }
@@ -394,7 +404,7 @@ impl<'a> CustomerCompiler<'a> {
             Some(&f) => Some(f),
             None => {
                 let msg = unknown_feature(name, self.feature_index);
-                self.issues.unresolved(at.place(path), msg);
+                self.issues.unresolved(at.place(path), name, msg);
                 None
             }
         }

@@ -22,7 +22,7 @@ pub(super) fn compile_features(
                 issues.0.push(Issue {
                     at,
                     message: format!("feature `{name}` is defined twice"),
-                    unresolved: false,
+                    unresolved: None,
                     first: Some(feature_at[id as usize].clone()),
                 });
                 continue;
@@ -38,27 +38,8 @@ pub(super) fn compile_features(
 }
 
 pub(super) fn unknown_feature(name: &str, index: &Map<Box<str>, FeatureId>) -> String {
-    let mut msg = format!("unknown feature `{name}`");
-    if let Some(close) = index.keys().find(|k| strsim_close(k, name)) {
-        msg.push_str(&format!(" (did you mean `{close}`?)"));
-    }
-    msg
-}
-
-/// A cheap "did you mean": same length ±1 and at most one differing character.
-fn strsim_close(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len().abs_diff(b.len()) > 1 || a == b {
-        return false;
-    }
-    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let suffix = a
-        .iter()
-        .rev()
-        .zip(b.iter().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
-    prefix + suffix + 1 >= a.len().max(b.len())
+    let hint = super::names::did_you_mean(name, index.keys().map(|k| &**k));
+    format!("unknown feature `{name}`{hint}")
 }
 
 fn compile_feature(

@@ -12,6 +12,9 @@ mod bundles;
 mod customers;
 mod features;
 mod grants;
+mod names;
+
+pub(crate) use names::did_you_mean;
 mod routes;
 
 pub use customers::{Change, update_customers};
@@ -31,9 +34,10 @@ pub struct Issue {
     pub message: String,
     /// For "defined twice": where the first definition is.
     pub first: Option<Place>,
-    /// A reference to a name that is not defined. When a file failed to parse, such
-    /// issues are left out: the definition is probably in the broken file.
-    pub unresolved: bool,
+    /// A reference to a name that is not defined: the name. When the entry that
+    /// defines a name failed to parse, references to it are left out (the definition
+    /// is there, broken, and reported); when a whole file failed, all of them are.
+    pub unresolved: Option<Box<str>>,
 }
 
 /// A place in a file: the file's index, the NDJSON record's line (if any), a path
@@ -63,16 +67,16 @@ impl Issues {
             at,
             message: message.into(),
             first: None,
-            unresolved: false,
+            unresolved: None,
         });
     }
 
-    fn unresolved(&mut self, at: Place, message: impl Into<String>) {
+    fn unresolved(&mut self, at: Place, name: &str, message: impl Into<String>) {
         self.0.push(Issue {
             at,
             message: message.into(),
             first: None,
-            unresolved: true,
+            unresolved: Some(name.into()),
         });
     }
 }

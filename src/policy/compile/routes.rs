@@ -18,7 +18,8 @@ pub(super) fn compile_routes(
     let mut routes = Vec::new();
     for &(file, doc) in docs {
         for (i, r) in doc.routes.iter().enumerate() {
-            if let Some(route) = compile_route(r, file, i, features, feature_index, issues) {
+            let at = doc.route_position(i);
+            if let Some(route) = compile_route(r, file, at, features, feature_index, issues) {
                 routes.push(route);
             }
         }
@@ -60,7 +61,7 @@ fn compile_route(
     };
     let mut feature = |name: &str, path: Vec<Seg>, kinds: &[Kind]| -> Option<FeatureId> {
         let Some(&f) = index.get(name) else {
-            issues.unresolved(place(file, path), unknown_feature(name, index));
+            issues.unresolved(place(file, path), name, unknown_feature(name, index));
             return None;
         };
         let kind = features[f as usize].kind;
