@@ -406,6 +406,18 @@ fn redis_stores_behave() {
             );
             let v = redis.cmd(&["HGET", &key, "used"]);
             assert_eq!(v.text().as_deref(), Some("3"), "{key}");
+        } else {
+            // Cached mode sends Redis what it counted: 7 and 94, and nothing for the
+            // replay of the 7.
+            rt.block_on(store.flush(NOW)).expect("flush");
+            let key = format!(
+                "suite-cached:{{{}}}:q:{}:cached-idem:9:api.calls:{}",
+                tag_of("cached-idem"),
+                "cached-idem".len(),
+                START.0
+            );
+            let v = redis.cmd(&["HGET", &key, "used"]);
+            assert_eq!(v.text().as_deref(), Some("101"), "{key}");
         }
     }
 }
