@@ -111,6 +111,25 @@ impl Gcra {
     }
 }
 
+/// One consume against the limiter `cell`: a compare-and-swap loop, so racing
+/// requests take exactly what the limit allows. A denial changes nothing, unless the
+/// limiter holds more than this grant can ([`Gcra::rederived`]): then it is cut back.
+fn take(g: &Gcra, cell: &AtomicI64) -> UsageOutcome {
+    let mut tat = cell.load(Ordering::Acquire);
+    loop {
+        let (next, admitted) = match (g.admits(tat), g.rederived(tat)) {
+            (true, _) => (g.after(tat), true),
+            (false, Some(cap)) => (cap, false),
+            (false, None) => return g.outcome(tat, false, false),
+        };
+        match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) if admitted => return g.outcome(tat, true, true),
+            Ok(_) => return g.outcome(next, false, false),
+            Err(actual) => tat = actual,
+        }
+    }
+}
+
 /// The rate limiters, by (customer, feature).
 #[derive(Debug, Default)]
 pub(super) struct Rates(DashMap<Key, AtomicI64, Hasher_>);
@@ -128,8 +147,6 @@ impl Rates {
         now: Timestamp,
     ) -> UsageOutcome {
         let g = Gcra::new(limit, per_us, burst, amount, now);
-        let outcome = |tat: i64, admitted: bool, took: bool| g.outcome(tat, admitted, took);
-        let decide = |tat: i64| g.admits(tat);
         let probe = (key, 0i64);
         if !consume {
             let tat = self
@@ -137,41 +154,17 @@ impl Rates {
                 .get(&probe as &dyn KeyView)
                 .map_or(0, |c| c.load(Ordering::Acquire));
             // A check takes nothing: report what is left before this request.
-            return outcome(tat, decide(tat), false);
+            return g.outcome(tat, g.admits(tat), false);
         }
-        let step = |cell: &AtomicI64| {
-            let mut tat = cell.load(Ordering::Acquire);
-            loop {
-                if !decide(tat) {
-                    let Some(cap) = g.rederived(tat) else {
-                        return outcome(tat, false, false);
-                    };
-                    // Written under another grant: store it as this one holds it.
-                    match cell.compare_exchange_weak(tat, cap, Ordering::AcqRel, Ordering::Acquire)
-                    {
-                        Ok(_) => return outcome(cap, false, false),
-                        Err(actual) => {
-                            tat = actual;
-                            continue;
-                        }
-                    }
-                }
-                let next = g.after(tat);
-                match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return outcome(tat, true, true),
-                    Err(actual) => tat = actual,
-                }
-            }
-        };
         if let Some(cell) = self.0.get(&probe as &dyn KeyView) {
-            return step(&cell);
+            return take(&g, &cell);
         }
         let cell = self
             .0
             .entry(owned(key, 0))
             .or_insert_with(|| AtomicI64::new(0))
             .downgrade();
-        step(&cell)
+        take(&g, &cell)
     }
 
     pub(super) fn len(&self) -> usize {
