@@ -40,6 +40,7 @@ pub const CHECKPOINTS: &str = "entitled_state_checkpoints_total";
 pub const CHECKPOINT_DURATION: &str = "entitled_state_checkpoint_duration_seconds";
 pub const USAGE_STATE: &str = "entitled_usage_state_entries";
 pub const IDEMPOTENT_REPLAYS: &str = "entitled_idempotent_replays_total";
+pub const IDEMPOTENCY_KEYS_REFUSED: &str = "entitled_idempotency_keys_refused_total";
 pub const STORE_DEGRADED: &str = "entitled_store_degraded";
 pub const STORE_FALLBACKS: &str = "entitled_store_fallbacks_total";
 pub const STORE_DROPPED_DELTAS: &str = "entitled_store_dropped_deltas_total";
@@ -173,6 +174,12 @@ fn describe() {
         IDEMPOTENT_REPLAYS,
         "Requests answered from an idempotency key instead of counted again."
     );
+    describe_counter!(
+        IDEMPOTENCY_KEYS_REFUSED,
+        "Keyed writes refused (503) because the idempotency key table was full (--idempotency-max-keys)."
+    );
+    // Exported from the start, so an alert on its increase sees 0 before the first.
+    counter!(IDEMPOTENCY_KEYS_REFUSED).increment(0);
     describe_gauge!(
         STORE_DEGRADED,
         "1 while the shared usage store (Redis) is unusable and --on-store-error answers."
@@ -393,6 +400,10 @@ pub fn audit_dropped() {
 
 pub fn idempotent_replay() {
     counter!(IDEMPOTENT_REPLAYS).increment(1);
+}
+
+pub fn idempotency_key_refused() {
+    counter!(IDEMPOTENCY_KEYS_REFUSED).increment(1);
 }
 
 pub fn store_degraded(on: bool) {

@@ -38,7 +38,7 @@ VOCABULARY = {
     ("entitled_decisions_total", "allowed"): {"true", "false"},
     ("entitled_decisions_total", "reason"): {
         "granted", "not_entitled", "expired", "not_yet_active", "out_of_scope",
-        "quota_exhausted", "rate_limited", "seats_exhausted", "unknown_customer",
+        "quota_exhausted", "rate_limited", "exceeds_burst", "seats_exhausted", "unknown_customer",
         "unknown_feature",
     },
     ("entitled_policy_reloads_total", "result"): {"success", "failure", "unchanged"},

@@ -23,7 +23,7 @@ use crate::engine::{self, Decision, Op, Pending, UsageOp, UsageOutcome};
 use crate::policy::Snapshot;
 use crate::snapshot_cell::SnapshotCell;
 use crate::time::{Clock, Timestamp};
-use crate::usage::{Ack, IdemKey, MemoryStore, StepMeta, StoreError, UsageStore};
+use crate::usage::{Ack, Answered, IdemKey, MemoryStore, StepMeta, StoreError, UsageStore};
 
 /// The served snapshot, the usage store, the clock and where decisions are reported:
 /// everything a decision needs, shared by all connections and protocols.
@@ -91,7 +91,10 @@ fn begin<'a>(
     now: Timestamp,
     d: &mut Decision<'a>,
     ack: &mut Ack,
-    try_now: impl FnOnce(&UsageOp<'a>, &StepMeta<'a>) -> Option<Result<(UsageOutcome, Ack), StoreError>>,
+    try_now: impl FnOnce(
+        &UsageOp<'a>,
+        &StepMeta<'a>,
+    ) -> Option<Result<(Answered<UsageOutcome>, Ack), StoreError>>,
 ) -> Result<Begun<'a>, DecideError> {
     let Some(pending) = engine::evaluate(snap, q.op, &q.req, now, d)? else {
         return Ok(Begun::Decided(None));
@@ -101,11 +104,17 @@ fn begin<'a>(
             let (outcome, a) = answer?;
             *ack = ack.and(a);
             let op = pending.op;
-            pending.finish(outcome, d);
+            finish(pending, outcome, d);
             Ok(Begun::Decided(Some(op)))
         }
         None => Ok(Begun::Waiting(pending)),
     }
+}
+
+/// Completes `d` with the store's answer, marking a replay.
+fn finish<'a>(pending: Pending<'a>, outcome: Answered<UsageOutcome>, d: &mut Decision<'a>) {
+    pending.finish(outcome.answer, d);
+    d.idempotent_replay = outcome.replayed;
 }
 
 impl<S: UsageStore> Decider<S> {
@@ -170,7 +179,7 @@ impl<S: UsageStore> Decider<S> {
             Begun::Waiting(pending) => {
                 let outcome = self.store.apply(&pending.op, &q.meta(snap), now).await?;
                 let op = pending.op;
-                pending.finish(outcome, d);
+                finish(pending, outcome, d);
                 Ok(Some(op))
             }
         }
@@ -189,7 +198,9 @@ pub fn in_memory<'a>(
     now: Timestamp,
 ) -> Result<Decision<'a>, DecideError> {
     let mut d = Decision::blank(req.feature);
-    let run = |op: &UsageOp<'_>, _: &StepMeta<'_>| Some(Ok((store.run(op, now), Ack::default())));
+    let run = |op: &UsageOp<'_>, _: &StepMeta<'_>| {
+        Some(Ok((Answered::fresh(store.run(op, now)), Ack::default())))
+    };
     begin(
         snap,
         &Query::new(op, *req),

@@ -17,13 +17,15 @@ pub enum Reason {
     OutOfScope,
     QuotaExhausted,
     RateLimited,
+    /// More at once than the rate limit's burst: it can never pass.
+    ExceedsBurst,
     SeatsExhausted,
     UnknownCustomer,
     UnknownFeature,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Granted,
         Reason::NotEntitled,
         Reason::Expired,
@@ -31,6 +33,7 @@ impl Reason {
         Reason::OutOfScope,
         Reason::QuotaExhausted,
         Reason::RateLimited,
+        Reason::ExceedsBurst,
         Reason::SeatsExhausted,
         Reason::UnknownCustomer,
         Reason::UnknownFeature,
@@ -45,6 +48,7 @@ impl Reason {
             Reason::OutOfScope => "out_of_scope",
             Reason::QuotaExhausted => "quota_exhausted",
             Reason::RateLimited => "rate_limited",
+            Reason::ExceedsBurst => "exceeds_burst",
             Reason::SeatsExhausted => "seats_exhausted",
             Reason::UnknownCustomer => "unknown_customer",
             Reason::UnknownFeature => "unknown_feature",
@@ -123,6 +127,9 @@ pub struct Decision<'a> {
     pub value: Option<&'a ValueRepr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<Limit>,
+    /// A rate limit's burst: what may pass at once (`remaining` counts against it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub used: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,6 +158,10 @@ pub struct Decision<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upgrade: Vec<&'a str>,
     pub snapshot: &'a str,
+    /// The answer was remembered under the request's idempotency key: the first
+    /// request's answer, repeated; nothing was counted again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub idempotent_replay: bool,
     /// This consume crossed `warn_at` (count it once as an upsell signal).
     #[serde(skip)]
     pub warning_crossed: bool,
@@ -170,6 +181,7 @@ impl<'a> Decision<'a> {
             kind: None,
             value: None,
             limit: None,
+            burst: None,
             used: None,
             remaining: None,
             resets_at: None,
@@ -183,6 +195,7 @@ impl<'a> Decision<'a> {
             trial: false,
             upgrade: Vec::new(),
             snapshot,
+            idempotent_replay: false,
             warning_crossed: false,
         }
     }
@@ -311,6 +324,10 @@ impl Decision<'_> {
             out.extend_from_slice(b",\"limit\":");
             write_limit(out, l);
         }
+        if let Some(b) = self.burst {
+            out.extend_from_slice(b",\"burst\":");
+            write_u64(out, b);
+        }
         if let Some(u) = self.used {
             out.extend_from_slice(b",\"used\":");
             write_u64(out, u);
@@ -407,6 +424,9 @@ impl Decision<'_> {
         }
         out.extend_from_slice(b",\"snapshot\":");
         write_str(out, self.snapshot);
+        if self.idempotent_replay {
+            out.extend_from_slice(b",\"idempotent_replay\":true");
+        }
         out.push(b'}');
     }
 }

@@ -252,6 +252,7 @@ fn quota<'a>(
 #[inline]
 fn rate<'a>(s: Step<'_, 'a>, r: &RateGrant, d: &mut Decision<'a>) -> Option<Pending<'a>> {
     d.limit = Some(Limit::Finite(r.limit));
+    d.burst = Some(r.burst);
     if s.req.at.is_some() {
         return None;
     }

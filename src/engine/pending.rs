@@ -91,9 +91,16 @@ impl<'a> Pending<'a> {
                 d.remaining = Some(Limit::Finite(r));
                 d.resets_at =
                     Some(now.saturating_add(reset_after_us)).filter(|t| t.to_jiff().is_some());
-                if !admitted {
-                    d.deny(Reason::RateLimited);
-                    d.retry_after = retry_after_us.map(|us| us as f64 / SECOND as f64);
+                match op {
+                    // More than the burst never passes: no wait would help.
+                    UsageOp::Rate { amount, burst, .. } if !admitted && amount > burst => {
+                        d.deny(Reason::ExceedsBurst);
+                    }
+                    _ if !admitted => {
+                        d.deny(Reason::RateLimited);
+                        d.retry_after = retry_after_us.map(|us| us as f64 / SECOND as f64);
+                    }
+                    _ => {}
                 }
             }
             UsageOutcome::Seat { admitted, used, .. } => {

@@ -81,6 +81,13 @@ pub struct RateGrant {
     pub burst: u64,
 }
 
+/// The longest span a rate limit may take: its `per`, and the time an empty limit
+/// takes to refill (`burst × per ÷ limit`), are at most 100 years. The limiter keeps
+/// its arrival time in nanoseconds since 1970 in 64 bits, which end in April 2262;
+/// a span of 100 years keeps every limiter's time inside that range until 2160,
+/// instead of saturating there and admitting every request.
+pub const MAX_RATE_SPAN_US: i64 = 36_500 * crate::time::DAY;
+
 /// A value as the policy wrote it, for decisions to echo back.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]

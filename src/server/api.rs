@@ -15,7 +15,7 @@ use crate::decide::{DecideError, Query};
 use crate::engine::{self, Decision, Op, Reason};
 use crate::policy::Kind;
 use crate::time::Timestamp;
-use crate::usage::{Ack, IdemKey, SettleAction, StepMeta, UsageStore};
+use crate::usage::{Ack, Answered, IdemKey, SettleAction, StepMeta, UsageStore};
 use crate::usage::{parse_reservation, reservation_name};
 
 type Resp = Response<Full<Bytes>>;
@@ -32,6 +32,18 @@ fn json(status: StatusCode, body: Vec<u8>) -> Resp {
 
 fn json_value(status: StatusCode, v: &impl serde::Serialize) -> Resp {
     json(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// Marks an answer repeated from an idempotency key (`Idempotent-Replayed: true`,
+/// as Stripe does), so a client can tell a replay from a fresh answer.
+fn mark_replay(mut r: Resp, replayed: bool) -> Resp {
+    if replayed {
+        r.headers_mut().insert(
+            "idempotent-replayed",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    r
 }
 
 /// Routes one request.
@@ -230,12 +242,14 @@ async fn single<S: UsageStore>(
     let now = decider.clock.now();
     let mut out = Vec::with_capacity(512);
     let mut ack = Ack::default();
+    let mut replayed = false;
     let decided = decider.snapshot.with(|snap| {
         let snap = snap.ok_or(DecideError::NotReady)?;
         let mut d = Decision::blank(q.req.feature);
         let decided = decider.decide_now(snap, &q, now, &mut d, &mut ack)?;
         if decided {
             d.write_json(&mut out);
+            replayed = d.idempotent_replay;
         }
         Ok::<_, DecideError>(decided)
     })?;
@@ -244,11 +258,12 @@ async fn single<S: UsageStore>(
         let mut d = Decision::blank(q.req.feature);
         decider.decide(&snap, &q, now, &mut d, &mut ack).await?;
         d.write_json(&mut out);
+        replayed = d.idempotent_replay;
     }
     if ack.0.is_some() {
         decider.store.ack(ack).await?;
     }
-    Ok(json(StatusCode::OK, out))
+    Ok(mark_replay(json(StatusCode::OK, out), replayed))
 }
 
 /// `{requests: [...]}` → `{results: [...]}`, in order; a bad item is an error result in
@@ -555,7 +570,10 @@ async fn settle<S: UsageStore>(
             .map(|key| IdemKey { key, fingerprint }),
         ttl_us: None,
     };
-    let s = app.decider.store.settle(id, action, &meta, now).await?;
+    let Answered {
+        answer: s,
+        replayed,
+    } = app.decider.store.settle(id, action, &meta, now).await?;
     let o = s.outcome;
     if !o.found {
         return Err(ApiError::UnknownReservation(reservation_name(id)));
@@ -584,7 +602,10 @@ async fn settle<S: UsageStore>(
     if o.overage > 0 {
         v["overage"] = o.overage.into();
     }
-    Ok(json_value(StatusCode::OK, &v))
+    if replayed {
+        v["idempotent_replay"] = true.into();
+    }
+    Ok(mark_replay(json_value(StatusCode::OK, &v), replayed))
 }
 
 /// `POST /v1/test-clock` (only with `--test-clock`): `{"advance": "6m"}` or

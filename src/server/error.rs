@@ -35,6 +35,9 @@ pub enum ApiError {
     /// An idempotency key reused for a different request.
     #[error("{0}")]
     KeyReused(String),
+    /// The idempotency key table is full: a new key is refused, nothing counted.
+    #[error("{0}")]
+    KeysFull(String),
     #[error("no open reservation `{0}`: it was committed, released or expired, or never existed")]
     UnknownReservation(String),
 }
@@ -45,6 +48,7 @@ impl From<crate::usage::StoreError> for ApiError {
         match e {
             S::InFlight(_) => ApiError::InFlight(e.to_string()),
             S::KeyReused(_) => ApiError::KeyReused(e.to_string()),
+            S::KeysFull(_) => ApiError::KeysFull(e.to_string()),
             S::Unavailable(_) | S::Fatal(_) => {
                 crate::metrics::store_error();
                 ApiError::Unavailable(e.to_string())
@@ -68,7 +72,9 @@ impl ApiError {
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::NotReady | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::Unavailable(_) | ApiError::KeysFull(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::InFlight(_) => StatusCode::CONFLICT,
             ApiError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnknownReservation(_) => StatusCode::NOT_FOUND,
@@ -86,6 +92,7 @@ impl ApiError {
             ApiError::Unavailable(_) => "store_unavailable",
             ApiError::InFlight(_) => "idempotency_key_in_flight",
             ApiError::KeyReused(_) => "idempotency_key_reused",
+            ApiError::KeysFull(_) => "idempotency_keys_full",
             ApiError::UnknownReservation(_) => "unknown_reservation",
         }
     }
@@ -97,7 +104,7 @@ impl ApiError {
             ApiError::BadRequest { field: Some(f), .. } => {
                 v["field"] = serde_json::Value::String(f.clone());
             }
-            ApiError::InFlight(_) | ApiError::KeyReused(_) => {
+            ApiError::InFlight(_) | ApiError::KeyReused(_) | ApiError::KeysFull(_) => {
                 v["field"] = "idempotency_key".into();
             }
             ApiError::UnknownReservation(_) => v["field"] = "reservation".into(),

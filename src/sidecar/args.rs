@@ -12,6 +12,7 @@ use crate::notices::{NoticeConfig, WebhookConfig};
 use crate::policy;
 use crate::server;
 use crate::time::Timestamp;
+use crate::usage::StoreConfig;
 use crate::usage::durable::DurableConfig;
 use crate::usage::durable::journal::Durability;
 use crate::usage::redis::{OnError, RedisConfig, StoreMode};
@@ -115,6 +116,10 @@ pub struct ServeArgs {
     /// How long an idempotency key answers retries.
     #[arg(long, env = "ENTITLED_IDEMPOTENCY_TTL", default_value = "24h", value_parser = duration)]
     pub idempotency_ttl: Duration,
+    /// Most idempotency keys remembered at once; when full, a new keyed write is
+    /// refused (503 `idempotency_keys_full`) rather than the table growing.
+    #[arg(long, env = "ENTITLED_IDEMPOTENCY_MAX_KEYS", default_value_t = crate::usage::DEFAULT_IDEMPOTENCY_MAX_KEYS)]
+    pub idempotency_max_keys: usize,
     /// Default time to live of a reservation (a reserve's `ttl` overrides it).
     #[arg(long, env = "ENTITLED_RESERVATION_TTL", default_value = "5m", value_parser = duration)]
     pub reservation_ttl: Duration,
@@ -249,6 +254,7 @@ impl ServeArgs {
         audit.decisions = self.audit_decisions;
         Ok(Config {
             notices: self.notices()?,
+            usage: self.usage(),
             durable: self.durable(),
             store: self.store(),
             policy_limits: policy::Limits {
@@ -302,6 +308,16 @@ impl ServeArgs {
         Ok(notice_cfg)
     }
 
+    /// Lifetimes and bounds of usage state, for every durability mode.
+    fn usage(&self) -> StoreConfig {
+        StoreConfig {
+            idempotency_ttl_us: micros(self.idempotency_ttl),
+            reservation_ttl_us: micros(self.reservation_ttl),
+            idempotency_max_keys: self.idempotency_max_keys,
+            ..StoreConfig::default()
+        }
+    }
+
     /// `None` with `--durability memory`.
     fn durable(&self) -> Option<DurableConfig> {
         let mode = self.durability;
@@ -314,8 +330,7 @@ impl ServeArgs {
             _ => Durability::Async(self.flush_interval),
         };
         cfg.checkpoint_interval = self.checkpoint_interval;
-        cfg.store.idempotency_ttl_us = micros(self.idempotency_ttl);
-        cfg.store.reservation_ttl_us = micros(self.reservation_ttl);
+        cfg.store = self.usage();
         cfg.ledger.segment_bytes = self.ledger_segment_bytes;
         cfg.ledger.segment_age_us = micros(self.ledger_segment_age);
         cfg.ledger.retention_us = micros(self.ledger_retention);

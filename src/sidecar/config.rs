@@ -15,6 +15,7 @@ use crate::notices::NoticeConfig;
 use crate::policy;
 use crate::server;
 use crate::time::Timestamp;
+use crate::usage::StoreConfig;
 use crate::usage::durable::DurableConfig;
 use crate::usage::redis::RedisConfig;
 
@@ -50,6 +51,9 @@ pub struct Config {
     /// Serve time from a clock that starts here and moves only through
     /// `POST /v1/test-clock`; `None` serves the system time.
     pub test_clock: Option<Timestamp>,
+    /// Lifetimes and bounds of usage state (idempotency keys, reservations), kept in
+    /// memory or durable alike (with `durable`, its `store` is this).
+    pub usage: StoreConfig,
     /// Where usage is made durable; `None` keeps it in memory only.
     pub durable: Option<DurableConfig>,
     /// Share usage with other replicas through Redis.

@@ -36,7 +36,7 @@ use crate::snapshot_cell::SnapshotCell;
 use crate::time::{Clock, CoarseClock, ManualClock};
 use crate::usage::MemoryStore;
 use crate::usage::StoreError;
-use crate::usage::durable::{DurableConfig, StateDir, StateError};
+use crate::usage::durable::{StateDir, StateError};
 use crate::usage::redis::RedisStore;
 use background::Flush;
 
@@ -162,7 +162,7 @@ impl Sidecar {
             );
         }
         let reload = state.clone();
-        let (state_dir, local) = open_usage(config.durable.clone(), clock.clone())?;
+        let (state_dir, local) = open_usage(&config, clock.clone())?;
         let parts = Parts {
             snapshot: cell,
             clock,
@@ -299,12 +299,12 @@ fn clock(config: &Config) -> Result<Clocks, SidecarError> {
 
 /// Opens the state directory and recovers usage from it, or starts from nothing.
 fn open_usage(
-    durable: Option<DurableConfig>,
+    config: &Config,
     clock: Arc<dyn Clock>,
 ) -> Result<(Option<StateDir>, MemoryStore), SidecarError> {
-    let Some(cfg) = durable else {
+    let Some(cfg) = config.durable.clone() else {
         tracing::warn!("--durability memory: usage is not kept across restarts");
-        return Ok((None, MemoryStore::new()));
+        return Ok((None, MemoryStore::with_journal(None, config.usage)));
     };
     let dir = cfg.dir.clone();
     let (state_dir, store, report) =

@@ -31,7 +31,12 @@ pub struct StoreConfig {
     pub reservation_ttl_us: i64,
     pub max_reservation_ttl_us: i64,
     pub idempotency_ttl_us: i64,
+    /// Most idempotency keys remembered at once (`--idempotency-max-keys`).
+    pub idempotency_max_keys: usize,
 }
+
+/// The default `--idempotency-max-keys`: about 200 MB of keys and answers at most.
+pub const DEFAULT_IDEMPOTENCY_MAX_KEYS: usize = 1_000_000;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -39,6 +44,7 @@ impl Default for StoreConfig {
             reservation_ttl_us: 5 * 60 * SECOND,
             max_reservation_ttl_us: 24 * 3600 * SECOND,
             idempotency_ttl_us: 24 * 3600 * SECOND,
+            idempotency_max_keys: DEFAULT_IDEMPOTENCY_MAX_KEYS,
         }
     }
 }
@@ -58,6 +64,12 @@ pub enum StoreError {
     /// The idempotency key was used before for a different request.
     #[error("idempotency key `{0}` was already used for a different request")]
     KeyReused(String),
+    /// The idempotency key table holds its maximum: a new key is refused rather than
+    /// the table growing.
+    #[error(
+        "the table of idempotency keys is full ({0} keys, --idempotency-max-keys); retry later"
+    )]
+    KeysFull(usize),
 }
 
 /// What a reply must wait for before it is sent: the journal position of the last
@@ -78,6 +90,24 @@ impl Ack {
 pub struct IdemKey<'a> {
     pub key: &'a str,
     pub fingerprint: u64,
+}
+
+/// A store's answer, and whether it is a replay: the answer remembered under the
+/// request's idempotency key, repeated without running anything again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered<T> {
+    pub answer: T,
+    pub replayed: bool,
+}
+
+impl<T> Answered<T> {
+    /// An answer from running the step.
+    pub fn fresh(answer: T) -> Self {
+        Answered {
+            answer,
+            replayed: false,
+        }
+    }
 }
 
 /// What a store keeps beside a usage step.
@@ -107,7 +137,7 @@ pub trait UsageStore: Send + Sync {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> impl Future<Output = Result<UsageOutcome, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Answered<UsageOutcome>, StoreError>> + Send;
 
     /// Commits or releases the reservation `id`.
     fn settle(
@@ -116,7 +146,7 @@ pub trait UsageStore: Send + Sync {
         action: SettleAction,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> impl Future<Output = Result<Settled, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Answered<Settled>, StoreError>> + Send;
 
     /// Answers without waiting, when the store can (the in-memory store always can;
     /// a remote store only from a local cache). `None` means "await [`Self::apply`]".
@@ -131,7 +161,7 @@ pub trait UsageStore: Send + Sync {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Option<Result<(UsageOutcome, Ack), StoreError>> {
+    ) -> Option<Result<(Answered<UsageOutcome>, Ack), StoreError>> {
         let _ = (op, meta, now);
         None
     }

@@ -59,6 +59,7 @@ async fn used<S: UsageStore>(s: &S, customer: &str) -> u64 {
         )
         .await
         .expect("check")
+        .answer
     {
         UsageOutcome::Quota { used, .. } => used,
         other => panic!("{other:?}"),
@@ -74,6 +75,7 @@ async fn consume<S: UsageStore>(s: &S, customer: &str, limit: u64, amount: u64) 
         )
         .await
         .expect("consume")
+        .answer
     {
         UsageOutcome::Quota { admitted, used, .. } => (admitted, used),
         other => panic!("{other:?}"),
@@ -97,7 +99,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
     let r = s
         .apply(&quota(&o, 2, 5, QuotaMode::Consume, true), &meta(None), NOW)
         .await
-        .expect("consume");
+        .expect("consume")
+        .answer;
     assert!(
         matches!(
             r,
@@ -119,7 +122,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
             NOW,
         )
         .await
-        .expect("reserve");
+        .expect("reserve")
+        .answer;
     let UsageOutcome::Reserved {
         admitted: true,
         used: 6,
@@ -137,7 +141,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
     let done = s
         .settle(id, SettleAction::Commit(4), &meta(None), NOW)
         .await
-        .expect("commit");
+        .expect("commit")
+        .answer;
     assert!(done.outcome.found, "{tag}");
     assert_eq!(
         (
@@ -151,7 +156,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
     let again = s
         .settle(id, SettleAction::Release, &meta(None), NOW)
         .await
-        .expect("release");
+        .expect("release")
+        .answer;
     assert!(!again.outcome.found, "{tag}: a settled reservation is gone");
     let r = s
         .apply(
@@ -160,7 +166,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
             NOW,
         )
         .await
-        .expect("reserve");
+        .expect("reserve")
+        .answer;
     let UsageOutcome::Reserved {
         reservation: Some(id2),
         ..
@@ -171,7 +178,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
     let rel = s
         .settle(id2, SettleAction::Release, &meta(None), NOW)
         .await
-        .expect("release");
+        .expect("release")
+        .answer;
     assert_eq!((rel.outcome.released, rel.outcome.used), (5, 4), "{tag}");
     // A hold that does not fit is refused, overage or not.
     let r = s
@@ -181,7 +189,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
             NOW,
         )
         .await
-        .expect("reserve");
+        .expect("reserve")
+        .answer;
     assert!(
         matches!(
             r,
@@ -204,7 +213,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
             NOW,
         )
         .await
-        .expect("consume");
+        .expect("consume")
+        .answer;
     let retry = s
         .apply(
             &quota(&i, 100, 7, QuotaMode::Consume, false),
@@ -213,8 +223,50 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
         )
         .await
         .expect("retry");
-    assert_eq!(first, retry, "{tag}");
+    assert_eq!(first, retry.answer, "{tag}");
+    assert!(retry.replayed, "{tag}: a retry is marked as a replay");
     assert_eq!(used(s, &i).await, 7, "{tag}");
+    // A denied keyed consume changes nothing and is not remembered: its retry is
+    // decided afresh (here under a raised limit, so it passes), not answered
+    // "denied" again from the key.
+    let o = s
+        .apply(
+            &quota(&i, 100, 94, QuotaMode::Consume, false),
+            &meta(Some(("k-2", 13))),
+            NOW,
+        )
+        .await
+        .expect("denied");
+    assert!(
+        matches!(
+            o.answer,
+            UsageOutcome::Quota {
+                admitted: false,
+                ..
+            }
+        ),
+        "{tag}: {o:?}"
+    );
+    let o = s
+        .apply(
+            &quota(&i, 200, 94, QuotaMode::Consume, false),
+            &meta(Some(("k-2", 13))),
+            NOW,
+        )
+        .await
+        .expect("retry of a denial");
+    assert!(
+        !o.replayed
+            && matches!(
+                o.answer,
+                UsageOutcome::Quota {
+                    admitted: true,
+                    used: 101,
+                    ..
+                }
+            ),
+        "{tag}: {o:?}"
+    );
     let other = s
         .apply(
             &quota(&i, 100, 8, QuotaMode::Consume, false),
@@ -253,7 +305,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
         let o = s
             .apply(&seat(holder, action), &meta(None), NOW)
             .await
-            .expect("seat");
+            .expect("seat")
+            .answer;
         assert_eq!(outcome(o), want, "{tag}: {holder} {action:?}");
     }
 
@@ -271,7 +324,11 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
         consume,
     };
     for want in [true, true, false] {
-        let o = s.apply(&rate(true), &meta(None), NOW).await.expect("rate");
+        let o = s
+            .apply(&rate(true), &meta(None), NOW)
+            .await
+            .expect("rate")
+            .answer;
         match o {
             UsageOutcome::Rate {
                 admitted,
@@ -288,7 +345,8 @@ async fn behaves<S: UsageStore>(s: &S, tag: &str) {
     let o = s
         .apply(&rate(false), &meta(None), later)
         .await
-        .expect("rate");
+        .expect("rate")
+        .answer;
     assert!(
         matches!(
             o,
@@ -348,6 +406,18 @@ fn redis_stores_behave() {
             );
             let v = redis.cmd(&["HGET", &key, "used"]);
             assert_eq!(v.text().as_deref(), Some("3"), "{key}");
+        } else {
+            // Cached mode sends Redis what it counted: 7 and 94, and nothing for the
+            // replay of the 7.
+            rt.block_on(store.flush(NOW)).expect("flush");
+            let key = format!(
+                "suite-cached:{{{}}}:q:{}:cached-idem:9:api.calls:{}",
+                tag_of("cached-idem"),
+                "cached-idem".len(),
+                START.0
+            );
+            let v = redis.cmd(&["HGET", &key, "used"]);
+            assert_eq!(v.text().as_deref(), Some("101"), "{key}");
         }
     }
 }

@@ -587,3 +587,49 @@ fn a_policy_directory_without_features_is_not_ready() {
     let s = Server::start_with(dir.path(), &["--allow-empty"]);
     assert_eq!(s.get("/readyz").status, 200);
 }
+
+/// A rate grant changed by a reload applies to a throttled customer at once: raised
+/// from `1/h` to `100/s`, the customer waits the new grant's 10 ms, not the rest of
+/// the old grant's hour (time moves only on the test clock).
+#[test]
+fn a_raised_rate_limit_frees_a_throttled_customer_at_once() {
+    let policy = |grant: &str| {
+        format!(
+            "features:\n  api.rate: {{ kind: rate }}\nplans:\n  pro:\n    grants:\n      api.rate: {grant}\n{CUSTOMERS}"
+        )
+    };
+    let dir = PolicyDir::with(&[("policy.yaml", &policy("{ limit: 1, per: 1h }"))]);
+    let s = Server::start_with(
+        dir.path(),
+        &[
+            "--reload-debounce",
+            "50ms",
+            "--test-clock",
+            "2026-06-15T12:00:00Z",
+        ],
+    );
+    let consume = || {
+        s.decide(
+            "/v1/consume",
+            &json!({"customer": "acme", "feature": "api.rate"}),
+        )
+    };
+    assert_eq!(consume()["allowed"], true);
+    let d = consume();
+    assert_eq!(d["reason"], "rate_limited", "{d}");
+    assert_eq!(d["retry_after"], 3600.0, "{d}");
+
+    dir.write("policy.yaml", &policy("{ limit: 100, per: 1s }"));
+    assert!(
+        wait_until(DEADLINE, || s.check("acme", "api.rate")["limit"] == 100),
+        "the new grant was not served; status {}",
+        s.status()
+    );
+    let d = consume();
+    assert_eq!(d["reason"], "rate_limited", "{d}");
+    assert_eq!(d["retry_after"], 0.01, "waits by the new grant: {d}");
+    let advanced = s.post("/v1/test-clock", &json!({"advance": "10ms"}));
+    assert_eq!(advanced.status, 200, "{}", advanced.text());
+    let d = consume();
+    assert_eq!(d["allowed"], true, "{d}");
+}

@@ -153,11 +153,37 @@ fn rate(name: &str, m: &GrantFields) -> Result<GrantValue, GrantError> {
     if burst == 0 {
         return Err((Some("burst"), "`burst` must be at least 1".into()));
     }
+    rate_span(per_us, limit, burst, m.burst.is_some())?;
     Ok(GrantValue::Rate(RateGrant {
         limit,
         per_us,
         burst,
     }))
+}
+
+/// Refuses a rate limit whose arithmetic the limiter cannot hold: a `per`, or a time
+/// to refill from empty (`burst × per ÷ limit`), beyond [`MAX_RATE_SPAN_US`].
+fn rate_span(per_us: i64, limit: u64, burst: u64, burst_given: bool) -> Result<(), GrantError> {
+    const MAX_DAYS: i64 = MAX_RATE_SPAN_US / crate::time::DAY;
+    if per_us > MAX_RATE_SPAN_US {
+        return Err((
+            Some("per"),
+            format!(
+                "a rate limit's `per` is at most {MAX_DAYS}d (100 years): the limiter counts nanoseconds in 64 bits; use a quota for longer periods"
+            ),
+        ));
+    }
+    let refill_us = burst as u128 * per_us as u128 / limit as u128;
+    if refill_us > MAX_RATE_SPAN_US as u128 {
+        let days = refill_us / crate::time::DAY as u128;
+        return Err((
+            Some(if burst_given { "burst" } else { "per" }),
+            format!(
+                "an empty rate limit would take {days}d to refill (`burst` × `per` ÷ `limit`); at most {MAX_DAYS}d (100 years) fits the limiter's arithmetic"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_period(p: &str) -> Result<Period, String> {

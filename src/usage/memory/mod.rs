@@ -34,7 +34,7 @@ use super::durable::journal::Journal;
 use super::durable::record::{Answer, Record, SettleOutcome, Settled};
 use super::durable::state::State;
 use super::durable::{DurableConfig, OpenReport, StateDir, StateError};
-use super::{Ack, IdemKey, SettleAction, StepMeta, StoreConfig, StoreError, UsageStore};
+use super::{Ack, Answered, IdemKey, SettleAction, StepMeta, StoreConfig, StoreError, UsageStore};
 use crate::engine::{QuotaMode, UsageKey, UsageOp, UsageOutcome};
 use crate::ids::{ReservationId, reservation_name};
 use crate::time::Timestamp;
@@ -119,16 +119,33 @@ impl MemoryStore {
         meta: &StepMeta<'_>,
         now: Timestamp,
     ) -> Result<(UsageOutcome, Logged), StoreError> {
+        self.step_answered(op, meta, now)
+            .map(|(a, lsn)| (a.answer, lsn))
+    }
+
+    /// [`Self::step`], saying whether the answer is a replay.
+    pub fn step_answered(
+        &self,
+        op: &UsageOp<'_>,
+        meta: &StepMeta<'_>,
+        now: Timestamp,
+    ) -> Result<(Answered<UsageOutcome>, Logged), StoreError> {
         self.journal.accepting()?;
+        let fresh = |r: (UsageOutcome, Logged)| (Answered::fresh(r.0), r.1);
         let Some(ik) = meta.idempotency else {
-            return self.step_inner(op, meta, None, now);
+            return self.step_inner(op, meta, None, now).map(fresh);
         };
         let scope = op_key(op).customer;
-        match self
-            .idem
-            .begin(scope, &ik, now, self.config.idempotency_ttl_us)?
-        {
-            Some((Answer::Usage(o), lsn)) => return Ok((o, lsn)),
+        match self.idem.begin(scope, &ik, now, &self.config)? {
+            Some((Answer::Usage(answer), lsn)) => {
+                return Ok((
+                    Answered {
+                        answer,
+                        replayed: true,
+                    },
+                    lsn,
+                ));
+            }
             Some((Answer::Settle(_), _)) => return Err(reused(ik.key)),
             None => {}
         }
@@ -138,10 +155,12 @@ impl MemoryStore {
             &ik,
             r.as_ref().ok().map(|(o, l)| (Answer::Usage(*o), *l)),
         );
-        r
+        r.map(fresh)
     }
 
-    /// Journals `record` (if any) and the idempotency key (if any) in one frame.
+    /// Journals `record` (if any) and the idempotency key (if any) in one frame. A
+    /// key is journaled only with an answer worth remembering
+    /// ([`idempotency::remembered`]): a denial changed nothing.
     fn log<'a>(
         &self,
         record: Option<Record<'a>>,
@@ -150,9 +169,12 @@ impl MemoryStore {
         now: Timestamp,
     ) -> Result<Logged, StoreError> {
         let ttl = self.config.idempotency_ttl_us;
+        let idem = idem
+            .map(|(scope, ik)| (scope, ik, answer()))
+            .filter(|(_, _, a)| idempotency::remembered(a));
         self.journal.log(
             record,
-            idem.map(|(scope, ik)| move || idempotency::record(scope, &ik, answer(), now, ttl)),
+            idem.map(|(scope, ik, a)| move || idempotency::record(scope, &ik, a, now, ttl)),
         )
     }
 
@@ -306,16 +328,34 @@ impl MemoryStore {
         meta: &StepMeta<'_>,
         now: Timestamp,
     ) -> Result<(Settled, Logged), StoreError> {
+        self.settle_answered(id, action, meta, now)
+            .map(|(a, lsn)| (a.answer, lsn))
+    }
+
+    /// [`Self::settle`], saying whether the answer is a replay.
+    pub fn settle_answered(
+        &self,
+        id: ReservationId,
+        action: SettleAction,
+        meta: &StepMeta<'_>,
+        now: Timestamp,
+    ) -> Result<(Answered<Settled>, Logged), StoreError> {
         self.journal.accepting()?;
+        let fresh = |r: (Settled, Logged)| (Answered::fresh(r.0), r.1);
         let scope = reservation_name(id);
         let Some(ik) = meta.idempotency else {
-            return self.settle_inner(id, action, meta, None, now);
+            return self.settle_inner(id, action, meta, None, now).map(fresh);
         };
-        match self
-            .idem
-            .begin(&scope, &ik, now, self.config.idempotency_ttl_us)?
-        {
-            Some((Answer::Settle(s), lsn)) => return Ok((s, lsn)),
+        match self.idem.begin(&scope, &ik, now, &self.config)? {
+            Some((Answer::Settle(answer), lsn)) => {
+                return Ok((
+                    Answered {
+                        answer,
+                        replayed: true,
+                    },
+                    lsn,
+                ));
+            }
             Some((Answer::Usage(_), _)) => return Err(reused(ik.key)),
             None => {}
         }
@@ -327,7 +367,7 @@ impl MemoryStore {
                 .ok()
                 .map(|(s, l)| (Answer::Settle(s.clone()), *l)),
         );
-        r
+        r.map(fresh)
     }
 
     fn settle_inner(
@@ -483,8 +523,8 @@ impl UsageStore for MemoryStore {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Result<UsageOutcome, StoreError> {
-        let (o, lsn) = self.step(op, meta, now)?;
+    ) -> Result<Answered<UsageOutcome>, StoreError> {
+        let (o, lsn) = self.step_answered(op, meta, now)?;
         self.journal.durable(lsn).await?;
         Ok(o)
     }
@@ -494,9 +534,9 @@ impl UsageStore for MemoryStore {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Option<Result<(UsageOutcome, Ack), StoreError>> {
+    ) -> Option<Result<(Answered<UsageOutcome>, Ack), StoreError>> {
         Some(
-            self.step(op, meta, now)
+            self.step_answered(op, meta, now)
                 .map(|(o, lsn)| (o, self.journal.ack_for(lsn))),
         )
     }
@@ -511,8 +551,8 @@ impl UsageStore for MemoryStore {
         action: SettleAction,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Result<Settled, StoreError> {
-        let (s, lsn) = MemoryStore::settle(self, id, action, meta, now)?;
+    ) -> Result<Answered<Settled>, StoreError> {
+        let (s, lsn) = MemoryStore::settle_answered(self, id, action, meta, now)?;
         self.journal.durable(lsn).await?;
         Ok(s)
     }

@@ -54,19 +54,40 @@ impl Gcra {
         }
     }
 
-    /// Would the request pass with the limiter at `tat`?
+    /// The stored `tat` as these parameters can hold it: at most a full backlog
+    /// (`tau`) ahead of now. A limiter written under another grant (a slower rate, a
+    /// larger burst) would otherwise keep its customer waiting by the old grant's
+    /// measure; clamped, a changed grant applies at once, and an unchanged one is
+    /// never affected (its backlog never exceeds `tau`).
+    fn base(&self, tat: i64) -> i64 {
+        tat.min(self.now_ns.saturating_add(self.tau))
+            .max(self.now_ns)
+    }
+
+    /// The state to store instead of `tat` when `tat` is more than a full backlog
+    /// ahead (written under another grant): a full backlog from now, so the limiter
+    /// refills from here by this grant's measure.
+    pub fn rederived(&self, tat: i64) -> Option<i64> {
+        let cap = self.now_ns.saturating_add(self.tau);
+        (tat > cap).then_some(cap)
+    }
+
+    /// Would the request pass with the limiter at `tat`? Fails closed where the
+    /// arithmetic would overflow.
     pub fn admits(&self, tat: i64) -> bool {
-        tat.max(self.now_ns).saturating_add(self.cost) - self.now_ns <= self.tau
+        self.base(tat)
+            .checked_add(self.cost)
+            .is_some_and(|after| after - self.now_ns <= self.tau)
     }
 
     /// The TAT after taking the request.
     pub fn after(&self, tat: i64) -> i64 {
-        tat.max(self.now_ns).saturating_add(self.cost)
+        self.base(tat).saturating_add(self.cost)
     }
 
     /// The outcome reported with the limiter at `tat` before the step.
     pub fn outcome(&self, tat: i64, admitted: bool, took: bool) -> UsageOutcome {
-        let base = tat.max(self.now_ns);
+        let base = self.base(tat);
         let after = if took {
             base.saturating_add(self.cost)
         } else {
@@ -90,6 +111,25 @@ impl Gcra {
     }
 }
 
+/// One consume against the limiter `cell`: a compare-and-swap loop, so racing
+/// requests take exactly what the limit allows. A denial changes nothing, unless the
+/// limiter holds more than this grant can ([`Gcra::rederived`]): then it is cut back.
+fn take(g: &Gcra, cell: &AtomicI64) -> UsageOutcome {
+    let mut tat = cell.load(Ordering::Acquire);
+    loop {
+        let (next, admitted) = match (g.admits(tat), g.rederived(tat)) {
+            (true, _) => (g.after(tat), true),
+            (false, Some(cap)) => (cap, false),
+            (false, None) => return g.outcome(tat, false, false),
+        };
+        match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) if admitted => return g.outcome(tat, true, true),
+            Ok(_) => return g.outcome(next, false, false),
+            Err(actual) => tat = actual,
+        }
+    }
+}
+
 /// The rate limiters, by (customer, feature).
 #[derive(Debug, Default)]
 pub(super) struct Rates(DashMap<Key, AtomicI64, Hasher_>);
@@ -107,8 +147,6 @@ impl Rates {
         now: Timestamp,
     ) -> UsageOutcome {
         let g = Gcra::new(limit, per_us, burst, amount, now);
-        let outcome = |tat: i64, admitted: bool, took: bool| g.outcome(tat, admitted, took);
-        let decide = |tat: i64| g.admits(tat);
         let probe = (key, 0i64);
         if !consume {
             let tat = self
@@ -116,30 +154,17 @@ impl Rates {
                 .get(&probe as &dyn KeyView)
                 .map_or(0, |c| c.load(Ordering::Acquire));
             // A check takes nothing: report what is left before this request.
-            return outcome(tat, decide(tat), false);
+            return g.outcome(tat, g.admits(tat), false);
         }
-        let step = |cell: &AtomicI64| {
-            let mut tat = cell.load(Ordering::Acquire);
-            loop {
-                if !decide(tat) {
-                    return outcome(tat, false, false);
-                }
-                let next = g.after(tat);
-                match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return outcome(tat, true, true),
-                    Err(actual) => tat = actual,
-                }
-            }
-        };
         if let Some(cell) = self.0.get(&probe as &dyn KeyView) {
-            return step(&cell);
+            return take(&g, &cell);
         }
         let cell = self
             .0
             .entry(owned(key, 0))
             .or_insert_with(|| AtomicI64::new(0))
             .downgrade();
-        step(&cell)
+        take(&g, &cell)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -188,6 +213,66 @@ mod tests {
             r(now.saturating_add(100_000)),
             UsageOutcome::Rate { admitted: true, .. }
         ));
+    }
+
+    fn retry_after(o: UsageOutcome) -> Option<i64> {
+        match o {
+            UsageOutcome::Rate { retry_after_us, .. } => retry_after_us,
+            other => panic!("not a rate outcome: {other:?}"),
+        }
+    }
+
+    /// A limiter written under another grant follows the current one: one pushed to
+    /// the end of `i64` nanoseconds by a huge period waits an hour under
+    /// `1/h`, and one throttled under `1/h` waits one 100th of a second under `100/s`.
+    #[test]
+    fn a_changed_grant_rederives_the_limiter() {
+        let s = Rates::default();
+        let now = Timestamp(1_800_000_000 * SECOND);
+        // What `per: 90000d` once left behind: an arrival time saturated at the end
+        // of i64 nanoseconds (2262).
+        s.0.insert(owned(KEY, 0), AtomicI64::new(i64::MAX));
+        let hour = 3600 * SECOND;
+        let o = s.rate(KEY, 1, hour, 1, 1, true, now);
+        assert_eq!(retry_after(o), Some(hour), "{o:?}");
+        let o = s.rate(KEY, 1, hour, 1, 1, true, now.saturating_add(hour));
+        assert!(
+            matches!(o, UsageOutcome::Rate { admitted: true, .. }),
+            "an hour later under 1/h: {o:?}"
+        );
+
+        let k = UsageKey {
+            customer: "c",
+            feature: "f",
+        };
+        s.rate(k, 1, hour, 1, 1, true, now);
+        let o = s.rate(k, 1, hour, 1, 1, true, now);
+        assert_eq!(retry_after(o), Some(hour), "throttled under 1/h: {o:?}");
+        let o = s.rate(k, 100, SECOND, 100, 1, true, now);
+        assert_eq!(retry_after(o), Some(SECOND / 100), "under 100/s: {o:?}");
+        let o = s.rate(
+            k,
+            100,
+            SECOND,
+            100,
+            1,
+            true,
+            now.saturating_add(SECOND / 100),
+        );
+        assert!(
+            matches!(o, UsageOutcome::Rate { admitted: true, .. }),
+            "10 ms later under 100/s: {o:?}"
+        );
+    }
+
+    /// Where the arithmetic would overflow, the limiter denies rather than admits.
+    #[test]
+    fn overflow_fails_closed() {
+        // 90000 days: policies refuse it, but the arithmetic must not admit anyway.
+        let per = 90_000 * 24 * 3600 * SECOND;
+        let g = Gcra::new(1, per, 1, 1, Timestamp(1_800_000_000 * SECOND));
+        assert!(!g.admits(i64::MAX), "a limiter at the end of time");
+        assert!(!g.admits(0), "a fresh limiter whose next arrival overflows");
     }
 
     #[test]

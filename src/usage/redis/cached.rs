@@ -8,7 +8,7 @@ use super::RedisStore;
 use super::deltas::{FLUSH_CALL, Inflight, OP_TTL_MS, expire_at_ms, op_id};
 use crate::engine::{UsageKey, UsageOp, UsageOutcome};
 use crate::time::Timestamp;
-use crate::usage::{Ack, StepMeta, StoreError};
+use crate::usage::{Ack, Answered, StepMeta, StoreError};
 
 impl RedisStore {
     /// Cached mode: every live window's units since the last flush, in calls of
@@ -113,9 +113,11 @@ impl RedisStore {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Result<(UsageOutcome, Ack), StoreError> {
-        let (o, lsn) = self.local.step(op, meta, now)?;
-        self.remember_delta(op, &o, None);
+    ) -> Result<(Answered<UsageOutcome>, Ack), StoreError> {
+        let (o, lsn) = self.local.step_answered(op, meta, now)?;
+        if !o.replayed {
+            self.remember_delta(op, &o.answer, None);
+        }
         Ok((o, Ack(lsn).filter_sync(&self.local)))
     }
 }

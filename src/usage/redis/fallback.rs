@@ -12,7 +12,7 @@ use super::deltas::{Delta, DeltaKey, MAX_CHUNKS, OP_TTL_MS, expire_at_ms, op_id}
 use super::scripts::APPLY;
 use crate::engine::{QuotaMode, UsageKey, UsageOp, UsageOutcome};
 use crate::time::Timestamp;
-use crate::usage::{Ack, StepMeta, StoreError};
+use crate::usage::{Ack, Answered, StepMeta, StoreError};
 
 impl RedisStore {
     /// Answers by `--on-store-error` while Redis is unusable.
@@ -23,7 +23,7 @@ impl RedisStore {
         now: Timestamp,
         err: StoreError,
         op_id: u64,
-    ) -> Result<(UsageOutcome, Ack), StoreError> {
+    ) -> Result<(Answered<UsageOutcome>, Ack), StoreError> {
         match self.cfg.on_error {
             OnError::Deny => {
                 crate::metrics::store_fallback("deny");
@@ -31,12 +31,17 @@ impl RedisStore {
             }
             OnError::Allow => {
                 crate::metrics::store_fallback("allow");
-                Ok((crate::usage::unrun(op, true), Ack::default()))
+                Ok((
+                    Answered::fresh(crate::usage::unrun(op, true)),
+                    Ack::default(),
+                ))
             }
             OnError::Local => {
                 crate::metrics::store_fallback("local");
-                let (o, lsn) = self.local.step(op, meta, now)?;
-                self.remember_delta(op, &o, Some(op_id));
+                let (o, lsn) = self.local.step_answered(op, meta, now)?;
+                if !o.replayed {
+                    self.remember_delta(op, &o.answer, Some(op_id));
+                }
                 Ok((o, Ack(lsn).filter_sync(&self.local)))
             }
         }

@@ -31,7 +31,7 @@ use self::breaker::Breaker;
 pub use self::config::{OnError, RedisConfig, StoreMode};
 use self::deltas::{Delta, DeltaKey, Inflight, op_id};
 use self::keys::Keys;
-use super::{Ack, IdemKey, MemoryStore, SettleAction, StepMeta, StoreError, UsageStore};
+use super::{Ack, Answered, IdemKey, MemoryStore, SettleAction, StepMeta, StoreError, UsageStore};
 use crate::engine::UsageOp;
 use crate::engine::UsageOutcome;
 use crate::ids::ReservationId;
@@ -198,7 +198,7 @@ impl UsageStore for RedisStore {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Result<UsageOutcome, StoreError> {
+    ) -> Result<Answered<UsageOutcome>, StoreError> {
         let (o, ack) = match self.cfg.mode {
             StoreMode::Cached => self.cached(op, meta, now)?,
             StoreMode::Strict => {
@@ -221,7 +221,7 @@ impl UsageStore for RedisStore {
         op: &UsageOp<'_>,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Option<Result<(UsageOutcome, Ack), StoreError>> {
+    ) -> Option<Result<(Answered<UsageOutcome>, Ack), StoreError>> {
         match self.cfg.mode {
             StoreMode::Cached => Some(self.cached(op, meta, now)),
             StoreMode::Strict => None,
@@ -238,11 +238,11 @@ impl UsageStore for RedisStore {
         action: SettleAction,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Result<Settled, StoreError> {
+    ) -> Result<Answered<Settled>, StoreError> {
         match self.cfg.mode {
             StoreMode::Strict => self.settle_strict(id, action, meta, now).await,
             StoreMode::Cached => {
-                let (s, lsn) = self.local.settle(id, action, meta, now)?;
+                let (s, lsn) = self.local.settle_answered(id, action, meta, now)?;
                 self.local.ack(Ack(lsn).filter_sync(&self.local)).await?;
                 Ok(s)
             }

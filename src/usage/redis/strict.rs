@@ -14,7 +14,7 @@ use crate::ids::ReservationId;
 use crate::time::Timestamp;
 use crate::usage::durable::record::{Record, SettleOutcome, Settled};
 use crate::usage::memory::Gcra;
-use crate::usage::{Ack, SettleAction, StepMeta, StoreError, UsageStore};
+use crate::usage::{Ack, Answered, SettleAction, StepMeta, StoreError, UsageStore};
 
 /// What a script answered.
 enum Reply {
@@ -58,7 +58,7 @@ impl RedisStore {
         meta: &StepMeta<'_>,
         now: Timestamp,
         op_id: u64,
-    ) -> Result<(UsageOutcome, Ack), StoreError> {
+    ) -> Result<(Answered<UsageOutcome>, Ack), StoreError> {
         match *op {
             UsageOp::Quota {
                 key,
@@ -149,7 +149,13 @@ impl RedisStore {
                         ack = Ack(lsn).filter_sync(&self.local);
                     }
                 }
-                Ok((o, ack))
+                Ok((
+                    Answered {
+                        answer: o,
+                        replayed: replay,
+                    },
+                    ack,
+                ))
             }
             UsageOp::Rate {
                 key,
@@ -173,7 +179,7 @@ impl RedisStore {
                 let tat_ns = items.1.parse::<i64>().unwrap_or(0).saturating_mul(1_000);
                 let admitted = items.0 == 1;
                 Ok((
-                    g.outcome(tat_ns, admitted, admitted && consume),
+                    Answered::fresh(g.outcome(tat_ns, admitted, admitted && consume)),
                     Ack::default(),
                 ))
             }
@@ -230,7 +236,13 @@ impl RedisStore {
                         ack = Ack(lsn).filter_sync(&self.local);
                     }
                 }
-                Ok((o, ack))
+                Ok((
+                    Answered {
+                        answer: o,
+                        replayed: replay,
+                    },
+                    ack,
+                ))
             }
         }
     }
@@ -245,7 +257,7 @@ impl RedisStore {
         action: SettleAction,
         meta: &StepMeta<'_>,
         now: Timestamp,
-    ) -> Result<Settled, StoreError> {
+    ) -> Result<Answered<Settled>, StoreError> {
         let rkey = self.keys.reservation(id);
         if self.breaker.is_open() {
             return Err(StoreError::Unavailable("circuit breaker open".into()));
@@ -277,7 +289,7 @@ impl RedisStore {
             .idempotency
             .map(|ik| self.keys.reservation_idem(id, ik.key));
         if counter.is_empty() && idem.is_none() {
-            return Ok(Settled::not_found());
+            return Ok(Answered::fresh(Settled::not_found()));
         }
         let (counter, holds) = if counter.is_empty() {
             // Maybe a replay of a settled reservation: the idempotency key answers.
@@ -334,11 +346,14 @@ impl RedisStore {
                 self.local.ack(Ack(lsn).filter_sync(&self.local)).await?;
             }
         }
-        Ok(Settled {
-            outcome,
-            customer,
-            feature,
-            window_start,
+        Ok(Answered {
+            answer: Settled {
+                outcome,
+                customer,
+                feature,
+                window_start,
+            },
+            replayed: replay,
         })
     }
 }

@@ -23,17 +23,13 @@ fn idempotent_retries_answer_the_same_across_restarts() {
     assert_eq!(first["allowed"], true, "{first}");
     assert_eq!(first["used"], 5, "{first}");
     consume(&s, "api.calls", 3);
-    assert_eq!(
-        s.decide("/v1/consume", &keyed),
-        first,
-        "retry before a restart"
-    );
+    assert_eq!(replay(&s, &keyed), first, "retry before a restart");
     assert_eq!(used(&s, "api.calls"), 8);
     kill9(&mut s);
 
     for how in ["kill -9", "graceful stop"] {
         let mut s = sync(&dir, state.path());
-        let again = s.decide("/v1/consume", &keyed);
+        let again = replay(&s, &keyed);
         assert_eq!(again, first, "retry after {how}");
         assert_eq!(again["used"], 5, "{again}");
         assert_eq!(used(&s, "api.calls"), 8, "retry after {how} counted");
@@ -49,6 +45,101 @@ fn idempotent_retries_answer_the_same_across_restarts() {
     assert_well_formed(&events, state.path());
     assert_eq!(events.len(), 2, "one event per counted consume: {events:?}");
     assert_eq!(ledger_sum(&events, "api.calls"), 8);
+}
+
+/// A keyed consume's retry: marked a replay (header and body), and otherwise the
+/// first answer; returned without the mark, to compare with it.
+fn replay(s: &Server, body: &Value) -> Value {
+    let r = s.post("/v1/consume", body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("idempotent-replayed"),
+        Some("true"),
+        "{}",
+        r.text()
+    );
+    let mut v = r.json();
+    assert_eq!(v["idempotent_replay"], true, "{v}");
+    v.as_object_mut().map(|o| o.remove("idempotent_replay"));
+    v
+}
+
+fn journal_bytes(state: &std::path::Path) -> u64 {
+    super::journals(state).iter().map(|(_, n)| n).sum()
+}
+
+/// A denied keyed consume changes nothing, so its key is neither remembered nor
+/// journaled: thousands of refused requests with fresh keys leave the journal as it
+/// was, and a retry is decided afresh (admitted once the units are there).
+#[test]
+fn denied_keyed_consumes_are_not_remembered_or_journaled() {
+    let dir = policy();
+    let state = tempfile::tempdir().expect("state tempdir");
+    let mut s = sync(&dir, state.path());
+    consume(&s, "credits", 100);
+    let before = journal_bytes(state.path());
+    assert!(before > 0, "the admitted consume is journaled");
+    for i in 0..200 {
+        let r = s.post(
+            "/v1/consume",
+            &json!({"customer": "acme", "feature": "credits", "idempotency_key": format!("denied-{i}")}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("idempotent-replayed"), None);
+        let d = r.json();
+        assert_eq!(d["reason"], "quota_exhausted", "{d}");
+        assert!(d.get("idempotent_replay").is_none(), "{d}");
+    }
+    assert_eq!(
+        journal_bytes(state.path()),
+        before,
+        "denied keyed consumes were journaled"
+    );
+    // A month later the units are there: the retry of a denied key is decided afresh.
+    let moved = s.post("/v1/test-clock", &json!({"advance": "31d"}));
+    assert_eq!(moved.status, 200, "{}", moved.text());
+    let retry = json!({"customer": "acme", "feature": "credits", "idempotency_key": "denied-7"});
+    let d = s.decide("/v1/consume", &retry);
+    assert_eq!(
+        d["allowed"], true,
+        "the retry of a denial was answered from its key: {d}"
+    );
+    assert_eq!(replay(&s, &retry), d, "and is remembered once admitted");
+    stop(&mut s);
+}
+
+/// With `--idempotency-max-keys 3`, a fourth key is refused with 503 and counts
+/// nothing, the refusal is counted in `/metrics`, remembered keys still replay, and
+/// room comes back when keys expire.
+#[test]
+fn a_full_key_table_refuses_new_keys_with_503() {
+    let dir = policy();
+    let state = tempfile::tempdir().expect("state tempdir");
+    let mut s = serve(
+        &dir,
+        state.path(),
+        &["--idempotency-max-keys", "3", "--idempotency-ttl", "1h"],
+    );
+    let keyed = |k: &str| json!({"customer": "acme", "feature": "api.calls", "amount": 1, "idempotency_key": k});
+    for k in ["k1", "k2", "k3"] {
+        assert_eq!(s.decide("/v1/consume", &keyed(k))["allowed"], true);
+    }
+    let r = s.post("/v1/consume", &keyed("k4"));
+    assert_error(&r, 503, "idempotency_keys_full");
+    assert_eq!(r.json()["error"]["field"], "idempotency_key");
+    assert_eq!(used(&s, "api.calls"), 3, "a refused request counted");
+    let refused = super::metric_value(
+        &s.get("/metrics").text(),
+        "entitled_idempotency_keys_refused_total",
+    );
+    assert_eq!(refused, Some(1.0));
+    assert_eq!(replay(&s, &keyed("k1"))["used"], 1);
+    consume(&s, "api.calls", 1);
+    let moved = s.post("/v1/test-clock", &json!({"advance": "61m"}));
+    assert_eq!(moved.status, 200, "{}", moved.text());
+    assert_eq!(s.decide("/v1/consume", &keyed("k4"))["allowed"], true);
+    assert_eq!(used(&s, "api.calls"), 5);
+    stop(&mut s);
 }
 
 // ------------------------------------------------------------ reservations ----
@@ -215,7 +306,11 @@ fn idempotent_commit_answers_the_same_after_kill_9() {
     let mut s = sync(&dir, state.path());
     let r = s.post(&path, &keyed);
     assert_eq!(r.status, 200, "retry after kill -9: {}", r.text());
-    assert_eq!(r.json(), first, "retry after kill -9");
+    assert_eq!(r.header("idempotent-replayed"), Some("true"));
+    let mut again = r.json();
+    assert_eq!(again["idempotent_replay"], true, "{again}");
+    again.as_object_mut().map(|o| o.remove("idempotent_replay"));
+    assert_eq!(again, first, "retry after kill -9");
     assert_eq!(used(&s, "credits"), 25, "the retry counted");
     assert_error(
         &s.post(&path, &json!({"amount": 26, "idempotency_key": "job-7"})),
@@ -294,4 +389,33 @@ fn commit_above_the_hold_follows_the_overage_rule() {
         .find(|e| e["data"]["feature"] == "tokens")
         .expect("the tokens commit");
     assert_eq!(over["data"]["overage"], 5, "{over}");
+}
+
+/// A commit retried with its idempotency key answers as the first did, counts
+/// nothing, and says it is a replay (`Idempotent-Replayed: true`, and in the body);
+/// the first answer says neither.
+#[test]
+fn a_retried_commit_is_marked_a_replay() {
+    let dir = policy();
+    let state = tempfile::tempdir().expect("state tempdir");
+    let mut s = serve(&dir, state.path(), &[]);
+    let id = reserve(&s, "credits", 10, "5m");
+    let body = json!({"amount": 4, "idempotency_key": "commit-1"});
+    let path = format!("/v1/reservations/{id}/commit");
+    let first = s.post(&path, &body);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("idempotent-replayed"), None);
+    assert!(
+        first.json().get("idempotent_replay").is_none(),
+        "{}",
+        first.text()
+    );
+    let again = s.post(&path, &body);
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    let v = again.json();
+    assert_eq!(v["idempotent_replay"], true, "{v}");
+    assert_eq!(v["committed"], 4, "{v}");
+    assert_eq!(used(&s, "credits"), 4, "the replay counted");
+    stop(&mut s);
 }

@@ -44,7 +44,9 @@ if mode ~= 'k' and admitted == 1 then
   redis.call('PEXPIREAT', KEYS[1], ARGV[7])
 end
 local ans = admitted .. ' ' .. after .. ' ' .. used
-if fp ~= '' and mode ~= 'k' then
+-- Only an admitted step is remembered: a denial changed nothing, and its retry is
+-- decided afresh.
+if fp ~= '' and mode ~= 'k' and admitted == 1 then
   redis.call('SET', KEYS[3], fp .. ' ' .. ans, 'PX', ARGV[9])
 end
 return {'ok', ans}

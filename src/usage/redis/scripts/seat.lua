@@ -16,7 +16,8 @@ else
   local ok = holds or limit < 0 or n < limit
   ans = (ok and '1' or '0') .. ' ' .. n .. ' 1'
 end
-if fp ~= '' and ARGV[1] ~= 'k' then
+-- Only an admitted step is remembered: a denial changed nothing.
+if fp ~= '' and ARGV[1] ~= 'k' and string.sub(ans, 1, 1) == '1' then
   redis.call('SET', KEYS[2], fp .. ' ' .. ans, 'PX', ARGV[5])
 end
 return {'ok', ans}

@@ -1,13 +1,15 @@
 local fp = ARGV[5]
 local seen = remembered(KEYS[4], fp)
 if seen then return seen end
-local function finish(ans)
-  if fp ~= '' then redis.call('SET', KEYS[4], fp .. ' ' .. ans, 'PX', ARGV[6]) end
+-- Only a settle that changed something is remembered (the reservation was open and
+-- the commit fitted): a retry of any other is decided afresh.
+local function finish(ans, remember)
+  if fp ~= '' and remember then redis.call('SET', KEYS[4], fp .. ' ' .. ans, 'PX', ARGV[6]) end
   return {'ok', ans}
 end
 local h = redis.call('HGET', KEYS[3], ARGV[1])
 local counter = redis.call('HGET', KEYS[1], 'counter')
-if (not h) or counter ~= KEYS[2] then return finish('0 0 0 0 0 0') end
+if (not h) or counter ~= KEYS[2] then return finish('0 0 0 0 0 0', false) end
 local a, e = string.match(h, '^(%d+) (%-?%d+)')
 a = tonumber(a)
 local now = tonumber(ARGV[4])
@@ -17,7 +19,7 @@ if tonumber(e) <= now then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('DEL', KEYS[1])
   redis.call('HINCRBY', KEYS[2], 'used', -a)
-  return finish('0 0 0 0 0 0')
+  return finish('0 0 0 0 0 0', false)
 end
 local actual = tonumber(ARGV[3])
 local used
@@ -32,7 +34,7 @@ else
   local cur = tonumber(redis.call('HGET', KEYS[2], 'used') or '0')
   local extra = actual - a
   if limit >= 0 and cur + extra > limit and not overage then
-    return finish('1 0 0 0 1 ' .. cur)
+    return finish('1 0 0 0 1 ' .. cur, false)
   end
   used = redis.call('HINCRBY', KEYS[2], 'used', extra)
   committed = actual
@@ -40,4 +42,4 @@ else
 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[1])
-return finish('1 ' .. committed .. ' ' .. released .. ' ' .. over .. ' 0 ' .. used)
+return finish('1 ' .. committed .. ' ' .. released .. ' ' .. over .. ' 0 ' .. used, true)
