@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// Most open connections.
     #[arg(long, env = "ENTITLED_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Close a gRPC connection that has had no request in flight for this long.
+    #[arg(long, env = "ENTITLED_GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub grpc_idle_timeout: Duration,
     /// Quiet time after a policy change before reloading.
     #[arg(long, env = "ENTITLED_RELOAD_DEBOUNCE", default_value = "100ms", value_parser = duration)]
     pub reload_debounce: Duration,
@@ -248,6 +251,7 @@ impl ServeArgs {
                 header_read_timeout: self.header_read_timeout,
                 body_read_timeout: self.body_read_timeout,
                 max_connections: self.max_connections,
+                grpc_idle_timeout: self.grpc_idle_timeout,
                 shutdown_timeout: self.shutdown_timeout,
                 ..server::Limits::default()
             },
