@@ -8,6 +8,7 @@ mod api;
 mod authz;
 pub mod error;
 pub mod grpc;
+mod json_text;
 pub mod request;
 
 use std::convert::Infallible;

@@ -232,6 +232,12 @@ impl ServeArgs {
             .map(Timestamp::parse)
             .transpose()
             .map_err(ConfigError::TestClock)?;
+        if micros(self.reservation_ttl) > crate::usage::MAX_RESERVATION_TTL_US {
+            return Err(ConfigError::ReservationTtl(format!(
+                "a reservation is held at most {}h",
+                crate::usage::MAX_RESERVATION_TTL_US / crate::time::HOUR
+            )));
+        }
         let mut audit = AuditConfig::new(
             self.audit_dir
                 .clone()
@@ -412,5 +418,11 @@ mod tests {
         assert!(e.to_string().starts_with("--test-clock: "), "{e}");
         let e = config(&["--notify-url", "ftp://x"]).unwrap_err();
         assert!(e.to_string().starts_with("--notify-url: "), "{e}");
+        let e = config(&["--reservation-ttl", "25h"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--reservation-ttl: a reservation is held at most 24h"
+        );
+        assert!(config(&["--reservation-ttl", "24h"]).is_ok());
     }
 }
