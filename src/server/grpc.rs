@@ -75,7 +75,11 @@ pub async fn run<S: UsageStore + 'static>(
     use tokio_stream::StreamExt as _;
     let permits = Arc::new(Semaphore::new(app.limits.max_connections));
     let preface = app.limits.header_read_timeout;
-    let idle = app.limits.grpc_idle_timeout;
+    // Bounded so that instants computed from it cannot overflow.
+    let idle = app
+        .limits
+        .grpc_idle_timeout
+        .min(Duration::from_secs(100 * 365 * 86_400));
     // The next connection is accepted only once a slot is free: at the cap, the
     // others wait in the listen backlog, as on the HTTP port.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
