@@ -64,21 +64,41 @@ impl Timestamp {
 
     /// Parses RFC 3339 (`2026-01-15T10:00:00Z`, offsets allowed) or a bare date
     /// (`2026-01-15`, meaning 00:00:00 UTC).
+    ///
+    /// Times are those of the calendar arithmetic (jiff's range, [`Timestamp::FIRST`]
+    /// to [`Timestamp::LAST`]); a valid time outside it is refused saying so.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if let Ok(ts) = s.parse::<jiff::Timestamp>() {
             return Ok(Self::from_jiff(ts));
         }
+        let out_of_range = || {
+            format!(
+                "`{s}` is outside the supported range of times, {} to {}",
+                Self::FIRST,
+                Self::LAST
+            )
+        };
         match s.parse::<jiff::civil::Date>() {
             Ok(d) if s.len() == 10 => jiff::tz::Offset::UTC
                 .to_timestamp(d.to_datetime(jiff::civil::Time::midnight()))
                 .map(Self::from_jiff)
-                .map_err(|e| e.to_string()),
-            _ => Err(format!(
-                "expected an RFC 3339 timestamp (`2026-01-15T00:00:00Z`) or a date (`2026-01-15`), found `{s}`"
-            )),
+                .map_err(|_| out_of_range()),
+            _ => match jiff::fmt::temporal::Pieces::parse(s) {
+                Ok(p) if p.time().is_some() && p.to_numeric_offset().is_some() => {
+                    Err(out_of_range())
+                }
+                _ => Err(format!(
+                    "expected an RFC 3339 timestamp (`2026-01-15T00:00:00Z`) or a date (`2026-01-15`), found `{s}`"
+                )),
+            },
         }
     }
+
+    /// The earliest time [`Timestamp::parse`] accepts (-9999-01-02T01:59:59Z).
+    pub const FIRST: Timestamp = Timestamp(-377_705_023_201 * SECOND);
+    /// The latest time [`Timestamp::parse`] accepts (9999-12-30T22:00:00Z).
+    pub const LAST: Timestamp = Timestamp(253_402_207_200 * SECOND);
 }
 
 impl fmt::Display for Timestamp {
@@ -307,6 +327,33 @@ mod tests {
         assert!(Timestamp::parse("2026-13-01").is_err());
         assert!(Timestamp::parse("15/01/2026").is_err());
         assert!(Timestamp::parse("2026-01-15T25:00:00Z").is_err());
+    }
+
+    #[test]
+    fn times_past_the_calendar_range_are_refused_saying_so() {
+        assert_eq!(
+            Timestamp::FIRST.0 / SECOND,
+            jiff::Timestamp::MIN.as_second()
+        );
+        assert_eq!(Timestamp::LAST.0 / SECOND, jiff::Timestamp::MAX.as_second());
+        assert_eq!(Timestamp::LAST.to_string(), "9999-12-30T22:00:00Z");
+        assert_eq!(
+            Timestamp::parse("9999-12-30T22:00:00Z"),
+            Ok(Timestamp::LAST)
+        );
+        for far in [
+            "9999-12-31T23:59:59Z",
+            "9999-12-31",
+            "-009999-01-01T00:00:00Z",
+        ] {
+            let e = Timestamp::parse(far).expect_err(far);
+            assert!(
+                e.contains("outside the supported range") && e.contains("9999-12-30T22:00:00Z"),
+                "{far}: {e}"
+            );
+        }
+        let e = Timestamp::parse("yesterday").expect_err("not a time");
+        assert!(e.starts_with("expected an RFC 3339"), "{e}");
     }
 
     #[test]

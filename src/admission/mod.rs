@@ -36,13 +36,22 @@ pub enum Unmatched {
 
 /// Request headers as the gateway forwarded them, looked up by lower-case name.
 pub trait Headers: Sync {
+    /// The (first) value of header `name`.
     fn header(&self, name: &str) -> Option<&str>;
+    /// Whether header `name` was sent more than once: a customer id read from it is
+    /// ambiguous and refused.
+    fn repeated(&self, name: &str) -> bool;
 }
 
-/// Envoy's `CheckRequest` headers: keys are lower-case.
+/// Envoy's `CheckRequest` headers: keys are lower-case, one value each (Envoy joins a
+/// repeated header's values with commas).
 impl Headers for HashMap<String, String> {
     fn header(&self, name: &str) -> Option<&str> {
         self.get(name).map(String::as_str)
+    }
+
+    fn repeated(&self, _: &str) -> bool {
+        false
     }
 }
 

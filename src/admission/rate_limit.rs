@@ -46,6 +46,9 @@ pub struct Descriptor<'a> {
     pub customer: Option<&'a str>,
     pub feature: Option<&'a str>,
     pub hits: u64,
+    /// Its entries name the customer or the feature twice: over the limit, whatever
+    /// the values (no entry is picked over another).
+    pub ambiguous: bool,
 }
 
 /// The answer for one descriptor.
@@ -64,8 +67,9 @@ pub struct Limited {
 /// Answers Envoy's `ShouldRateLimit`: each descriptor naming a `customer` and a
 /// `feature` (a quota or a rate limit) consumes `hits` of it. A descriptor without a
 /// `feature` is not ours to limit (as envoyproxy/ratelimit answers a descriptor no
-/// limit matches); one without a `customer`, or for a customer or feature the policy
-/// does not know or entitle, is over the limit (fail closed).
+/// limit matches); one without a `customer`, one naming the customer or the feature
+/// twice, or one for a customer or feature the policy does not know or entitle, is over
+/// the limit (fail closed: an error would let Envoy admit by its failure mode).
 pub async fn rate_limit<S: UsageStore>(
     decider: &Decider<S>,
     descriptors: &[Descriptor<'_>],
@@ -82,6 +86,10 @@ pub async fn rate_limit<S: UsageStore>(
             reset_s: None,
             retry_after_s: None,
         };
+        if d.ambiguous {
+            out.push(over);
+            continue;
+        }
         let Some(feature) = d.feature else {
             out.push(Limited {
                 over: false,

@@ -89,17 +89,18 @@ fn decode_unreserved(path: &str) -> String {
 /// The customer id a route names: a header, or a claim of the JWT payload the gateway
 /// verified and forwarded (base64url JSON; a whole `header.payload.signature` token is
 /// accepted too, and only its payload read — the signature is the gateway's job).
+///
+/// An ambiguous id is refused, never picked from: the header sent twice, or a payload
+/// naming a claim twice (gateways and JSON parsers disagree on which one wins, so the
+/// upstream could act for another customer than the one admitted).
 pub fn customer_id(from: &CustomerFrom, headers: &impl Headers) -> Result<String, String> {
     match from {
-        CustomerFrom::Header(h) => match headers.header(h).map(str::trim) {
-            Some(v) if !v.is_empty() => Ok(v.to_string()),
-            _ => Err(format!("no customer id in header `{h}`")),
+        CustomerFrom::Header(h) => match single(headers, h)? {
+            Some(v) => Ok(v.to_string()),
+            None => Err(format!("no customer id in header `{h}`")),
         },
         CustomerFrom::JwtClaim { header, claim } => {
-            let raw = headers
-                .header(header)
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
+            let raw = single(headers, header)?
                 .ok_or_else(|| format!("no JWT payload in header `{header}`"))?;
             let raw = raw.strip_prefix("Bearer ").unwrap_or(raw);
             let payload = match raw.split('.').collect::<Vec<_>>()[..] {
@@ -113,9 +114,9 @@ pub fn customer_id(from: &CustomerFrom, headers: &impl Headers) -> Result<String
             )
             .decode(payload)
             .map_err(|e| format!("header `{header}` is not base64url: {e}"))?;
-            let v: serde_json::Value = serde_json::from_slice(&bytes)
+            let Claims(claims) = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("header `{header}` is not a JSON payload: {e}"))?;
-            match v.get(&**claim) {
+            match claims.get(&**claim) {
                 Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
                 Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
                 _ => Err(format!(
@@ -123,6 +124,50 @@ pub fn customer_id(from: &CustomerFrom, headers: &impl Headers) -> Result<String
                 )),
             }
         }
+    }
+}
+
+/// The trimmed value of header `name` when sent once and not blank; an error when it
+/// is sent more than once.
+fn single<'h>(headers: &'h impl Headers, name: &str) -> Result<Option<&'h str>, String> {
+    if headers.repeated(name) {
+        return Err(format!(
+            "header `{name}` is sent more than once: the customer is ambiguous"
+        ));
+    }
+    Ok(headers
+        .header(name)
+        .map(str::trim)
+        .filter(|v| !v.is_empty()))
+}
+
+/// A JWT payload's claims, each named once (RFC 7519 §4: a parser must refuse
+/// duplicates or keep the last; refusing leaves nothing to disagree about).
+struct Claims(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> serde::Deserialize<'de> for Claims {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Unique;
+        impl<'de> serde::de::Visitor<'de> for Unique {
+            type Value = Claims;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object of claims")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Claims, A::Error> {
+                let mut claims = serde_json::Map::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    let v = m.next_value()?;
+                    if claims.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "claim `{k}` appears twice"
+                        )));
+                    }
+                    claims.insert(k, v);
+                }
+                Ok(Claims(claims))
+            }
+        }
+        d.deserialize_map(Unique)
     }
 }
 
@@ -194,5 +239,38 @@ mod tests {
             h.insert("x-jwt-payload".to_string(), bad.to_string());
             assert!(customer_id(&sub, &h).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_ambiguous_jwt_payload_is_refused() {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let sub = CustomerFrom::JwtClaim {
+            header: "x-jwt-payload".into(),
+            claim: "sub".into(),
+        };
+        let mut h = HashMap::new();
+        for (payload, wants) in [
+            (
+                &br#"{"sub":"globex","sub":"acme"}"#[..],
+                "claim `sub` appears twice",
+            ),
+            (
+                br#"{"org":1,"sub":"acme","org":2}"#,
+                "claim `org` appears twice",
+            ),
+            // serde_json refuses lone surrogates: `\ud800` never becomes U+0000 here.
+            (br#"{"sub":"a\ud800"}"#, "hex escape"),
+            (br#"{"sub":"a\udc00"}"#, "surrogate"),
+            (br#"["sub"]"#, "a JSON object of claims"),
+        ] {
+            h.insert("x-jwt-payload".to_string(), b64.encode(payload));
+            let e = customer_id(&sub, &h).expect_err("ambiguous");
+            assert!(e.contains(wants), "{e}");
+        }
+        h.insert(
+            "x-jwt-payload".to_string(),
+            b64.encode(br#"{"sub":"acme","nested":{"a":1}}"#),
+        );
+        assert_eq!(customer_id(&sub, &h).as_deref(), Ok("acme"));
     }
 }

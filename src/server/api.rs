@@ -234,7 +234,11 @@ async fn single<S: UsageStore>(
     shape: Shape,
     body: &mut [u8],
 ) -> Result<Resp, ApiError> {
-    let v = request::parse_body(body)?;
+    let parsed = request::parse_body(body);
+    let v = match parsed {
+        Ok(v) => v,
+        Err(_) => return Err(request::refused(parsed.err(), body)),
+    };
     let p = request::parse_request(&v, shape)?;
     let ctx = context(&p);
     let q = query(&p, &ctx);
@@ -269,7 +273,11 @@ async fn single<S: UsageStore>(
 /// `{requests: [...]}` → `{results: [...]}`, in order; a bad item is an error result in
 /// its place and the others still answer. All items see the same snapshot.
 async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, ApiError> {
-    let v = request::parse_body(body)?;
+    let parsed = request::parse_body(body);
+    let v = match parsed {
+        Ok(v) => v,
+        Err(_) => return Err(request::refused(parsed.err(), body)),
+    };
     use simd_json::prelude::*;
     let obj = v.as_object().ok_or_else(|| ApiError::BadRequest {
         field: None,
@@ -538,7 +546,11 @@ async fn settle<S: UsageStore>(
             idempotency_key: None,
         }
     } else {
-        parsed = request::parse_body(body)?;
+        let result = request::parse_body(body);
+        parsed = match result {
+            Ok(v) => v,
+            Err(_) => return Err(request::refused(result.err(), body)),
+        };
         request::parse_settle(&parsed, commit)?
     };
     let id = parse_reservation(raw_id).ok_or_else(|| {
@@ -619,7 +631,11 @@ async fn test_clock<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp
             path: "/v1/test-clock".into(),
         });
     };
-    let v = request::parse_body(body)?;
+    let parsed = request::parse_body(body);
+    let v = match parsed {
+        Ok(v) => v,
+        Err(_) => return Err(request::refused(parsed.err(), body)),
+    };
     let obj = v.as_object().ok_or_else(|| ApiError::BadRequest {
         field: None,
         message: "expected a JSON object with `advance` or `set`".into(),

@@ -11,9 +11,15 @@ use super::error::ApiError;
 use crate::admission::{self, Headers};
 use crate::usage::UsageStore;
 
+/// A header sent more than once is [`Headers::repeated`]: a customer id read from it
+/// is refused as ambiguous.
 impl Headers for hyper::HeaderMap {
     fn header(&self, name: &str) -> Option<&str> {
         self.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn repeated(&self, name: &str) -> bool {
+        self.get_all(name).iter().nth(1).is_some()
     }
 }
 
@@ -67,4 +73,22 @@ pub(super) async fn authz<S: UsageStore>(
         }
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::CustomerFrom;
+
+    /// Headers as hyper holds them: one name, several values.
+    #[test]
+    fn a_header_sent_twice_is_refused() {
+        let mut h = hyper::HeaderMap::new();
+        h.append("x-customer-id", "acme".parse().expect("value"));
+        let from = CustomerFrom::Header("x-customer-id".into());
+        assert_eq!(admission::customer_id(&from, &h).as_deref(), Ok("acme"));
+        h.append("x-customer-id", "globex".parse().expect("value"));
+        let e = admission::customer_id(&from, &h).expect_err("ambiguous");
+        assert!(e.contains("sent more than once"), "{e}");
+    }
 }

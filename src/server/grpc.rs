@@ -8,18 +8,23 @@
 //! from the same decisions as the HTTP forward-auth.
 //!
 //! Connections are capped like the HTTP port's (`--max-connections`, counted apart),
-//! and one that has not sent its first bytes (the HTTP/2 preface) within
-//! `--header-read-timeout` is closed, so idle sockets cannot pile up until the process
-//! runs out of file descriptors.
+//! one that has not sent its first bytes (the HTTP/2 preface) within
+//! `--header-read-timeout` is closed, and so is one with no request in flight for
+//! `--grpc-idle-timeout`, so idle sockets cannot pile up until the process runs out of
+//! file descriptors. (tonic and hyper offer keep-alive pings, which a live but idle
+//! peer answers, and no idle timeout: the connection's reads are cut off here.)
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
-use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
@@ -42,7 +47,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::App;
-use crate::admission::{self, Admission, Descriptor, Unit, Verdict};
+use crate::admission::{self, Admission, Descriptor, Headers, Unit, Verdict};
 use crate::usage::UsageStore;
 
 /// gRPC status codes Envoy reads from a `CheckResponse`.
@@ -70,6 +75,11 @@ pub async fn run<S: UsageStore + 'static>(
     use tokio_stream::StreamExt as _;
     let permits = Arc::new(Semaphore::new(app.limits.max_connections));
     let preface = app.limits.header_read_timeout;
+    // Bounded so that instants computed from it cannot overflow.
+    let idle = app
+        .limits
+        .grpc_idle_timeout
+        .min(Duration::from_secs(100 * 365 * 86_400));
     // The next connection is accepted only once a slot is free: at the cap, the
     // others wait in the listen backlog, as on the HTTP port.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -85,6 +95,9 @@ pub async fn run<S: UsageStore + 'static>(
                     stream,
                     _permit: permit,
                     preface: Some(Box::pin(tokio::time::sleep(preface))),
+                    idle,
+                    idle_check: Box::pin(tokio::time::sleep(idle)),
+                    activity: Arc::new(Activity::new()),
                 })
             }
         });
@@ -109,7 +122,8 @@ pub async fn run<S: UsageStore + 'static>(
 /// Check calls on one connection.
 ///
 /// It also holds the connection's slot under the cap, and closes a connection that
-/// sends nothing before its preface deadline.
+/// sends nothing before its preface deadline, or that has had no request in flight
+/// for the idle timeout (its reads fail, and h2 closes it).
 #[derive(Debug)]
 struct OneWrite {
     stream: tokio::net::TcpStream,
@@ -117,13 +131,93 @@ struct OneWrite {
     _permit: OwnedSemaphorePermit,
     /// Until the first bytes arrive: when the connection is closed if none do.
     preface: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Duration,
+    /// When to look again whether the connection has been idle for `idle`.
+    idle_check: Pin<Box<tokio::time::Sleep>>,
+    /// Shared with the requests (through the connect info), which mark it.
+    activity: Arc<Activity>,
 }
 
+/// The requests in flight on one connection, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    born: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// Microseconds after `born` at which the last request ended.
+    last_end_us: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            born: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_end_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Since when the connection has had no request in flight (`None`: one is).
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let us = self.last_end_us.load(Ordering::Acquire);
+        Some(self.born + Duration::from_micros(us))
+    }
+}
+
+/// A request in flight, for the idle timeout of its connection; ends when dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start<T>(request: &tonic::Request<T>) -> Option<InFlight> {
+        let conn = request.extensions().get::<ConnInfo>()?;
+        conn.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(InFlight(conn.0.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let us = a.born.elapsed().as_micros();
+        a.last_end_us
+            .store(u64::try_from(us).unwrap_or(u64::MAX), Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What tonic hands each request of a connection: its activity.
+#[derive(Debug, Clone)]
+struct ConnInfo(Arc<Activity>);
+
 impl tonic::transport::server::Connected for OneWrite {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        ConnInfo(self.activity.clone())
+    }
+}
+
+impl OneWrite {
+    /// Ready with an error once the connection has had no request in flight for
+    /// `idle`; otherwise arms `idle_check` for the next moment that could be true.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        while self.idle_check.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            let next = match self.activity.idle_since() {
+                Some(since) if now >= since + self.idle => {
+                    return Poll::Ready(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no gRPC request within the idle timeout",
+                    ));
+                }
+                Some(since) => since + self.idle,
+                None => now + self.idle,
+            };
+            self.idle_check.as_mut().reset(next);
+        }
+        Poll::Pending
     }
 }
 
@@ -140,6 +234,11 @@ impl tokio::io::AsyncRead for OneWrite {
                 std::io::ErrorKind::TimedOut,
                 "no HTTP/2 preface before the header read timeout",
             )));
+        }
+        if self.preface.is_none()
+            && let Poll::Ready(e) = self.poll_idle(cx)
+        {
+            return Poll::Ready(Err(e));
         }
         let filled = buf.filled().len();
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
@@ -231,12 +330,52 @@ fn check_response(a: Admission) -> CheckResponse {
     }
 }
 
+/// A `CheckRequest`'s headers: `headers` (one value per name, Envoy joins a repeated
+/// header's values with commas), or `header_map` with `encode_raw_headers: true`, where
+/// a name sent twice comes twice and is [`Headers::repeated`].
+struct CheckHeaders {
+    map: HashMap<String, String>,
+    repeated: Vec<String>,
+}
+
+impl CheckHeaders {
+    fn new(mut map: HashMap<String, String>, raw: Option<HeaderMap>) -> Self {
+        let mut repeated = Vec::new();
+        for h in raw.map(|m| m.headers).unwrap_or_default() {
+            let value = if h.raw_value.is_empty() {
+                h.value
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            };
+            let key = h.key.to_ascii_lowercase();
+            match map.entry(key) {
+                Entry::Occupied(e) => repeated.push(e.key().clone()),
+                Entry::Vacant(e) => {
+                    e.insert(value);
+                }
+            }
+        }
+        CheckHeaders { map, repeated }
+    }
+}
+
+impl Headers for CheckHeaders {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.map.get(name).map(String::as_str)
+    }
+
+    fn repeated(&self, name: &str) -> bool {
+        self.repeated.iter().any(|k| k == name)
+    }
+}
+
 #[tonic::async_trait]
 impl<S: UsageStore + 'static> Authorization for Gateway<S> {
     async fn check(
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let _in_flight = InFlight::start(&request);
         let http = request
             .into_inner()
             .attributes
@@ -245,18 +384,7 @@ impl<S: UsageStore + 'static> Authorization for Gateway<S> {
             .ok_or_else(|| {
                 tonic::Status::invalid_argument("`attributes.request.http` is required")
             })?;
-        // `encode_raw_headers: true` sends `header_map` instead of `headers`.
-        let mut headers = http.headers;
-        if let Some(map) = http.header_map {
-            for h in map.headers {
-                let value = if h.raw_value.is_empty() {
-                    h.value
-                } else {
-                    String::from_utf8_lossy(&h.raw_value).into_owned()
-                };
-                headers.entry(h.key.to_ascii_lowercase()).or_insert(value);
-            }
-        }
+        let headers = CheckHeaders::new(http.headers, http.header_map);
         // No decision possible (no snapshot yet, the store unavailable): an RPC error,
         // which Envoy answers by its failure mode (`failure_mode_allow`,
         // `status_on_error`) exactly as it does when the HTTP service answers 5xx.
@@ -293,6 +421,7 @@ impl<S: UsageStore + 'static> RateLimitService for Gateway<S> {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let _in_flight = InFlight::start(&request);
         let r = request.into_inner();
         // Unset (0) means 1; a descriptor's own `hits_addend` wins, and 0 there asks
         // for the status without counting. Negative hits (refunds) count nothing.
@@ -314,6 +443,9 @@ impl<S: UsageStore + 'static> RateLimitService for Gateway<S> {
             .map(|(d, e)| Descriptor {
                 customer: e.get("customer").copied(),
                 feature: e.get("feature").copied(),
+                ambiguous: ["customer", "feature"]
+                    .iter()
+                    .any(|k| d.entries.iter().filter(|e| e.key == *k).nth(1).is_some()),
                 hits: if d.is_negative_hits {
                     0
                 } else {

@@ -8,6 +8,7 @@ mod api;
 mod authz;
 pub mod error;
 pub mod grpc;
+mod json_text;
 pub mod request;
 
 use std::convert::Infallible;
@@ -45,6 +46,8 @@ pub struct Limits {
     pub h2_keepalive: Duration,
     /// Most open connections; further ones wait in the accept backlog.
     pub max_connections: usize,
+    /// A gRPC connection with no request in flight for this long is closed.
+    pub grpc_idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
 }
@@ -57,6 +60,7 @@ impl Default for Limits {
             body_read_timeout: Duration::from_secs(30),
             h2_keepalive: Duration::from_secs(30),
             max_connections: 4096,
+            grpc_idle_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
         }
     }

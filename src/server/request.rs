@@ -8,8 +8,10 @@ use simd_json::BorrowedValue as Value;
 use simd_json::prelude::*;
 
 use super::error::ApiError;
+use super::json_text;
 use crate::engine::Op;
 use crate::time::Timestamp;
+use crate::usage::MAX_RESERVATION_TTL_US;
 
 /// The largest `amount` accepted: beyond it a number is a bug, not usage.
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
@@ -106,56 +108,93 @@ impl Shape {
     }
 }
 
-/// Parses a whole body (mutated in place by simd-json).
-pub fn parse_body(buf: &mut [u8]) -> Result<Value<'_>, ApiError> {
+/// Why a body is not a request: an [`ApiError`] already, or a text simd-json refused,
+/// which [`refused`] puts in words from the text as sent.
+#[derive(Debug)]
+pub enum BodyError {
+    Api(ApiError),
+    /// simd-json's byte position, and the text as sent when parsing may have changed
+    /// it (simd-json unescapes strings in place, even in a text it then refuses).
+    Malformed {
+        at: usize,
+        sent: Option<Vec<u8>>,
+    },
+}
+
+/// The error to answer for a body [`parse_body`] refused, given its result's `err()`
+/// and the body: taking the result whole ends its borrow of the body, which a match on
+/// it does not (the borrow checker counts the result's drop as a use of the borrow).
+///
+/// ```ignore
+/// let parsed = request::parse_body(body);
+/// let v = match parsed {
+///     Ok(v) => v,
+///     Err(_) => return Err(request::refused(parsed.err(), body)),
+/// };
+/// ```
+pub fn refused(e: Option<BodyError>, buf: &[u8]) -> ApiError {
+    match e {
+        Some(BodyError::Api(e)) => e,
+        Some(BodyError::Malformed { at, sent }) => ApiError::BadRequest {
+            field: None,
+            message: json_text::describe(sent.as_deref().unwrap_or(buf), at),
+        },
+        None => ApiError::BadRequest {
+            field: None,
+            message: "malformed JSON".into(),
+        },
+    }
+}
+
+/// Parses a whole body (mutated in place by simd-json). Refuses, naming the field,
+/// a string with a `\u` escape that is no character (a lone surrogate). A body that is
+/// not JSON comes back as [`BodyError::Malformed`]: the caller, which holds the body
+/// again once the parse is over, has it described (the borrow checker does not let
+/// this function read `buf` again on the error path of a parse that borrows it).
+pub fn parse_body(buf: &mut [u8]) -> Result<Value<'_>, BodyError> {
+    let scan = check_text(buf).map_err(BodyError::Api)?;
+    // Only a body with escapes can be changed by a failed parse: only it is copied.
+    let sent = scan.escapes.then(|| buf.to_vec());
+    simd_json::to_borrowed_value(buf).map_err(|e| BodyError::Malformed {
+        at: e.index(),
+        sent,
+    })
+}
+
+/// What is refused before parsing: an empty body, nesting past [`MAX_DEPTH`], a string
+/// with a lone surrogate escape.
+fn check_text(buf: &[u8]) -> Result<json_text::Scan, ApiError> {
     if buf.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::BadRequest {
             field: None,
             message: "expected a JSON object, found an empty body".into(),
         });
     }
-    if nesting(buf) > MAX_DEPTH {
+    let scan = json_text::scan(buf);
+    if scan.depth > MAX_DEPTH {
         return Err(ApiError::BadRequest {
             field: None,
             message: format!("JSON nested deeper than {MAX_DEPTH} levels"),
         });
     }
-    simd_json::to_borrowed_value(buf).map_err(|e| ApiError::BadRequest {
-        field: None,
-        message: format!("malformed JSON: {e}"),
-    })
+    if scan.unicode_escapes
+        && let Some(bad) = json_text::bad_unicode_escape(buf)
+    {
+        let message = match &bad.field {
+            Some(f) => format!("`{f}` contains {}", bad.problem),
+            None => format!("the body contains {}", bad.problem),
+        };
+        return Err(ApiError::BadRequest {
+            field: bad.field,
+            message,
+        });
+    }
+    Ok(scan)
 }
 
 /// Deepest nesting a request body may have (a batch needs 4). simd-json's value
 /// builder recurses; a few kilobytes of `[[[[...` would otherwise overflow the stack.
 pub const MAX_DEPTH: usize = 32;
-
-/// The maximum bracket depth of a JSON text, ignoring brackets inside strings. One
-/// pass over bytes already in cache.
-fn nesting(buf: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
-    for &b in buf {
-        if in_str {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_str = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    max
-}
 
 fn string<'a>(v: &Value<'a>, field: &str) -> Result<Cow<'a, str>, ApiError> {
     match v {
@@ -346,16 +385,29 @@ pub fn idempotency_key<'a>(v: Option<&Value<'a>>) -> Result<Option<Cow<'a, str>>
     Ok(Some(k))
 }
 
-/// A `ttl`: a duration string (`"30s"`, `"5m"`) or whole seconds.
+/// A `ttl`: a duration string (`"30s"`, `"5m"`) or whole seconds, at most
+/// [`MAX_RESERVATION_TTL_US`] (a longer one is refused, not shortened unseen).
 fn ttl(v: &Value<'_>) -> Result<i64, ApiError> {
     let us = match (v.as_u64(), v.as_str()) {
-        (Some(secs), _) => i64::try_from(secs)
-            .ok()
-            .and_then(|s| s.checked_mul(crate::time::SECOND)),
+        // Seconds past i64 are as much "too long" as any other.
+        (Some(secs), _) => Some(
+            i64::try_from(secs)
+                .ok()
+                .and_then(|s| s.checked_mul(crate::time::SECOND))
+                .unwrap_or(i64::MAX),
+        ),
         (_, Some(s)) => crate::policy::units::parse_duration(s).ok(),
         _ => None,
     };
     match us {
+        Some(us) if us > MAX_RESERVATION_TTL_US => Err(ApiError::field(
+            "ttl",
+            format!(
+                "`ttl` is longer than the longest reservation, {}h ({} seconds)",
+                MAX_RESERVATION_TTL_US / crate::time::HOUR,
+                MAX_RESERVATION_TTL_US / crate::time::SECOND
+            ),
+        )),
         Some(us) if us > 0 => Ok(us),
         _ => Err(ApiError::field(
             "ttl",
@@ -417,7 +469,11 @@ mod tests {
 
     fn parse(body: &str, shape: Shape) -> Result<(String, u64), ApiError> {
         let mut buf = body.as_bytes().to_vec();
-        let v = parse_body(&mut buf)?;
+        let parsed = parse_body(&mut buf);
+        let v = match parsed {
+            Ok(v) => v,
+            Err(_) => return Err(refused(parsed.err(), body.as_bytes())),
+        };
         parse_request(&v, shape).map(|p| (p.customer.to_string(), p.amount))
     }
 

@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// Most open connections.
     #[arg(long, env = "ENTITLED_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Close a gRPC connection that has had no request in flight for this long.
+    #[arg(long, env = "ENTITLED_GRPC_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub grpc_idle_timeout: Duration,
     /// Quiet time after a policy change before reloading.
     #[arg(long, env = "ENTITLED_RELOAD_DEBOUNCE", default_value = "100ms", value_parser = duration)]
     pub reload_debounce: Duration,
@@ -246,6 +249,12 @@ impl ServeArgs {
             .map(Timestamp::parse)
             .transpose()
             .map_err(ConfigError::TestClock)?;
+        if micros(self.reservation_ttl) > crate::usage::MAX_RESERVATION_TTL_US {
+            return Err(ConfigError::ReservationTtl(format!(
+                "a reservation is held at most {}h",
+                crate::usage::MAX_RESERVATION_TTL_US / crate::time::HOUR
+            )));
+        }
         let mut audit = AuditConfig::new(
             self.audit_dir
                 .clone()
@@ -266,6 +275,7 @@ impl ServeArgs {
                 header_read_timeout: self.header_read_timeout,
                 body_read_timeout: self.body_read_timeout,
                 max_connections: self.max_connections,
+                grpc_idle_timeout: self.grpc_idle_timeout,
                 shutdown_timeout: self.shutdown_timeout,
                 ..server::Limits::default()
             },
@@ -438,5 +448,11 @@ mod tests {
         assert!(e.to_string().starts_with("--test-clock: "), "{e}");
         let e = config(&["--notify-url", "ftp://x"]).unwrap_err();
         assert!(e.to_string().starts_with("--notify-url: "), "{e}");
+        let e = config(&["--reservation-ttl", "25h"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--reservation-ttl: a reservation is held at most 24h"
+        );
+        assert!(config(&["--reservation-ttl", "24h"]).is_ok());
     }
 }

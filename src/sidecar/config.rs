@@ -70,4 +70,6 @@ pub enum ConfigError {
     TestClock(String),
     #[error("--notify-url: {0}")]
     NotifyUrl(String),
+    #[error("--reservation-ttl: {0}")]
+    ReservationTtl(String),
 }

@@ -43,12 +43,20 @@ use background::Flush;
 /// Why a sidecar did not start, or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
-    #[error("starting the audit log")]
-    Audit(#[source] std::io::Error),
+    #[error("starting the audit log in {}", dir.display())]
+    Audit {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting the clock")]
     Clock(#[source] std::io::Error),
-    #[error("starting renewal notices")]
-    Notices(#[source] std::io::Error),
+    #[error("starting renewal notices in {}", dir.display())]
+    Notices {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("watching policy directory {}", dir.display())]
     Watch {
         dir: PathBuf,
@@ -133,7 +141,11 @@ impl Sidecar {
     pub async fn start(config: Config) -> Result<Sidecar, SidecarError> {
         let cell = SnapshotCell::new();
         let state = Arc::new(ReloadState::default());
-        let audit = Arc::new(Audit::start(config.audit.clone()).map_err(SidecarError::Audit)?);
+        let audit = Audit::start(config.audit.clone()).map_err(|source| SidecarError::Audit {
+            dir: config.audit.dir.clone(),
+            source,
+        })?;
+        let audit = Arc::new(audit);
         let (clock, test_clock) = clock(&config)?;
         let notices = Arc::new(
             Notices::start(
@@ -142,7 +154,10 @@ impl Sidecar {
                 clock.clone(),
                 &tokio::runtime::Handle::current(),
             )
-            .map_err(SidecarError::Notices)?,
+            .map_err(|source| SidecarError::Notices {
+                dir: config.notices.dir.clone(),
+                source,
+            })?,
         );
         let reloader = reload::start(
             reload_config(&config, &audit, &notices),

@@ -25,6 +25,10 @@ pub use memory::MemoryStore;
 use crate::engine::{UsageOp, UsageOutcome};
 use crate::time::{SECOND, Timestamp};
 
+/// The longest a reservation may be held (24 h): a reserve asking for more is refused,
+/// and so is a longer `--reservation-ttl`.
+pub const MAX_RESERVATION_TTL_US: i64 = 24 * 3600 * SECOND;
+
 /// Lifetimes the store applies (microseconds).
 #[derive(Debug, Clone, Copy)]
 pub struct StoreConfig {
@@ -42,7 +46,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             reservation_ttl_us: 5 * 60 * SECOND,
-            max_reservation_ttl_us: 24 * 3600 * SECOND,
+            max_reservation_ttl_us: MAX_RESERVATION_TTL_US,
             idempotency_ttl_us: 24 * 3600 * SECOND,
             idempotency_max_keys: DEFAULT_IDEMPOTENCY_MAX_KEYS,
         }

@@ -697,3 +697,125 @@ fn grpc_connections_are_capped_and_silent_ones_closed() {
     let ok = rt.block_on(reports(&mut again, "big"));
     assert_eq!(status_code(&ok), 0, "{ok:?}");
 }
+
+/// A customer named twice is refused on every way in, never picked from: the header
+/// sent twice to the forward-auth (403, whichever value comes first), the header twice
+/// in a gRPC `Check`'s `header_map` (PERMISSION_DENIED), a JWT payload with two `sub`
+/// claims (403), and a rate-limit descriptor with two `customer` or `feature` entries
+/// (OVER_LIMIT: an RPC error would let Envoy admit by its failure mode). Nothing is
+/// counted for any of them.
+#[test]
+fn an_ambiguous_customer_is_refused_everywhere() {
+    let (_d, s, url) = grpc_server();
+    let ambiguous = |r: &Resp| {
+        assert_eq!(r.status, 403, "{}", r.text());
+        let body = r.json();
+        assert_eq!(body["reason"], "unknown_customer", "{body}");
+        body["message"].as_str().unwrap_or_default().to_string()
+    };
+    for pair in [["big", "tiny"], ["tiny", "big"], ["big", "big"]] {
+        let headers = [("x-customer-id", pair[0]), ("x-customer-id", pair[1])];
+        let m = ambiguous(&authz(&s, "GET", "/api/reports", &headers));
+        assert!(m.contains("`x-customer-id` is sent more than once"), "{m}");
+    }
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let twice = b64.encode(br#"{"sub":"tiny","sub":"big"}"#);
+    let mode = ("x-tenant-mode", "jwt");
+    let m = ambiguous(&authz(
+        &s,
+        "GET",
+        "/api/me",
+        &[mode, ("x-jwt-payload", &twice)],
+    ));
+    assert!(m.contains("claim `sub` appears twice"), "{m}");
+    let once = b64.encode(br#"{"sub":"big"}"#);
+    let headers = [
+        mode,
+        ("x-jwt-payload", once.as_str()),
+        ("x-jwt-payload", &once),
+    ];
+    let m = ambiguous(&authz(&s, "GET", "/api/me", &headers));
+    assert!(m.contains("`x-jwt-payload` is sent more than once"), "{m}");
+
+    runtime().block_on(async {
+        let mut c = connect_auth(&url).await;
+        let mut req = check_request("GET", "/api/reports", &[]);
+        if let Some(http) = req
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+        {
+            let entry = |v: &str| envoy_types::pb::envoy::config::core::v3::HeaderValue {
+                key: "X-Customer-Id".into(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            };
+            http.header_map = Some(envoy_types::pb::envoy::config::core::v3::HeaderMap {
+                headers: vec![entry("big"), entry("tiny")],
+            });
+        }
+        let r = c.check(req).await.expect("check").into_inner();
+        assert_eq!(status_code(&r), 7, "PERMISSION_DENIED: {r:?}");
+        let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else {
+            panic!("expected a denied_response: {r:?}");
+        };
+        assert!(d.body.contains("sent more than once"), "{}", d.body);
+
+        let mut rl = RateLimitServiceClient::connect(url.clone())
+            .await
+            .expect("connect");
+        let calls = [("customer", "big"), ("feature", "api.calls")];
+        for extra in [
+            ("customer", "tiny"),
+            ("feature", "api.rate"),
+            ("customer", "big"),
+        ] {
+            let mut entries = calls.to_vec();
+            entries.insert(1, extra);
+            let r = should(&mut rl, vec![descriptor(&entries, None)], 1).await;
+            assert_eq!(r.overall_code, Code::OverLimit as i32, "{entries:?}: {r:?}");
+            assert!(r.statuses[0].current_limit.is_none(), "{r:?}");
+        }
+        // The same descriptor without the repeat is answered, and is the first count.
+        let r = should(&mut rl, vec![descriptor(&calls, Some(0))], 0).await;
+        assert_eq!(r.overall_code, Code::Ok as i32, "{r:?}");
+        assert_eq!(
+            r.statuses[0].limit_remaining, 5,
+            "nothing was counted: {r:?}"
+        );
+    });
+}
+
+/// A gRPC connection that sent its preface and then no request is closed at
+/// `--grpc-idle-timeout` (keep-alive pings would not do it: a live peer answers
+/// them). A client whose connection was closed for idleness connects again.
+#[test]
+fn an_idle_grpc_connection_is_closed() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (_d, _s) = start(&["--grpc-listen", &listen, "--grpc-idle-timeout", "300ms"]);
+    let url = format!("http://{listen}");
+    let addr: std::net::SocketAddr = listen.parse().expect("address");
+    let rt = runtime();
+    let mut c = rt.block_on(connect_auth(&url));
+    let ok = rt.block_on(reports(&mut c, "big"));
+    assert_eq!(status_code(&ok), 0, "{ok:?}");
+
+    let mut idle = Conn::open(addr);
+    idle.send_raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+    assert!(
+        idle.closed_within(Duration::from_secs(5)),
+        "a gRPC connection with no request was still open 5 s after a 300 ms idle timeout"
+    );
+    // The client's own connection went idle too; its next call reconnects.
+    let mut answered = false;
+    for _ in 0..3 {
+        if let Ok(r) = rt.block_on(c.check(reports_request("big"))) {
+            assert_eq!(status_code(r.get_ref()), 0, "{r:?}");
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "no answer after the idle connection was closed");
+}

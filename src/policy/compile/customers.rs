@@ -372,12 +372,14 @@ impl<'a> CustomerCompiler<'a> {
         };
         let quantity = match s.quantity {
             None => Some(1),
-            Some(q) if q >= 1 && q <= u32::MAX as u64 => Some(q as u32),
+            Some(q) if q >= 1 && q <= u64::from(u32::MAX) => Some(q as u32),
             Some(q) => {
-                self.issues.push(
-                    at.place(&with("quantity")),
-                    format!("expected a quantity of at least 1, found {q}"),
-                );
+                let message = if q == 0 {
+                    "expected a quantity of at least 1, found 0".to_string()
+                } else {
+                    format!("quantity {q} is too large: at most {}", u32::MAX)
+                };
+                self.issues.push(at.place(&with("quantity")), message);
                 None
             }
         };

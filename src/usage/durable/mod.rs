@@ -57,6 +57,8 @@ pub enum StateError {
     Create(PathBuf, #[source] io::Error),
     #[error("{} is in use by another entitled process (LOCK is held)", .0.display())]
     Locked(PathBuf),
+    #[error("cannot write {} (the state directory must be writable)", .0.display())]
+    Write(PathBuf, #[source] io::Error),
     #[error("reading {}", .0.display())]
     ReadFormat(PathBuf, #[source] io::Error),
     #[error("{}: not a state directory format file", .0.display())]
@@ -187,7 +189,8 @@ fn format(dir: &Path) -> Result<String, StateError> {
                 format: FORMAT_VERSION,
                 id: uuid::Uuid::new_v4().to_string(),
             };
-            files::replace_with_bytes(&path, &serde_json::to_vec(&f).map_err(io::Error::other)?)?;
+            files::replace_with_bytes(&path, &serde_json::to_vec(&f).map_err(io::Error::other)?)
+                .map_err(|e| StateError::Write(path, e))?;
             Ok(f.id)
         }
         Err(e) => Err(StateError::ReadFormat(path, e)),
@@ -205,7 +208,8 @@ impl StateDir {
         let started = Instant::now();
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(|e| StateError::Create(dir.clone(), e))?;
-        let lock = File::create(dir.join("LOCK"))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::create(&lock_path).map_err(|e| StateError::Write(lock_path, e))?;
         lock.try_lock()
             .map_err(|_| StateError::Locked(dir.clone()))?;
         let id = format(&dir)?;

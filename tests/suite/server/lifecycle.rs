@@ -176,3 +176,106 @@ fn the_open_files_limit_is_raised_and_connections_fit_in_it() {
         "{capped}"
     );
 }
+
+/// A directory no one can write to, even root (tests often run as root, whom
+/// permission bits do not stop): made immutable with `chattr +i` when mode 0555 is not
+/// enough, and made writable again when dropped. Panics if neither works, so a test
+/// using it never passes without the directory being read-only.
+struct ReadOnlyDir {
+    dir: tempfile::TempDir,
+    immutable: bool,
+}
+
+impl ReadOnlyDir {
+    fn new() -> ReadOnlyDir {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+        let mut ro = ReadOnlyDir {
+            dir,
+            immutable: false,
+        };
+        if ro.writable() {
+            let out = output_within(
+                std::process::Command::new("chattr").arg("+i").arg(&path),
+                Duration::from_secs(10),
+            );
+            ro.immutable = out.status.success();
+        }
+        assert!(
+            !ro.writable(),
+            "could not make {} read-only (mode 0555, then chattr +i); this test needs a \
+             filesystem supporting one of them",
+            path.display()
+        );
+        ro
+    }
+
+    fn writable(&self) -> bool {
+        let probe = self.dir.path().join("probe");
+        let ok = std::fs::File::create(&probe).is_ok();
+        let _ = std::fs::remove_file(&probe);
+        ok
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        if self.immutable {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(self.dir.path())
+                .status();
+        }
+        let _ = std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// A state directory that cannot be written stops the start with an error naming the
+/// directory or file it could not write, not a bare "Operation not permitted": the
+/// audit log's (kept in it by default), then, with the audit log and notices elsewhere,
+/// the state directory's own `LOCK`.
+#[test]
+fn a_read_only_state_directory_is_named_at_start() {
+    let dir = policy();
+    let state = ReadOnlyDir::new();
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let serve = |extra: &[&std::ffi::OsStr]| {
+        let out = output_within(
+            std::process::Command::new(env!("CARGO_BIN_EXE_entitled"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--grpc-listen", "off"])
+                .arg("--policies")
+                .arg(dir.path())
+                .arg("--state-dir")
+                .arg(state.dir.path())
+                .args(extra),
+            Duration::from_secs(20),
+        );
+        assert!(
+            !out.status.success(),
+            "started on a read-only state directory: {out:?}"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = serve(&[]);
+    let audit = state.dir.path().join("audit");
+    assert!(
+        err.contains(&format!("starting the audit log in {}", audit.display())),
+        "{err}"
+    );
+    let (audit, notices) = (elsewhere.path().join("a"), elsewhere.path().join("n"));
+    let err = serve(&[
+        "--audit-dir".as_ref(),
+        audit.as_os_str(),
+        "--notices-dir".as_ref(),
+        notices.as_os_str(),
+    ]);
+    let lock = state.dir.path().join("LOCK");
+    assert!(
+        err.contains(&format!("cannot write {}", lock.display()))
+            && err.contains("must be writable"),
+        "{err}"
+    );
+}

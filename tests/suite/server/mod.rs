@@ -9,6 +9,7 @@
 
 mod connections;
 mod endpoints;
+mod inputs;
 mod lifecycle;
 mod observability;
 mod requests;
