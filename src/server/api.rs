@@ -546,35 +546,12 @@ async fn settle<S: UsageStore>(
         ttl_us: None,
     };
     let s = app.decider.store.settle(id, action, &meta, now).await?;
-    let o = s.outcome;
-    if !o.found {
+    if !s.outcome.found {
         return Err(ApiError::UnknownReservation(reservation_name(id)));
     }
-    let limit = o.limit.map_or(serde_json::json!("unlimited"), |l| l.into());
-    let remaining = o.limit.map_or(serde_json::json!("unlimited"), |l| {
-        l.saturating_sub(o.used).into()
-    });
-    let resets_at =
-        Some(Timestamp(o.window_end)).filter(|t| t.to_jiff().is_some() && *t != Timestamp::MAX);
-    let mut v = serde_json::json!({
-        "allowed": !o.denied,
-        "reason": if o.denied { "quota_exhausted" } else { "granted" },
-        "feature": s.feature,
-        "kind": "quota",
-        "reservation": reservation_name(id),
-        "operation": op,
-        "committed": o.committed,
-        "released": o.released,
-        "limit": limit,
-        "used": o.used,
-        "remaining": remaining,
-        "resets_at": resets_at,
-        "snapshot": &*snap.version,
-    });
-    if o.overage > 0 {
-        v["overage"] = o.overage.into();
-    }
-    Ok(json_value(StatusCode::OK, &v))
+    let mut out = Vec::with_capacity(512);
+    crate::decide::settled(&snap, &s, id, op, now).write_json(&mut out);
+    Ok(json(StatusCode::OK, out))
 }
 
 /// `POST /v1/test-clock` (only with `--test-clock`): `{"advance": "6m"}` or
