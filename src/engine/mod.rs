@@ -47,8 +47,8 @@ impl Op {
             Op::Check => "check",
             Op::Consume => "consume",
             Op::Reserve => "reserve",
-            Op::SeatAcquire => "seats_acquire",
-            Op::SeatRelease => "seats_release",
+            Op::SeatAcquire => "seat_acquire",
+            Op::SeatRelease => "seat_release",
         }
     }
 }
