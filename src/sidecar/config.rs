@@ -39,8 +39,10 @@ pub struct Config {
     pub reload_debounce: Duration,
     /// Full rescan of the policy directory, for filesystems that lose change events.
     pub rescan_interval: Duration,
-    pub audit: AuditConfig,
-    pub notices: NoticeConfig,
+    /// The audit log; `None` writes none.
+    pub audit: Option<AuditConfig>,
+    /// Renewal notices; `None` makes none.
+    pub notices: Option<NoticeConfig>,
     /// Serve time from a clock that starts here and moves only through
     /// `POST /v1/test-clock`; `None` serves the system time.
     pub test_clock: Option<Timestamp>,
@@ -60,4 +62,12 @@ pub enum ConfigError {
     TestClock(String),
     #[error("--notify-url: {0}")]
     NotifyUrl(String),
+    /// A flag that writes files, with `--durability memory` and no directory for them.
+    #[error(
+        "{flag} writes files, and --durability memory keeps nothing on disk by itself: give {dir} DIR"
+    )]
+    NeedsDir {
+        flag: &'static str,
+        dir: &'static str,
+    },
 }
