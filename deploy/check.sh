@@ -95,7 +95,7 @@ fi
 if command -v kubernetes-validate >/dev/null; then
   # PodMonitor is a CRD: kubernetes-validate has no schema for it (skipped, reported).
   run "kubernetes-validate (1.30, strict)" kubernetes-validate --strict -k 1.30.0 \
-    kubernetes/deployment.yaml kubernetes/configmap.yaml
+    kubernetes/deployment.yaml kubernetes/configmap.yaml kubernetes/redis.yaml
   echo "--- kubernetes-validate kubernetes/podmonitor.yaml (CRD: expected to be skipped)"
   kubernetes-validate -k 1.30.0 kubernetes/podmonitor.yaml || true
 elif command -v kubeconform >/dev/null; then

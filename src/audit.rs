@@ -5,15 +5,17 @@
 //! `try_send`, and when the queue is full the record is dropped and counted in
 //! `entitled_audit_dropped_total`. One thread encodes and writes. Files are
 //! `audit-<unix seconds>-<n>.ndjson` in the audit directory, rotated past a size and
-//! kept up to a count.
+//! kept up to a count. The directory's `LOCK` is held while the process runs, and the
+//! run's file is made only once start-up has succeeded ([`Audit::begin`]).
 
-use std::fs;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 
 use serde::Serialize;
 
+use crate::files::DirLock;
 use crate::policy::Snapshot;
 use crate::rotating_log::Segments;
 use crate::time::Timestamp;
@@ -107,19 +109,54 @@ enum Event {
 pub struct Audit {
     tx: SyncSender<Event>,
     decisions: Decisions,
+    /// Until [`Audit::begin`]: the queue's receiving end and the held directory.
+    waiting: Mutex<Option<Waiting>>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    rx: Receiver<Event>,
+    cfg: AuditConfig,
+    lock: DirLock,
 }
 
 impl Audit {
-    /// Opens the directory and starts the writer.
-    pub fn start(cfg: AuditConfig) -> io::Result<Audit> {
-        fs::create_dir_all(&cfg.dir)?;
+    /// Takes the directory (creating it, and holding its `LOCK`: two processes
+    /// appending to one audit file would interleave their records) and opens the
+    /// queue. Nothing is written until [`Audit::begin`]: records queue up, and if
+    /// start-up fails the handle is dropped with no audit file made.
+    pub fn claim(cfg: AuditConfig) -> io::Result<Audit> {
+        let lock = DirLock::take(&cfg.dir, || {
+            io::Error::other(format!(
+                "{} is in use by another entitled process (LOCK is held)",
+                cfg.dir.display()
+            ))
+        })?;
         let (tx, rx) = mpsc::sync_channel(cfg.queue.max(1));
-        let decisions = cfg.decisions;
-        let mut w = Writer::open(cfg)?;
+        Ok(Audit {
+            tx,
+            decisions: cfg.decisions,
+            waiting: Mutex::new(Some(Waiting { rx, cfg, lock })),
+        })
+    }
+
+    /// Opens this run's audit file and starts the writer (once; later calls do
+    /// nothing).
+    pub fn begin(&self) -> io::Result<()> {
+        let Some(Waiting { rx, cfg, mut lock }) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        lock.keep();
+        let mut w = Writer::open(cfg, lock)?;
         std::thread::Builder::new()
             .name("entitled-audit".into())
             .spawn(move || w.run(rx))?;
-        Ok(Audit { tx, decisions })
+        Ok(())
     }
 
     /// Whether a decision with this outcome is recorded (cheap: one branch, and for
@@ -215,15 +252,18 @@ fn random_unit() -> f64 {
 struct Writer {
     log: Segments,
     buf: Vec<u8>,
+    /// The directory stays this process's while the writer runs.
+    _lock: DirLock,
 }
 
 impl Writer {
-    fn open(cfg: AuditConfig) -> io::Result<Writer> {
+    fn open(cfg: AuditConfig, lock: DirLock) -> io::Result<Writer> {
         // A new file each run, numbered after the ones already there.
         let log = Segments::open(&cfg.dir, "audit-", cfg.segment_bytes, cfg.keep, false)?;
         Ok(Writer {
             log,
             buf: Vec::with_capacity(1 << 16),
+            _lock: lock,
         })
     }
 
@@ -277,6 +317,7 @@ mod tests {
         let a = Audit {
             tx,
             decisions: Decisions::All,
+            waiting: Mutex::new(None),
         };
         assert!(a.decision(record(1)));
         assert!(a.decision(record(2)));
@@ -297,12 +338,14 @@ mod tests {
         let denials = Audit {
             tx,
             decisions: Decisions::Denials,
+            waiting: Mutex::new(None),
         };
         assert!(denials.wants(false) && !denials.wants(true));
         let (tx, _rx) = mpsc::sync_channel(1);
         let sample = Audit {
             tx,
             decisions: Decisions::Sample(0.25),
+            waiting: Mutex::new(None),
         };
         let n = (0..20_000).filter(|_| sample.wants(true)).count();
         assert!((4_000..6_000).contains(&n), "sampled {n} of 20000 at 0.25");

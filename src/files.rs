@@ -134,3 +134,74 @@ mod tests {
         Ok(())
     }
 }
+
+/// A directory this process holds: created if missing, with `LOCK` in it held
+/// (`flock`) for as long as the value lives, so that two processes never write into
+/// the same files. Until [`DirLock::keep`] is called, dropping it undoes what taking
+/// it made (the `LOCK` file, the directories created for it), so that a start-up that
+/// fails afterwards leaves nothing behind.
+#[derive(Debug)]
+pub struct DirLock {
+    /// Dropped first: the lock is released before what was made is removed.
+    _file: File,
+    made: Made,
+}
+
+/// What [`DirLock::take`] created, removed on drop unless kept.
+#[derive(Debug)]
+struct Made {
+    lock: Option<PathBuf>,
+    /// Deepest first.
+    dirs: Vec<PathBuf>,
+    kept: bool,
+}
+
+impl DirLock {
+    /// Creates `dir` if needed and takes its `LOCK`; `in_use` is the error when
+    /// another process holds it.
+    pub fn take(dir: &Path, in_use: impl FnOnce() -> io::Error) -> io::Result<DirLock> {
+        let dirs = dir
+            .ancestors()
+            .filter(|d| !d.as_os_str().is_empty())
+            .take_while(|d| !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        let mut made = Made {
+            lock: None,
+            dirs,
+            kept: false,
+        };
+        fs::create_dir_all(dir)?;
+        let lock = dir.join("LOCK");
+        if !lock.exists() {
+            made.lock = Some(lock.clone());
+        }
+        let file = File::create(&lock)?;
+        if file.try_lock().is_err() {
+            // Another process holds it: its lock file is not ours to remove.
+            made.lock = None;
+            return Err(in_use());
+        }
+        Ok(DirLock { _file: file, made })
+    }
+
+    /// Start-up succeeded: the directory and its `LOCK` stay.
+    pub fn keep(&mut self) {
+        self.made.kept = true;
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        if let Some(lock) = &self.lock {
+            let _ = fs::remove_file(lock);
+        }
+        // Only empty directories go: whatever else is in them is not ours to remove.
+        for d in &self.dirs {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}

@@ -104,7 +104,7 @@ fn describe() {
     );
     describe_counter!(
         RELOADS,
-        "Policy reload attempts, by result (success, failure, held)."
+        "Policy reload attempts, by result (success: the directory loaded, whether or not the served version changed; failure; held: a load removing most customers, held back)."
     );
     describe_gauge!(
         RELOAD_HELD,
@@ -212,26 +212,118 @@ fn describe() {
         GATEWAY,
         "Gateway admissions (forward-auth, ext_authz, rate limit service), by api, status and reason."
     );
-    // Series that alerts reference exist from the start, at zero.
-    for name in [NOTICES, NOTICES_DELIVERED, NOTICES_FAILED, NOTICES_DROPPED] {
-        counter!(name).absolute(0);
+    start_at_zero();
+}
+
+/// Creates every series whose label values are known before anything happens, at 0:
+/// `increase()` over a series that appears with its first event sees no increase (the
+/// first failure, refusal or replay would go unnoticed), and an alert on a series
+/// that does not exist yet has no data. Features are known only once a snapshot is
+/// served ([`snapshot_served`]). Adding 0 never resets a series already counting.
+fn start_at_zero() {
+    for name in [
+        NOTICES,
+        NOTICES_DELIVERED,
+        NOTICES_FAILED,
+        NOTICES_DROPPED,
+        STORE_ERRORS,
+        JOURNAL_ERRORS,
+        STATE_DAMAGED,
+        AUDIT_DROPPED,
+        IDEMPOTENT_REPLAYS,
+    ] {
+        counter!(name).increment(0);
     }
-    counter!(STORE_ERRORS).absolute(0);
-    counter!(JOURNAL_ERRORS).absolute(0);
-    counter!(STATE_DAMAGED).absolute(0);
-    counter!(AUDIT_DROPPED).absolute(0);
     for result in ["success", "failure"] {
-        counter!(RELOADS, "result" => result).absolute(0);
+        counter!(RELOADS, "result" => result).increment(0);
+        counter!(CHECKPOINTS, "result" => result).increment(0);
+    }
+    for (op, kind, reason) in decision_series() {
+        decision_counter(op, kind, reason).increment(0);
+    }
+    for (api, status, reason) in GATEWAY_SERIES {
+        counter!(GATEWAY, "api" => api, "status" => status, "reason" => reason).increment(0);
+    }
+    for route in DECISION_ROUTES {
+        for status in [400, 503] {
+            http_error_counter(route, status).increment(0);
+        }
     }
 }
 
-const OPS: [Op; 5] = [
-    Op::Check,
-    Op::Consume,
-    Op::Reserve,
-    Op::SeatAcquire,
-    Op::SeatRelease,
+/// The decisions each operation can make: per kind it applies to, granted, the
+/// denials every grant can give, and the kind's own exhaustion; an unknown feature
+/// (no kind); and a seat release, which is always granted once the customer is known.
+fn decision_series() -> Vec<(Op, Option<Kind>, Reason)> {
+    const KNOWN: [Reason; 6] = [
+        Reason::Granted,
+        Reason::UnknownCustomer,
+        Reason::NotEntitled,
+        Reason::Expired,
+        Reason::NotYetActive,
+        Reason::OutOfScope,
+    ];
+    let mut out = Vec::new();
+    for op in Op::ALL {
+        out.push((op, None, Reason::UnknownFeature));
+        for kind in KINDS.into_iter().flatten().filter(|k| op.applies_to(*k)) {
+            let reasons = match op {
+                Op::SeatRelease => &KNOWN[..2],
+                _ => &KNOWN[..],
+            };
+            out.extend(reasons.iter().map(|r| (op, Some(kind), *r)));
+            let exhausted = match kind {
+                Kind::Quota => Some(Reason::QuotaExhausted),
+                Kind::Rate => Some(Reason::RateLimited),
+                Kind::Seats => Some(Reason::SeatsExhausted),
+                Kind::Flag | Kind::Value => None,
+            };
+            if let Some(r) = exhausted.filter(|_| op != Op::SeatRelease) {
+                out.push((op, Some(kind), r));
+            }
+        }
+    }
+    out
+}
+
+/// The gateway answers known in advance: admissions, and the refusals of forward-auth
+/// and ext_authz by reason (`unknown_customer` rising means requests name customers
+/// the policy does not have: customer data out of sync); the rate limit service's two.
+const GATEWAY_SERIES: [(&str, &str, &str); 20] = [
+    ("authz_http", "200", "granted"),
+    ("authz_http", "403", "no_route"),
+    ("authz_http", "403", "unknown_customer"),
+    ("authz_http", "403", "not_entitled"),
+    ("authz_http", "403", "expired"),
+    ("authz_http", "403", "not_yet_active"),
+    ("authz_http", "403", "out_of_scope"),
+    ("authz_http", "429", "quota_exhausted"),
+    ("authz_http", "429", "rate_limited"),
+    ("authz_grpc", "200", "granted"),
+    ("authz_grpc", "403", "no_route"),
+    ("authz_grpc", "403", "unknown_customer"),
+    ("authz_grpc", "403", "not_entitled"),
+    ("authz_grpc", "403", "expired"),
+    ("authz_grpc", "403", "not_yet_active"),
+    ("authz_grpc", "403", "out_of_scope"),
+    ("authz_grpc", "429", "quota_exhausted"),
+    ("authz_grpc", "429", "rate_limited"),
+    ("ratelimit_grpc", "200", "ok"),
+    ("ratelimit_grpc", "429", "over_limit"),
 ];
+
+/// The `route` labels of the decision endpoints, whose 400 and 503 series start at 0.
+const DECISION_ROUTES: [&str; 8] = [
+    "check",
+    "consume",
+    "reserve",
+    "batch",
+    "seat_acquire",
+    "seat_release",
+    "reservations",
+    "authz",
+];
+
 const KINDS: [Option<Kind>; 6] = [
     None,
     Some(Kind::Flag),
@@ -258,7 +350,7 @@ impl Default for DecisionMetrics {
 impl DecisionMetrics {
     pub fn new() -> Self {
         DecisionMetrics {
-            counters: (0..OPS.len() * KINDS.len() * Reason::ALL.len())
+            counters: (0..Op::ALL.len() * KINDS.len() * Reason::ALL.len())
                 .map(|_| OnceLock::new())
                 .collect(),
             duration: histogram!(DECISION_DURATION),
@@ -267,24 +359,30 @@ impl DecisionMetrics {
 
     #[inline]
     pub fn decision(&self, op: Op, kind: Option<Kind>, reason: Reason) {
-        let o = OPS.iter().position(|x| *x == op).unwrap_or(0);
+        let o = Op::ALL.iter().position(|x| *x == op).unwrap_or(0);
         let k = KINDS.iter().position(|x| *x == kind).unwrap_or(0);
         let r = Reason::ALL.iter().position(|x| *x == reason).unwrap_or(0);
         let i = (o * KINDS.len() + k) * Reason::ALL.len() + r;
         let Some(slot) = self.counters.get(i) else {
             return;
         };
-        slot.get_or_init(|| {
-            let allowed = if reason == Reason::Granted { "true" } else { "false" };
-            let kind = kind.map_or("none", Kind::as_str);
-            counter!(DECISIONS, "op" => op.as_str(), "kind" => kind, "allowed" => allowed, "reason" => reason.as_str())
-        })
-        .increment(1);
+        slot.get_or_init(|| decision_counter(op, kind, reason))
+            .increment(1);
     }
 
     pub fn duration(&self, seconds: f64) {
         self.duration.record(seconds);
     }
+}
+
+fn decision_counter(op: Op, kind: Option<Kind>, reason: Reason) -> Counter {
+    let allowed = if reason == Reason::Granted {
+        "true"
+    } else {
+        "false"
+    };
+    let kind = kind.map_or("none", Kind::as_str);
+    counter!(DECISIONS, "op" => op.as_str(), "kind" => kind, "allowed" => allowed, "reason" => reason.as_str())
 }
 
 pub fn quota_warning(feature: &str) {
@@ -314,6 +412,14 @@ pub fn snapshot_served(snap: &Snapshot, previous: Option<&str>, at: Timestamp) {
     gauge!(SNAPSHOT_INFO, "version" => snap.version.to_string()).set(1.0);
     reload_succeeded(at);
     gauge!(CUSTOMERS).set(snap.customers.len() as f64);
+    for f in snap
+        .catalog
+        .features
+        .iter()
+        .filter(|f| f.kind == Kind::Quota)
+    {
+        counter!(QUOTA_WARNINGS, "feature" => f.name.to_string()).increment(0);
+    }
 }
 
 /// Refreshes the gauges that move with time rather than with reloads (overrides that
@@ -352,7 +458,11 @@ pub fn gateway(api: &'static str, status: u16, reason: &'static str) {
 }
 
 pub fn http_error(route: &'static str, status: u16) {
-    counter!(HTTP_ERRORS, "route" => route, "status" => status.to_string()).increment(1);
+    http_error_counter(route, status).increment(1);
+}
+
+fn http_error_counter(route: &'static str, status: u16) -> Counter {
+    counter!(HTTP_ERRORS, "route" => route, "status" => status.to_string())
 }
 
 pub fn journal_flush(bytes: usize, seconds: f64) {

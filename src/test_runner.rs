@@ -5,7 +5,7 @@
 //! description: acme's plan after the upgrade    # optional
 //! now: 2026-12-01                               # the clock (RFC 3339 or a date)
 //! steps:
-//!   - op: check             # check | consume | seats_acquire | seats_release
+//!   - op: check             # check | consume | seat_acquire | seat_release
 //!     customer: acme
 //!     feature: analytics.advanced
 //!     expect: { allowed: true, reason: granted, source: { plan: pro } }
@@ -134,17 +134,12 @@ pub fn run_steps_with(
                 }
             }
         }
-        let op = match step.op.as_str() {
-            "check" => Op::Check,
-            "consume" => Op::Consume,
-            "seats_acquire" => Op::SeatAcquire,
-            "seats_release" => Op::SeatRelease,
-            other => {
-                failures.push(at_step(format!(
-                    "unknown op `{other}` (check, consume, seats_acquire, seats_release)"
-                )));
-                continue;
-            }
+        let Some(op) = step_op(&step.op) else {
+            failures.push(at_step(format!(
+                "unknown op `{}` (check, consume, seat_acquire, seat_release)",
+                step.op
+            )));
+            continue;
         };
         let ctx: Vec<(&str, &str)> = step
             .context
@@ -213,6 +208,19 @@ pub fn json_eq(have: &serde_json::Value, want: &serde_json::Value) -> bool {
         (Array(a), Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| json_eq(x, y)),
         (a, b) => a == b,
     }
+}
+
+/// A step's operation, named as the ledger and the metrics name it. `seats_acquire`
+/// and `seats_release` (after the `/v1/seats/...` paths) are accepted too: policy
+/// tests written with them keep running.
+fn step_op(name: &str) -> Option<Op> {
+    Some(match name {
+        "check" => Op::Check,
+        "consume" => Op::Consume,
+        "seat_acquire" | "seats_acquire" => Op::SeatAcquire,
+        "seat_release" | "seats_release" => Op::SeatRelease,
+        _ => return None,
+    })
 }
 
 /// Runs every `tests/*.yaml` under `dir` (at any depth: each policy set may carry its

@@ -13,11 +13,13 @@
 
 mod error;
 mod observe;
+mod settle;
 
 use std::sync::Arc;
 
 pub use error::DecideError;
 pub use observe::Observer;
+pub use settle::settled;
 
 use crate::engine::{self, Decision, Op, Pending, UsageOp, UsageOutcome};
 use crate::policy::Snapshot;

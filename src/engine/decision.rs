@@ -116,6 +116,18 @@ impl Serialize for Limit {
     }
 }
 
+/// The settlement of a reservation, carried by the answers to its commit and release
+/// after `reservation`: every other field is a decision's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Settlement {
+    /// `commit` or `release`.
+    pub operation: &'static str,
+    /// Units counted.
+    pub committed: u64,
+    /// Units of the hold given back to the quota.
+    pub released: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Decision<'a> {
     pub allowed: bool,
@@ -147,6 +159,9 @@ pub struct Decision<'a> {
         serialize_with = "serialize_reservation"
     )]
     pub reservation: Option<u128>,
+    /// What a commit or release of the reservation did.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<Settlement>,
     /// Seconds until the request would pass (rate limits).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<f64>,
@@ -188,6 +203,7 @@ impl<'a> Decision<'a> {
             overage: None,
             warning: None,
             reservation: None,
+            settlement: None,
             retry_after: None,
             source: None,
             expires_at: None,
@@ -351,6 +367,14 @@ impl Decision<'_> {
         if let Some(id) = self.reservation {
             out.extend_from_slice(b",\"reservation\":");
             write_str(out, &crate::ids::reservation_name(id));
+        }
+        if let Some(st) = &self.settlement {
+            out.extend_from_slice(b",\"operation\":");
+            write_str(out, st.operation);
+            out.extend_from_slice(b",\"committed\":");
+            write_u64(out, st.committed);
+            out.extend_from_slice(b",\"released\":");
+            write_u64(out, st.released);
         }
         if let Some(r) = self.retry_after {
             out.extend_from_slice(b",\"retry_after\":");

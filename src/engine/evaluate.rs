@@ -13,8 +13,7 @@ use super::pending::{Pending, UpgradeCtx, upgrades};
 use super::window::window;
 use super::{Op, Request, RequestError};
 use crate::policy::{
-    CustomerView, Feature, FeatureId, GrantValue, Kind, Limit, Overage, QuotaGrant, RateGrant,
-    Snapshot,
+    CustomerView, Feature, FeatureId, GrantValue, Limit, Overage, QuotaGrant, RateGrant, Snapshot,
 };
 use crate::time::Timestamp;
 
@@ -101,13 +100,7 @@ fn feature_for<'a>(
     };
     let feature = snap.feature(fid);
     let kind = feature.kind;
-    let fits = match op {
-        Op::Check => true,
-        Op::Consume => matches!(kind, Kind::Quota | Kind::Rate),
-        Op::Reserve => kind == Kind::Quota,
-        Op::SeatAcquire | Op::SeatRelease => kind == Kind::Seats,
-    };
-    if !fits {
+    if !op.applies_to(kind) {
         return Err(RequestError::WrongKind {
             op: op.as_str(),
             feature: feature.name.to_string(),

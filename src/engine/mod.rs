@@ -20,7 +20,7 @@ mod pending;
 pub mod report;
 pub mod window;
 
-pub use decision::{Decision, Reason, Source, SourceType};
+pub use decision::{Decision, Reason, Settlement, Source, SourceType};
 pub use evaluate::evaluate;
 pub use explain::{ExplainedGrant, Explanation, describe, explain};
 pub use grants::{Candidate, Origin, Rule, Status};
@@ -28,6 +28,7 @@ pub use ops::{QuotaMode, SeatAction, UsageKey, UsageOp, UsageOutcome};
 pub use pending::Pending;
 pub use window::{Window, window};
 
+use crate::policy::Kind;
 use crate::time::Timestamp;
 
 /// The operations a request can ask for.
@@ -42,13 +43,34 @@ pub enum Op {
 }
 
 impl Op {
+    pub const ALL: [Op; 5] = [
+        Op::Check,
+        Op::Consume,
+        Op::Reserve,
+        Op::SeatAcquire,
+        Op::SeatRelease,
+    ];
+
+    /// Whether the operation applies to a feature of this kind (any other pairing
+    /// is refused as [`RequestError::WrongKind`]).
+    pub fn applies_to(self, kind: Kind) -> bool {
+        match self {
+            Op::Check => true,
+            Op::Consume => matches!(kind, Kind::Quota | Kind::Rate),
+            Op::Reserve => kind == Kind::Quota,
+            Op::SeatAcquire | Op::SeatRelease => kind == Kind::Seats,
+        }
+    }
+
+    /// The name of the operation in the usage ledger, the metrics, the audit log and
+    /// policy tests.
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Check => "check",
             Op::Consume => "consume",
             Op::Reserve => "reserve",
-            Op::SeatAcquire => "seats_acquire",
-            Op::SeatRelease => "seats_release",
+            Op::SeatAcquire => "seat_acquire",
+            Op::SeatRelease => "seat_release",
         }
     }
 }

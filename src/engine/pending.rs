@@ -125,25 +125,26 @@ fn remaining(limit: Limit, used: u64) -> Limit {
 }
 
 /// Plans (tier order) whose grant of the feature would do better than what the
-/// customer has now, leaving out plans the customer already holds. Computed on
-/// denials only.
+/// customer has now, leaving out plans the customer already holds or has booked (a
+/// subscription not ended at `t`, started or not: suggesting a plan that starts next
+/// month would sell it twice). Computed on denials only.
 pub(super) fn upgrades<'a>(ctx: UpgradeCtx<'a>) -> Vec<&'a str> {
     let snap = ctx.snap;
     let Some(list) = snap.catalog.upgrades.get(ctx.feature as usize) else {
         return Vec::new();
     };
     let feature = snap.feature(ctx.feature);
-    let held = |plan: u32| {
+    let held_or_booked = |plan: u32| {
         ctx.customer
             .map(|i| snap.customers.view(i))
             .is_some_and(|c| {
                 c.subs
                     .iter()
-                    .any(|s| s.plan == plan && s.starts <= ctx.t && ctx.t < s.grace_ends)
+                    .any(|s| s.plan == plan && ctx.t < s.grace_ends)
             })
     };
     list.iter()
-        .filter(|(plan, _)| !held(*plan))
+        .filter(|(plan, _)| !held_or_booked(*plan))
         .filter(|(_, g)| {
             let Some(bg) = snap.catalog.grants.get(*g as usize) else {
                 return false;

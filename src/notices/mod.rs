@@ -37,13 +37,13 @@ pub use rule::{Due, ItemKey, due, notice_id};
 pub use scanner::plan;
 pub use sent::Sent;
 
-use std::fs::{self, File};
 use std::io;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 
 use serde::Serialize;
 
+use crate::files::DirLock;
 use crate::rotating_log::Segments;
 use crate::snapshot_cell::SnapshotCell;
 use crate::time::Clock;
@@ -100,36 +100,78 @@ pub struct Notices {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A notices directory taken by this process, before anything in it is read or
+/// written: [`Notices::claim`], then [`Claim::start`] once the rest of start-up has
+/// succeeded. Scans asked for in between ([`Claim::trigger`]) wait for the scanner.
+#[derive(Debug)]
+pub struct Claim {
+    cfg: NoticeConfig,
+    lock: DirLock,
+    tx: Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+}
+
 impl Notices {
-    /// Opens the notices directory, starts the scanner thread and, with a webhook,
-    /// the delivery task on `runtime` (queueing what the outbox still holds). The
-    /// first scan runs at once (and finds nothing until a snapshot is served).
+    /// Takes the notices directory (creating it, and holding its `LOCK`: two
+    /// processes appending to and compacting the same files would lose notices).
+    pub fn claim(cfg: NoticeConfig) -> io::Result<Claim> {
+        let lock = DirLock::take(&cfg.dir, || {
+            io::Error::other(format!(
+                "{} is in use by another entitled process (LOCK is held)",
+                cfg.dir.display()
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel();
+        Ok(Claim { cfg, lock, tx, rx })
+    }
+
+    /// [`Notices::claim`] and [`Claim::start`] at once.
     pub fn start(
         cfg: NoticeConfig,
         cell: SnapshotCell,
         clock: Arc<dyn Clock>,
         runtime: &tokio::runtime::Handle,
     ) -> io::Result<Notices> {
-        fs::create_dir_all(&cfg.dir)?;
-        // Two processes appending to and compacting the same files would lose notices.
-        let lock = File::create(cfg.dir.join("LOCK"))?;
-        lock.try_lock().map_err(|_| {
-            io::Error::other(format!(
-                "{} is in use by another entitled process (LOCK is held)",
-                cfg.dir.display()
-            ))
-        })?;
+        Notices::claim(cfg)?.start(cell, clock, runtime)
+    }
+}
+
+impl Claim {
+    /// A handle that wakes the scanner once it runs, for the reloader.
+    pub fn trigger(&self) -> Trigger {
+        Trigger(self.tx.clone())
+    }
+
+    /// Opens the files of the notices directory, starts the scanner thread and, with
+    /// a webhook, the delivery task on `runtime` (queueing what the outbox still
+    /// holds). The first scan runs at once (and finds nothing until a snapshot is
+    /// served).
+    pub fn start(
+        self,
+        cell: SnapshotCell,
+        clock: Arc<dyn Clock>,
+        runtime: &tokio::runtime::Handle,
+    ) -> io::Result<Notices> {
+        let Claim {
+            cfg,
+            mut lock,
+            tx,
+            rx,
+        } = self;
+        // Read before any file is made: a bad CA file fails start-up with nothing written.
+        let tls = cfg
+            .webhook
+            .as_ref()
+            .map(|w| w.tls_config())
+            .transpose()
+            .map_err(|e| io::Error::other(format!("--notify-url TLS settings: {e}")))?;
         let now = clock.now();
         let sent = Sent::open(&cfg.dir, now)?;
         let log = Segments::open(&cfg.dir, "events-", cfg.segment_bytes, cfg.keep, true)?;
-        let (tx, rx) = mpsc::channel();
         let mut delivery = None;
-        if let Some(w) = &cfg.webhook {
+        if let (Some(w), Some(tls)) = (&cfg.webhook, tls) {
             let (outbox, backlog) = Outbox::open(&cfg.dir)?;
             let (qtx, qrx) = tokio::sync::mpsc::channel(w.queue.max(1));
-            let tls = w
-                .tls_config()
-                .map_err(|e| io::Error::other(format!("--notify-url TLS settings: {e}")))?;
             runtime.spawn(deliver_all(w.clone(), tls, qrx, tx.clone()));
             let mut d = Delivery { outbox, queue: qtx };
             if !backlog.is_empty() {
@@ -146,6 +188,7 @@ impl Notices {
             webhook = cfg.webhook.as_ref().map(|w| crate::redact::url(&w.url.to_string())),
             "renewal notices on"
         );
+        lock.keep();
         let mut scanner = Scanner {
             _lock: lock,
             interval: cfg.scan_interval,
@@ -164,7 +207,9 @@ impl Notices {
             thread: Some(thread),
         })
     }
+}
 
+impl Notices {
     /// A handle that wakes the scanner, for the reloader.
     pub fn trigger(&self) -> Trigger {
         Trigger(self.tx.clone())

@@ -2,7 +2,6 @@
 //! notices due, writes them (event log, outbox, remembered notices, in that order) and
 //! queues them for the webhook.
 
-use std::fs::File;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
@@ -44,7 +43,7 @@ impl Delivery {
 
 pub(super) struct Scanner {
     /// Held (flock) for as long as the scanner runs.
-    pub(super) _lock: File,
+    pub(super) _lock: crate::files::DirLock,
     pub(super) interval: Duration,
     pub(super) thresholds: Vec<i64>,
     pub(super) cell: SnapshotCell,

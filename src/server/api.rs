@@ -84,8 +84,8 @@ fn route_label(path: &str) -> &'static str {
         "/v1/reserve" => "reserve",
         "/v1/batch" => "batch",
         "/v1/test-clock" => "test_clock",
-        "/v1/seats/acquire" => "seats_acquire",
-        "/v1/seats/release" => "seats_release",
+        "/v1/seats/acquire" => "seat_acquire",
+        "/v1/seats/release" => "seat_release",
         "/v1/expiring" => "expiring",
         "/v1/status" => "status",
         "/healthz" | "/readyz" => "health",
@@ -586,38 +586,14 @@ async fn settle<S: UsageStore>(
         answer: s,
         replayed,
     } = app.decider.store.settle(id, action, &meta, now).await?;
-    let o = s.outcome;
-    if !o.found {
+    if !s.outcome.found {
         return Err(ApiError::UnknownReservation(reservation_name(id)));
     }
-    let limit = o.limit.map_or(serde_json::json!("unlimited"), |l| l.into());
-    let remaining = o.limit.map_or(serde_json::json!("unlimited"), |l| {
-        l.saturating_sub(o.used).into()
-    });
-    let resets_at =
-        Some(Timestamp(o.window_end)).filter(|t| t.to_jiff().is_some() && *t != Timestamp::MAX);
-    let mut v = serde_json::json!({
-        "allowed": !o.denied,
-        "reason": if o.denied { "quota_exhausted" } else { "granted" },
-        "feature": s.feature,
-        "kind": "quota",
-        "reservation": reservation_name(id),
-        "operation": op,
-        "committed": o.committed,
-        "released": o.released,
-        "limit": limit,
-        "used": o.used,
-        "remaining": remaining,
-        "resets_at": resets_at,
-        "snapshot": &*snap.version,
-    });
-    if o.overage > 0 {
-        v["overage"] = o.overage.into();
-    }
-    if replayed {
-        v["idempotent_replay"] = true.into();
-    }
-    Ok(mark_replay(json_value(StatusCode::OK, &v), replayed))
+    let mut d = crate::decide::settled(&snap, &s, id, op, now);
+    d.idempotent_replay = replayed;
+    let mut out = Vec::with_capacity(512);
+    d.write_json(&mut out);
+    Ok(mark_replay(json(StatusCode::OK, out), replayed))
 }
 
 /// `POST /v1/test-clock` (only with `--test-clock`): `{"advance": "6m"}` or

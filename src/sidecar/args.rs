@@ -38,7 +38,8 @@ pub enum DurabilityMode {
     Async,
     /// A change is acknowledged only once it is on disk (group commit).
     Sync,
-    /// No state directory: usage is lost on restart.
+    /// Nothing on disk: usage is lost on restart; the audit log and renewal notices
+    /// are off unless --audit-dir or --notices-dir is given.
     Memory,
 }
 
@@ -175,7 +176,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ENTITLED_TEST_CLOCK")]
     pub test_clock: Option<String>,
     /// Where the audit log (snapshot changes, decisions) is written; default
-    /// `<state-dir>/audit`.
+    /// `<state-dir>/audit`, none with `--durability memory`.
     #[arg(long, env = "ENTITLED_AUDIT_DIR")]
     pub audit_dir: Option<PathBuf>,
     /// Which decisions the audit log records: none, denials, all, or sample:F.
@@ -190,7 +191,8 @@ pub struct ServeArgs {
     )]
     pub notice_thresholds: Thresholds,
     /// Where the notice event log and the notices already made are kept; default
-    /// `<state-dir>/notices`.
+    /// `<state-dir>/notices`; with `--durability memory` renewal notices are off
+    /// unless this is given.
     #[arg(long, env = "ENTITLED_NOTICES_DIR")]
     pub notices_dir: Option<PathBuf>,
     /// How often the snapshot is scanned for notices (also after every reload).
@@ -255,13 +257,8 @@ impl ServeArgs {
                 crate::usage::MAX_RESERVATION_TTL_US / crate::time::HOUR
             )));
         }
-        let mut audit = AuditConfig::new(
-            self.audit_dir
-                .clone()
-                .unwrap_or_else(|| self.state_dir.join("audit")),
-        );
-        audit.decisions = self.audit_decisions;
         Ok(Config {
+            audit: self.audit()?,
             notices: self.notices()?,
             usage: self.usage(),
             durable: self.durable(),
@@ -292,18 +289,48 @@ impl ServeArgs {
             reload_settle: self.reload_settle,
             allow_mass_removal: self.allow_mass_removal,
             allow_empty: self.allow_empty,
-            audit,
             test_clock,
             prometheus: None,
         })
     }
 
-    fn notices(&self) -> Result<NoticeConfig, ConfigError> {
-        let mut notice_cfg = NoticeConfig::new(
-            self.notices_dir
-                .clone()
-                .unwrap_or_else(|| self.state_dir.join("notices")),
-        );
+    /// Where a file-writing part keeps its files: the directory its flag names, else
+    /// `<state-dir>/<name>`; with `--durability memory` none (the part is off) unless
+    /// its flag names one, since memory mode writes nothing to disk by itself.
+    fn dir_for(&self, given: &Option<PathBuf>, name: &str) -> Option<PathBuf> {
+        match given {
+            Some(dir) => Some(dir.clone()),
+            None if self.durability == DurabilityMode::Memory => None,
+            None => Some(self.state_dir.join(name)),
+        }
+    }
+
+    fn audit(&self) -> Result<Option<AuditConfig>, ConfigError> {
+        let Some(dir) = self.dir_for(&self.audit_dir, "audit") else {
+            if self.audit_decisions != crate::audit::Decisions::None {
+                return Err(ConfigError::NeedsDir {
+                    flag: "--audit-decisions",
+                    dir: "--audit-dir",
+                });
+            }
+            return Ok(None);
+        };
+        let mut audit = AuditConfig::new(dir);
+        audit.decisions = self.audit_decisions;
+        Ok(Some(audit))
+    }
+
+    fn notices(&self) -> Result<Option<NoticeConfig>, ConfigError> {
+        let Some(dir) = self.dir_for(&self.notices_dir, "notices") else {
+            if self.notify_url.is_some() {
+                return Err(ConfigError::NeedsDir {
+                    flag: "--notify-url",
+                    dir: "--notices-dir",
+                });
+            }
+            return Ok(None);
+        };
+        let mut notice_cfg = NoticeConfig::new(dir);
         notice_cfg.thresholds = self.notice_thresholds.0.clone();
         notice_cfg.scan_interval = self.notice_scan_interval.max(Duration::from_millis(10));
         if let Some(url) = &self.notify_url {
@@ -315,7 +342,7 @@ impl ServeArgs {
             w.ca_file = self.notify_ca_file.clone();
             notice_cfg.webhook = Some(w);
         }
-        Ok(notice_cfg)
+        Ok(Some(notice_cfg))
     }
 
     /// Lifetimes and bounds of usage state, for every durability mode.
@@ -398,9 +425,10 @@ mod tests {
             durable.journal.durability,
             Durability::Async(Duration::from_millis(10))
         );
-        assert_eq!(c.audit.dir, Path::new("./state/audit"));
-        assert_eq!(c.notices.dir, Path::new("./state/notices"));
-        assert!(c.notices.webhook.is_none());
+        assert_eq!(c.audit.expect("audit").dir, Path::new("./state/audit"));
+        let notices = c.notices.expect("notices");
+        assert_eq!(notices.dir, Path::new("./state/notices"));
+        assert!(notices.webhook.is_none());
         assert!(c.store.is_none() && c.test_clock.is_none() && c.prometheus.is_none());
         assert_eq!(c.limits.body_limit, 64 * 1024);
         assert_eq!(c.policy_limits.max_file_bytes, 256 * 1024 * 1024);
@@ -421,6 +449,8 @@ mod tests {
             "deny",
             "--notify-url",
             "http://127.0.0.1:1/hook",
+            "--notices-dir",
+            "n",
             "--notify-max-attempts",
             "0",
             "--test-clock",
@@ -434,12 +464,37 @@ mod tests {
             (store.mode, store.on_error),
             (StoreMode::Cached, OnError::Deny)
         );
-        let hook = c.notices.webhook.expect("a webhook");
+        let hook = c.notices.and_then(|n| n.webhook).expect("a webhook");
         assert_eq!(hook.max_attempts, 1, "at least one attempt");
         assert_eq!(
             c.test_clock.map(|t| t.to_string()).as_deref(),
             Some("2030-01-15T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn memory_mode_writes_no_file_unless_a_directory_is_given() {
+        let c = config(&["--durability", "memory"]).unwrap();
+        assert!(c.durable.is_none() && c.audit.is_none() && c.notices.is_none());
+        let c = config(&[
+            "--durability",
+            "memory",
+            "--audit-dir",
+            "a",
+            "--notices-dir",
+            "n",
+        ])
+        .unwrap();
+        assert_eq!(c.audit.expect("audit").dir, Path::new("a"));
+        assert_eq!(c.notices.expect("notices").dir, Path::new("n"));
+        for (flag, value, needs) in [
+            ("--audit-decisions", "all", "--audit-dir"),
+            ("--notify-url", "http://127.0.0.1:1/hook", "--notices-dir"),
+        ] {
+            let e = config(&["--durability", "memory", flag, value]).unwrap_err();
+            assert!(e.to_string().starts_with(flag), "{e}");
+            assert!(e.to_string().contains(needs), "{e}");
+        }
     }
 
     #[test]

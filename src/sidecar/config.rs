@@ -46,8 +46,10 @@ pub struct Config {
     pub allow_mass_removal: bool,
     /// Serve a policy directory that defines no features.
     pub allow_empty: bool,
-    pub audit: AuditConfig,
-    pub notices: NoticeConfig,
+    /// The audit log; `None` writes none.
+    pub audit: Option<AuditConfig>,
+    /// Renewal notices; `None` makes none.
+    pub notices: Option<NoticeConfig>,
     /// Serve time from a clock that starts here and moves only through
     /// `POST /v1/test-clock`; `None` serves the system time.
     pub test_clock: Option<Timestamp>,
@@ -72,4 +74,12 @@ pub enum ConfigError {
     NotifyUrl(String),
     #[error("--reservation-ttl: {0}")]
     ReservationTtl(String),
+    /// A flag that writes files, with `--durability memory` and no directory for them.
+    #[error(
+        "{flag} writes files, and --durability memory keeps nothing on disk by itself: give {dir} DIR"
+    )]
+    NeedsDir {
+        flag: &'static str,
+        dir: &'static str,
+    },
 }

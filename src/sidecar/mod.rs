@@ -29,7 +29,7 @@ pub use config::{Config, ConfigError};
 use crate::audit::Audit;
 use crate::decide::{Decider, Observer};
 use crate::metrics::DecisionMetrics;
-use crate::notices::Notices;
+use crate::notices::{self, Notices};
 use crate::reload::{self, ReloadConfig, ReloadState, Reloader};
 use crate::server::{self, App};
 use crate::snapshot_cell::SnapshotCell;
@@ -116,9 +116,7 @@ enum Serving {
 #[derive(Debug)]
 struct Assembly<S> {
     app: Arc<App<S>>,
-    http: TcpListener,
-    grpc: Option<TcpListener>,
-    metrics: Option<TcpListener>,
+    listeners: Listeners,
     /// With a shared store: how often deltas counted here are flushed to it.
     flush_every: Option<std::time::Duration>,
 }
@@ -128,39 +126,31 @@ struct Parts {
     snapshot: SnapshotCell,
     clock: Arc<dyn Clock>,
     test_clock: Option<Arc<ManualClock>>,
-    audit: Arc<Audit>,
-    notices: Arc<Notices>,
+    audit: Option<Arc<Audit>>,
+    notices: Option<Arc<Notices>>,
     reload: Arc<ReloadState>,
 }
 
 impl Sidecar {
-    /// Loads the policy directory and starts watching it, opens the audit log, the
-    /// renewal notices and the usage state (connecting to Redis when shared), and
-    /// binds the listeners. Start-up does blocking file work (recovering the state
-    /// directory) on the calling task: nothing is served yet.
+    /// Binds the listeners, opens the usage state (connecting to Redis when shared),
+    /// takes the audit and notices directories, loads the policy directory and starts
+    /// watching it; then starts the audit log and renewal notices. Start-up does
+    /// blocking file work (recovering the state directory) on the calling task:
+    /// nothing is served yet. The steps that fail most (a port in use, a state or
+    /// audit directory held by another process, a missing policy directory) come
+    /// before any audit or notice file is made, and a directory made for them is
+    /// removed again when start-up fails.
     pub async fn start(config: Config) -> Result<Sidecar, SidecarError> {
+        let (clock, test_clock) = clock(&config)?;
+        let listeners = Listeners::bind(&config).await?;
+        let (state_dir, local) = open_usage(&config, clock.clone())?;
+        let (audit, notices) = claim_files(&config)?;
+        log_files_off(&config);
         let cell = SnapshotCell::new();
         let state = Arc::new(ReloadState::default());
-        let audit = Audit::start(config.audit.clone()).map_err(|source| SidecarError::Audit {
-            dir: config.audit.dir.clone(),
-            source,
-        })?;
-        let audit = Arc::new(audit);
-        let (clock, test_clock) = clock(&config)?;
-        let notices = Arc::new(
-            Notices::start(
-                config.notices.clone(),
-                cell.clone(),
-                clock.clone(),
-                &tokio::runtime::Handle::current(),
-            )
-            .map_err(|source| SidecarError::Notices {
-                dir: config.notices.dir.clone(),
-                source,
-            })?,
-        );
+        let trigger = notices.as_ref().map(notices::Claim::trigger);
         let reloader = reload::start(
-            reload_config(&config, &audit, &notices),
+            reload_config(&config, audit.clone(), trigger),
             cell.clone(),
             state.clone(),
         )
@@ -168,16 +158,10 @@ impl Sidecar {
             dir: config.policies.clone(),
             source,
         })?;
-        if let Some(e) = state.status().last_error {
-            for line in &e.errors {
-                tracing::error!("{line}");
-            }
-            tracing::error!(
-                "no valid policy yet: decisions answer 503 until the policy directory loads"
-            );
-        }
+        log_load_error(&state);
         let reload = state.clone();
-        let (state_dir, local) = open_usage(&config, clock.clone())?;
+        let store = open_store(&config, local).await?;
+        let notices = start_files(&config, audit.as_deref(), notices, &cell, &clock)?;
         let parts = Parts {
             snapshot: cell,
             clock,
@@ -186,24 +170,8 @@ impl Sidecar {
             notices,
             reload: state,
         };
-        let serving = match config.store.clone() {
-            None => {
-                Serving::Local(Assembly::bind(&config, app(&config, parts, local), None).await?)
-            }
-            Some(cfg) => {
-                let url = crate::redact::url(&cfg.url);
-                let (mode, on_error, every) = (cfg.mode, cfg.on_error, cfg.flush_interval);
-                let shared = RedisStore::open(cfg, local)?;
-                shared.connect(Duration::from_secs(1)).await;
-                tracing::info!(store = %url, ?mode, ?on_error, "usage shared through Redis");
-                let app = app(&config, parts, shared);
-                Serving::Shared(Assembly::bind(&config, app, Some(every)).await?)
-            }
-        };
-        let (addr, grpc_addr, metrics_addr) = match &serving {
-            Serving::Local(a) => a.addrs()?,
-            Serving::Shared(a) => a.addrs()?,
-        };
+        let serving = Serving::assemble(&config, parts, store, listeners);
+        let (addr, grpc_addr, metrics_addr) = serving.addrs()?;
         Ok(Sidecar {
             addr,
             grpc_addr,
@@ -262,11 +230,11 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
             clock: parts.clock,
             observer: Observer {
                 metrics: DecisionMetrics::new(),
-                audit: Some(parts.audit),
+                audit: parts.audit,
             },
         },
         test_clock: parts.test_clock,
-        notices: Some(parts.notices),
+        notices: parts.notices,
         reload: parts.reload,
         prometheus: config.prometheus.clone(),
         limits: config.limits.clone(),
@@ -274,16 +242,26 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
     })
 }
 
-/// The one place the reloader's configuration is put together.
-fn reload_config(config: &Config, audit: &Arc<Audit>, notices: &Notices) -> ReloadConfig {
-    let (audit, trigger) = (audit.clone(), notices.trigger());
+/// The one place the reloader's configuration is put together: a new snapshot is
+/// recorded in the audit log before it is served, and wakes the notice scanner after.
+fn reload_config(
+    config: &Config,
+    audit: Option<Arc<Audit>>,
+    trigger: Option<notices::Trigger>,
+) -> ReloadConfig {
+    let mut subscribers = Vec::new();
+    if let Some(audit) = audit {
+        subscribers.push(reload::Subscriber::BeforeSwap(Box::new(move |c| {
+            audit.snapshot_changed(c.snapshot, c.previous, c.at)
+        })));
+    }
+    if let Some(trigger) = trigger {
+        subscribers.push(reload::Subscriber::AfterSwap(Box::new(move |_| {
+            trigger.poke()
+        })));
+    }
     ReloadConfig {
-        subscribers: vec![
-            reload::Subscriber::BeforeSwap(Box::new(move |c| {
-                audit.snapshot_changed(c.snapshot, c.previous, c.at)
-            })),
-            reload::Subscriber::AfterSwap(Box::new(move |_| trigger.poke())),
-        ],
+        subscribers,
         dir: config.policies.clone(),
         limits: config.policy_limits.clone(),
         debounce: config.reload_debounce,
@@ -293,6 +271,124 @@ fn reload_config(config: &Config, audit: &Arc<Audit>, notices: &Notices) -> Relo
         allow_mass_removal: config.allow_mass_removal,
         allow_empty: config.allow_empty,
     }
+}
+
+/// Takes the audit and notices directories (each held by this process from here
+/// on), without writing anything in them yet.
+fn claim_files(
+    config: &Config,
+) -> Result<(Option<Arc<Audit>>, Option<notices::Claim>), SidecarError> {
+    let audit = match config.audit.clone() {
+        Some(cfg) => {
+            let dir = cfg.dir.clone();
+            Some(Arc::new(
+                Audit::claim(cfg).map_err(|source| SidecarError::Audit { dir, source })?,
+            ))
+        }
+        None => None,
+    };
+    let notices = match config.notices.clone() {
+        Some(cfg) => {
+            let dir = cfg.dir.clone();
+            Some(Notices::claim(cfg).map_err(|source| SidecarError::Notices { dir, source })?)
+        }
+        None => None,
+    };
+    Ok((audit, notices))
+}
+
+/// Start-up has succeeded this far: starts renewal notices and the audit log's
+/// writer, which make their files.
+fn start_files(
+    config: &Config,
+    audit: Option<&Audit>,
+    notices: Option<notices::Claim>,
+    cell: &SnapshotCell,
+    clock: &Arc<dyn Clock>,
+) -> Result<Option<Arc<Notices>>, SidecarError> {
+    let runtime = tokio::runtime::Handle::current();
+    let dir = |d: Option<&PathBuf>| d.cloned().unwrap_or_default();
+    let notices = notices
+        .map(|n| n.start(cell.clone(), clock.clone(), &runtime))
+        .transpose()
+        .map_err(|source| SidecarError::Notices {
+            dir: dir(config.notices.as_ref().map(|n| &n.dir)),
+            source,
+        })?;
+    if let Some(a) = audit {
+        a.begin().map_err(|source| SidecarError::Audit {
+            dir: dir(config.audit.as_ref().map(|a| &a.dir)),
+            source,
+        })?;
+    }
+    Ok(notices.map(Arc::new))
+}
+
+/// Says which file-writing parts are off (`--durability memory` without their
+/// directory), so that nobody looks for files that were never meant to be written.
+fn log_files_off(config: &Config) {
+    if config.audit.is_none() {
+        tracing::info!(
+            "audit log off: --durability memory writes no files; --audit-dir DIR keeps one"
+        );
+    }
+    if config.notices.is_none() {
+        tracing::info!(
+            "renewal notices off: --durability memory writes no files; --notices-dir DIR turns them on"
+        );
+    }
+}
+
+/// A first load that failed: every error, then what it means until fixed.
+fn log_load_error(state: &ReloadState) {
+    if let Some(e) = state.status().last_error {
+        for line in &e.errors {
+            tracing::error!("{line}");
+        }
+        tracing::error!(
+            "no valid policy yet: decisions answer 503 until the policy directory loads"
+        );
+    }
+}
+
+/// The usage store a sidecar serves from: this process's own, or shared through
+/// Redis (with how often deltas counted here are flushed to it).
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value at start-up, moved once into the app"
+)]
+enum Store {
+    Local(MemoryStore),
+    Shared(RedisStore, Duration),
+}
+
+/// With `--store`: connects to Redis (the local store answers while it cannot).
+/// Either way says which store counts usage and what that means for replicas: the
+/// default counts per process, so replicas do not share quotas.
+async fn open_store(config: &Config, local: MemoryStore) -> Result<Store, SidecarError> {
+    let Some(cfg) = config.store.clone() else {
+        let kept = match &config.durable {
+            Some(d) => format!("kept in {}", d.dir.display()),
+            None => "lost on restart".to_string(),
+        };
+        tracing::info!(
+            "usage store: this process's memory ({kept}); quotas, rate limits and seats count \
+             this process's requests only, so N replicas give each customer N times its \
+             limits: use --store redis://HOST:PORT to share usage between replicas"
+        );
+        return Ok(Store::Local(local));
+    };
+    let url = crate::redact::url(&cfg.url);
+    let (mode, on_error, every) = (cfg.mode, cfg.on_error, cfg.flush_interval);
+    let shared = RedisStore::open(cfg, local)?;
+    shared.connect(Duration::from_secs(1)).await;
+    tracing::info!(
+        store = %url,
+        ?mode,
+        ?on_error,
+        "usage store: Redis, shared by every replica pointed at it"
+    );
+    Ok(Store::Shared(shared, every))
 }
 
 /// The served clock, and with `--test-clock` the handle that moves it.
@@ -341,12 +437,16 @@ fn open_usage(
     Ok((Some(state_dir), store))
 }
 
-impl<S: Flush> Assembly<S> {
-    async fn bind(
-        config: &Config,
-        app: Arc<App<S>>,
-        flush_every: Option<Duration>,
-    ) -> Result<Assembly<S>, SidecarError> {
+/// The listeners, bound before anything else starts.
+#[derive(Debug)]
+struct Listeners {
+    http: TcpListener,
+    grpc: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> Result<Listeners, SidecarError> {
         let http = bind(&config.listen, "").await?;
         let grpc = match &config.grpc_listen {
             None => None,
@@ -356,31 +456,54 @@ impl<S: Flush> Assembly<S> {
             None => None,
             Some(m) => Some(bind(m, "").await?),
         };
-        Ok(Assembly {
-            app,
+        Ok(Listeners {
             http,
             grpc,
             metrics,
-            flush_every,
         })
+    }
+}
+
+impl Serving {
+    /// The app on its store, with the listeners bound for it.
+    fn assemble(config: &Config, parts: Parts, store: Store, listeners: Listeners) -> Serving {
+        match store {
+            Store::Local(s) => {
+                Serving::Local(Assembly::new(app(config, parts, s), listeners, None))
+            }
+            Store::Shared(s, every) => {
+                Serving::Shared(Assembly::new(app(config, parts, s), listeners, Some(every)))
+            }
+        }
     }
 
     fn addrs(&self) -> std::io::Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>)> {
+        let l = match self {
+            Serving::Local(a) => &a.listeners,
+            Serving::Shared(a) => &a.listeners,
+        };
         Ok((
-            self.http.local_addr()?,
-            self.grpc
-                .as_ref()
-                .map(TcpListener::local_addr)
-                .transpose()?,
-            self.metrics
+            l.http.local_addr()?,
+            l.grpc.as_ref().map(TcpListener::local_addr).transpose()?,
+            l.metrics
                 .as_ref()
                 .map(TcpListener::local_addr)
                 .transpose()?,
         ))
     }
+}
+
+impl<S: Flush> Assembly<S> {
+    fn new(app: Arc<App<S>>, listeners: Listeners, flush_every: Option<Duration>) -> Self {
+        Assembly {
+            app,
+            listeners,
+            flush_every,
+        }
+    }
 
     async fn serve(self, stop: impl Future<Output = ()>) -> Result<(), SidecarError> {
-        let app = self.app;
+        let (app, l) = (self.app, self.listeners);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -389,13 +512,13 @@ impl<S: Flush> Assembly<S> {
         let flush = self
             .flush_every
             .map(|every| tokio::spawn(background::flush(app.clone(), every)));
-        let extra = self
+        let extra = l
             .metrics
             .map(|l| tokio::spawn(server::run(l, app.clone(), stopped(stop_rx.clone()))));
-        let grpc = self
+        let grpc = l
             .grpc
             .map(|l| tokio::spawn(server::grpc::run(l, app.clone(), stopped(stop_rx.clone()))));
-        let main = tokio::spawn(server::run(self.http, app.clone(), stopped(stop_rx)));
+        let main = tokio::spawn(server::run(l.http, app.clone(), stopped(stop_rx)));
         stop.await;
         tracing::info!("shutting down: finishing requests in flight");
         let _ = stop_tx.send(true);

@@ -10,7 +10,7 @@
 //! files: { extra.ndjson: "..." }   # optional further files
 //! now: 2026-06-15           # the clock (RFC 3339 or a date)
 //! steps:
-//!   - op: consume           # check | consume | seats_acquire | seats_release
+//!   - op: consume           # check | consume | seat_acquire | seat_release
 //!     customer: acme
 //!     feature: api.calls
 //!     amount: 5             # optional, default 1

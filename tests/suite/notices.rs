@@ -686,7 +686,8 @@ fn a_second_process_on_the_same_notices_dir_refuses_to_start() {
             .arg("--policies")
             .arg(policies.path())
             .args(["--durability", "memory", "--notices-dir", dir])
-            .args(["--listen", "127.0.0.1:0"])
+            // Listeners are bound before the directory is taken: no fixed port here.
+            .args(["--listen", "127.0.0.1:0", "--grpc-listen", "off"])
             .current_dir(tempfile::tempdir().unwrap().path()),
         Duration::from_secs(20),
     );

@@ -451,3 +451,113 @@ fn metrics_endpoint_serves_prometheus_text() {
         "{text}"
     );
 }
+
+/// The top-level keys of a JSON object, in the order written.
+fn keys_in_order(text: &str) -> Vec<String> {
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some(k) = m.next_key::<String>()? {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        out.push(k);
+                    }
+                    Ok(Keys(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    serde_json::from_str::<Keys>(text)
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+        .0
+}
+
+/// Commit and release answer as decisions: a reserve's keys in the same order
+/// (`source`, `expires_at`, `in_grace`, `trial` included), with `operation`,
+/// `committed` and `released` right after `reservation`; a consume's keys are the
+/// reserve's less `reservation`. The grant fields are the reserve's.
+#[test]
+fn commit_and_release_answer_in_the_decision_shape() {
+    let dir = policy();
+    let s = Server::start(dir.path());
+    let body = json!({"customer": "globex", "feature": "api.calls", "amount": 5});
+    let consume = s.post("/v1/consume", &body);
+    let reserve = |s: &Server| {
+        let r = s.post("/v1/reserve", &body);
+        let id = r.json()["reservation"].as_str().expect("an id").to_string();
+        (r, id)
+    };
+    let (reserved, id) = reserve(&s);
+    let commit = s.post(
+        &format!("/v1/reservations/{id}/commit"),
+        &json!({"amount": 3}),
+    );
+    let (_, id) = reserve(&s);
+    let release = s.post_raw(&format!("/v1/reservations/{id}/release"), "");
+    for r in [&consume, &reserved, &commit, &release] {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let reserve_keys = keys_in_order(&reserved.text());
+    let settle = ["operation", "committed", "released"];
+    for (answer, what) in [(&commit, "commit"), (&release, "release")] {
+        let keys = keys_in_order(&answer.text());
+        let at = keys
+            .iter()
+            .position(|k| k == "reservation")
+            .expect("reservation");
+        assert_eq!(keys[at + 1..at + 4], settle, "{what}: {keys:?}");
+        let rest: Vec<_> = keys
+            .iter()
+            .filter(|k| !settle.contains(&k.as_str()))
+            .collect();
+        assert_eq!(rest, reserve_keys.iter().collect::<Vec<_>>(), "{what}");
+        let (a, r) = (answer.json(), reserved.json());
+        for field in [
+            "source",
+            "expires_at",
+            "in_grace",
+            "trial",
+            "kind",
+            "limit",
+            "resets_at",
+        ] {
+            assert_eq!(a[field], r[field], "{what}: `{field}` in {a}");
+        }
+        assert_eq!(a["operation"], what, "{a}");
+    }
+    let consume_keys: Vec<_> = reserve_keys
+        .iter()
+        .filter(|k| *k != "reservation")
+        .collect();
+    assert_eq!(
+        keys_in_order(&consume.text()).iter().collect::<Vec<_>>(),
+        consume_keys
+    );
+    assert!(
+        reserve_keys.contains(&"source".to_string()),
+        "{reserve_keys:?}"
+    );
+    let (c, r) = (commit.json(), release.json());
+    assert_eq!(
+        (&c["committed"], &c["released"]),
+        (&json!(3), &json!(2)),
+        "{c}"
+    );
+    assert_eq!(
+        (&r["committed"], &r["released"]),
+        (&json!(0), &json!(5)),
+        "{r}"
+    );
+    assert_eq!(r["used"], 5 + 3, "the consume and the commit: {r}");
+}

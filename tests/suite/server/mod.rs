@@ -8,6 +8,7 @@
 //! this folder.
 
 mod connections;
+mod disk;
 mod endpoints;
 mod inputs;
 mod lifecycle;

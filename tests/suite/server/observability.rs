@@ -35,16 +35,39 @@ fn metrics_parse_as_prometheus_and_carry_no_customer_ids() {
     assert_eq!(r.status, 200);
     let text = r.text();
 
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/prom_check.py");
-    let mut child = std::process::Command::new("python3")
-        .arg(&script)
-        .args([
+    prom_check(
+        &text,
+        &[
             "acme",
             "globex",
             "initech",
             "zz-unknown-customer-9",
             "user-1",
-        ])
+        ],
+    );
+
+    // The decisions above are counted under their labels, seats under the ledger's
+    // name for the operation.
+    let acquired = r#"entitled_decisions_total{op="seat_acquire",kind="seats",allowed="true",reason="granted"}"#;
+    assert_eq!(
+        super::support::metric_value(&text, acquired),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        super::support::metric_value(&text, r#"entitled_quota_warnings_total{feature="exports"}"#)
+            .is_some_and(|v| v >= 1.0),
+        "{text}"
+    );
+}
+
+/// Runs tests/prom_check.py (the real Prometheus text parser) on a scrape; fails the
+/// test with what it found.
+fn prom_check(text: &str, args: &[&str]) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/prom_check.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -63,11 +86,30 @@ fn metrics_parse_as_prometheus_and_carry_no_customer_ids() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
 
-    // The decisions above are counted under their labels.
+/// The series alerts and dashboards use exist at 0 from start-up, before the first
+/// decision, refusal, error, replay or checkpoint: `increase()` over a series that
+/// appears with its first event sees nothing, so the first failure would go unseen.
+#[test]
+fn counters_exist_at_zero_right_after_start() {
+    let dir = policy();
+    let s = Server::spawn(dir.path());
+    let r = s.get("/metrics");
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    prom_check(&text, &["--at-start"]);
+    for feature in ["api.calls", "exports"] {
+        let series = format!(r#"entitled_quota_warnings_total{{feature="{feature}"}}"#);
+        assert_eq!(
+            super::support::metric_value(&text, &series),
+            Some(0.0),
+            "{text}"
+        );
+    }
     assert!(
-        super::support::metric_value(&text, r#"entitled_quota_warnings_total{feature="exports"}"#)
-            .is_some_and(|v| v >= 1.0),
+        text.contains("entitled_policy_reloads_total Policy reload attempts, by result (success")
+            && !text.contains("unchanged"),
         "{text}"
     );
 }

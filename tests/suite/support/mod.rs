@@ -270,6 +270,11 @@ impl Server {
         self.process().child.id()
     }
 
+    /// The server's working directory (a temporary one): where relative paths land.
+    pub fn work_dir(&self) -> &Path {
+        self._work.path()
+    }
+
     /// Everything the spawned server logged so far. An in-process server logs into
     /// this test process (uncaptured): its stderr says so rather than fail the
     /// assertion message it is read for.
