@@ -189,25 +189,26 @@ fn answer<'a>(
             d.value = Some(&v.repr);
             None
         }
-        GrantValue::Quota(q) => Some(quota(s, q, w.starts, limit, d)),
+        GrantValue::Quota(q) => Some(quota(s, q, w.anchor, limit, d)),
         GrantValue::Rate(r) => rate(s, r, d),
         GrantValue::Seats(_) => seats(s, limit, d),
     }
 }
 
-/// A quota's window (anchored at the grant's start for anniversary resets), its
-/// effective limit and soft-limit threshold, and the counter step.
+/// A quota's window (anchored at the winning record's billing anchor or start for
+/// anniversary resets), its effective limit and soft-limit threshold, and the counter
+/// step.
 #[inline]
 fn quota<'a>(
     s: Step<'_, 'a>,
     q: &QuotaGrant,
-    starts: Timestamp,
+    anchor: Timestamp,
     limit: Option<Limit>,
     d: &mut Decision<'a>,
 ) -> Pending<'a> {
     let t = s.ctx.t;
     let limit = limit.unwrap_or(q.limit);
-    let win = window(q.period, q.reset, starts, t);
+    let win = window(q.period, q.reset, anchor, t);
     d.limit = Some(limit);
     // Past year 9999 there is no RFC 3339 to write: report no reset.
     d.resets_at = win.resets_at().filter(|t| t.to_jiff().is_some());

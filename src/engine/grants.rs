@@ -55,6 +55,8 @@ pub struct Candidate<'a> {
     pub priority: Option<i32>,
     pub starts: Timestamp,
     pub ends: Timestamp,
+    /// Where quota windows count from (a subscription's billing anchor, else `starts`).
+    pub anchor: Timestamp,
     pub trial: bool,
 }
 
@@ -102,6 +104,7 @@ pub(super) fn for_each_candidate<'a>(
             status: st,
             priority: None,
             starts: s.starts,
+            anchor: s.anchor,
             ends: s.ends,
             trial: s.trial,
         });
@@ -121,6 +124,7 @@ pub(super) fn for_each_candidate<'a>(
             status: st,
             priority: g.priority,
             starts: g.starts,
+            anchor: g.starts,
             ends: g.ends,
             trial: false,
         });
@@ -136,6 +140,7 @@ pub(super) fn for_each_candidate<'a>(
             status: status(o.starts, o.expires, o.expires, t),
             priority: None,
             starts: o.starts,
+            anchor: o.starts,
             ends: o.expires,
             trial: false,
         });

@@ -110,6 +110,17 @@ impl Shard {
         self.index.reserve(n, |_| 0);
     }
 
+    /// Gives back what was reserved beyond the shard's customers (a compile reserves
+    /// for an even spread, and shards differ by a few percent).
+    fn shrink_to_fit(&mut self) {
+        self.records.shrink_to_fit();
+        self.subs.shrink_to_fit();
+        self.grants.shrink_to_fit();
+        self.overrides.shrink_to_fit();
+        self.extras.shrink_to_fit();
+        self.names.shrink_to_fit();
+    }
+
     /// Interns a scope, returning its id in this shard.
     pub(crate) fn intern_scope(&mut self, s: Scope) -> ScopeId {
         if let Some(i) = self.scopes.iter().position(|x| *x == s) {
@@ -251,8 +262,11 @@ impl Default for Customers {
 
 impl Customers {
     /// A table from [`SHARDS`] shards, each customer in the shard [`locate`] chose.
-    pub(crate) fn from_shards(shards: Vec<Shard>) -> Customers {
+    pub(crate) fn from_shards(mut shards: Vec<Shard>) -> Customers {
         debug_assert_eq!(shards.len(), SHARDS);
+        for s in &mut shards {
+            s.shrink_to_fit();
+        }
         let len = shards.iter().map(Shard::len).sum();
         Customers {
             shards: shards.into_iter().map(Arc::new).collect(),
@@ -346,6 +360,7 @@ mod tests {
             starts: Timestamp::MIN,
             ends: Timestamp::MAX,
             grace_ends: Timestamp::MAX,
+            anchor: Timestamp::MIN,
             scope: NONE,
             trial: false,
         }

@@ -182,6 +182,9 @@ pub struct Subscription {
     pub starts: String,
     pub ends: Option<String>,
     pub grace: Option<String>,
+    /// The day quota windows count from, when it is not `starts` (a mid-term upgrade
+    /// keeps the customer's billing day).
+    pub billing_anchor: Option<String>,
     pub quantity: Option<u64>,
     #[serde(default)]
     pub trial: bool,

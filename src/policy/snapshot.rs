@@ -211,6 +211,8 @@ pub struct Subscription {
     pub ends: Timestamp,
     /// `ends` plus the grace period.
     pub grace_ends: Timestamp,
+    /// Where quota windows count from: `billing_anchor`, or `starts`.
+    pub anchor: Timestamp,
     pub scope: ScopeId,
     pub trial: bool,
 }

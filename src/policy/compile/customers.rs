@@ -384,8 +384,12 @@ impl<'a> CustomerCompiler<'a> {
             }
         };
         let scope = self.scope(s.scope.as_ref(), at, &base);
-        let (plan, (starts, ends), grace, quantity, scope) =
-            (plan?, dates?, grace?, quantity?, scope?);
+        let anchor = match &s.billing_anchor {
+            Some(a) => self.time(a, at, &with("billing_anchor")).map(Some),
+            None => Some(None),
+        };
+        let (plan, (starts, ends), grace, quantity, scope, anchor) =
+            (plan?, dates?, grace?, quantity?, scope?, anchor?);
         Some(Subscription {
             plan,
             quantity,
@@ -396,6 +400,7 @@ impl<'a> CustomerCompiler<'a> {
             } else {
                 ends.saturating_add(grace)
             },
+            anchor: anchor.unwrap_or(starts),
             scope,
             trial: s.trial,
         })

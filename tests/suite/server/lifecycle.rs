@@ -233,49 +233,46 @@ impl Drop for ReadOnlyDir {
     }
 }
 
-/// A state directory that cannot be written stops the start with an error naming the
+/// A directory that cannot be written stops the start with an error naming the
 /// directory or file it could not write, not a bare "Operation not permitted": the
-/// audit log's (kept in it by default), then, with the audit log and notices elsewhere,
-/// the state directory's own `LOCK`.
+/// state directory's own `LOCK` (opened first), then, with the state directory
+/// elsewhere, the audit log's directory inside the read-only one.
 #[test]
 fn a_read_only_state_directory_is_named_at_start() {
     let dir = policy();
-    let state = ReadOnlyDir::new();
+    let read_only = ReadOnlyDir::new();
     let elsewhere = tempfile::tempdir().expect("tempdir");
-    let serve = |extra: &[&std::ffi::OsStr]| {
+    let serve = |state: &std::path::Path, extra: &[&std::ffi::OsStr]| {
         let out = output_within(
             std::process::Command::new(env!("CARGO_BIN_EXE_entitled"))
                 .args(["serve", "--listen", "127.0.0.1:0", "--grpc-listen", "off"])
                 .arg("--policies")
                 .arg(dir.path())
                 .arg("--state-dir")
-                .arg(state.dir.path())
+                .arg(state)
                 .args(extra),
             Duration::from_secs(20),
         );
         assert!(
             !out.status.success(),
-            "started on a read-only state directory: {out:?}"
+            "started on a read-only directory: {out:?}"
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let err = serve(&[]);
-    let audit = state.dir.path().join("audit");
-    assert!(
-        err.contains(&format!("starting the audit log in {}", audit.display())),
-        "{err}"
-    );
-    let (audit, notices) = (elsewhere.path().join("a"), elsewhere.path().join("n"));
-    let err = serve(&[
-        "--audit-dir".as_ref(),
-        audit.as_os_str(),
-        "--notices-dir".as_ref(),
-        notices.as_os_str(),
-    ]);
-    let lock = state.dir.path().join("LOCK");
+    let err = serve(read_only.dir.path(), &[]);
+    let lock = read_only.dir.path().join("LOCK");
     assert!(
         err.contains(&format!("cannot write {}", lock.display()))
             && err.contains("must be writable"),
+        "{err}"
+    );
+    let audit = read_only.dir.path().join("audit");
+    let err = serve(
+        &elsewhere.path().join("state"),
+        &["--audit-dir".as_ref(), audit.as_os_str()],
+    );
+    assert!(
+        err.contains(&format!("starting the audit log in {}", audit.display())),
         "{err}"
     );
 }
