@@ -34,6 +34,7 @@ pub const JOURNAL_FLUSHES: &str = "entitled_journal_flushes_total";
 pub const JOURNAL_BYTES: &str = "entitled_journal_bytes_total";
 pub const JOURNAL_FLUSH_DURATION: &str = "entitled_journal_flush_duration_seconds";
 pub const JOURNAL_ERRORS: &str = "entitled_journal_errors_total";
+pub const JOURNAL_REFUSED: &str = "entitled_journal_refused_changes_total";
 pub const STATE_DAMAGED: &str = "entitled_state_damaged_records_total";
 pub const CHECKPOINTS: &str = "entitled_state_checkpoints_total";
 pub const CHECKPOINT_DURATION: &str = "entitled_state_checkpoint_duration_seconds";
@@ -151,6 +152,10 @@ fn describe() {
         "Failed writes to the state directory (journal, ledger, segments)."
     );
     describe_counter!(
+        JOURNAL_REFUSED,
+        "Changes dropped in --durability sync because the journal could not be written (answered 503, taken back in memory)."
+    );
+    describe_counter!(
         STATE_DAMAGED,
         "Damaged or torn records found in the state directory at start-up (each lost)."
     );
@@ -206,6 +211,7 @@ fn describe() {
     }
     counter!(STORE_ERRORS).absolute(0);
     counter!(JOURNAL_ERRORS).absolute(0);
+    counter!(JOURNAL_REFUSED).absolute(0);
     counter!(STATE_DAMAGED).absolute(0);
     counter!(AUDIT_DROPPED).absolute(0);
     for result in ["success", "failure"] {
@@ -346,6 +352,11 @@ pub fn journal_flush(bytes: usize, seconds: f64) {
 
 pub fn journal_error() {
     counter!(JOURNAL_ERRORS).increment(1);
+}
+
+/// Journal records of a batch dropped in sync mode (their requests answered 503).
+pub fn journal_dropped(records: u64) {
+    counter!(JOURNAL_REFUSED).increment(records);
 }
 
 pub fn state_damaged(records: u64) {

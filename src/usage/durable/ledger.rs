@@ -13,12 +13,13 @@
 //! test clock drives it too).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::record::Record;
+use super::sink::Appender;
 use crate::files;
 use crate::ids::{parse_reservation, reservation_name};
 use crate::time::{SECOND, Timestamp};
@@ -207,11 +208,14 @@ pub struct Ledger {
     dir: PathBuf,
     source: String,
     config: LedgerConfig,
-    file: Option<File>,
-    size: u64,
+    file: Option<Appender>,
     start_us: i64,
-    /// The last lsn the ledger holds an event for (0: none).
+    /// The last lsn the ledger holds an event for (0: none). Never past an event that
+    /// was not written: re-derivation from the journal resumes after it.
     last_lsn: u64,
+    /// An append failed: events after `last_lsn` are in the journal only, and later
+    /// batches must not be appended before them (see [`Self::is_behind`]).
+    behind: bool,
     /// Torn bytes cut off the last segment when it was opened.
     pub truncated_bytes: u64,
 }
@@ -225,20 +229,20 @@ impl Ledger {
             source,
             config,
             file: None,
-            size: 0,
             start_us: 0,
             last_lsn: 0,
+            behind: false,
             truncated_bytes: 0,
         };
         let segs = segments(dir)?;
         for seg in segs.iter().rev() {
-            let mut f = OpenOptions::new().read(true).write(true).open(&seg.path)?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)?;
+            let buf = fs::read(&seg.path)?;
             let keep = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             if keep < buf.len() {
                 ledger.truncated_bytes += (buf.len() - keep) as u64;
+                let f = OpenOptions::new().write(true).open(&seg.path)?;
                 f.set_len(keep as u64)?;
+                f.sync_data()?;
             }
             let last_line = buf[..keep]
                 .split(|&b| b == b'\n')
@@ -248,10 +252,9 @@ impl Ledger {
                 ledger.last_lsn = event_lsn(line).unwrap_or(0);
             }
             if ledger.file.is_none() {
-                f.seek(SeekFrom::End(0))?;
-                ledger.size = keep as u64;
+                let f = OpenOptions::new().append(true).open(&seg.path)?;
+                ledger.file = Some(Appender::new(f, keep as u64));
                 ledger.start_us = seg.start_secs.saturating_mul(SECOND);
-                ledger.file = Some(f);
             }
             if ledger.last_lsn > 0 {
                 break;
@@ -265,36 +268,71 @@ impl Ledger {
         self.last_lsn
     }
 
+    /// Appends to `file` (standing for the last segment) from now on.
+    #[cfg(test)]
+    pub fn with_file(mut self, file: Appender) -> Ledger {
+        self.file = Some(file);
+        self
+    }
+
+    /// Whether an append failed since the ledger last caught up: the events after
+    /// [`Self::last_lsn`] must be re-derived from the journal before anything newer is
+    /// appended.
+    pub fn is_behind(&self) -> bool {
+        self.behind
+    }
+
+    /// Every event the journal holds is in the ledger again.
+    pub fn caught_up(&mut self) {
+        self.behind = false;
+    }
+
     /// Appends encoded event lines (all with lsn > [`Self::last_lsn`]) whose last lsn
     /// is `last`; `first` is the first event's (lsn, time), used to name a new segment.
+    /// Whole or not at all: a failed append leaves the segment as it was, the last lsn
+    /// where it was, and the ledger behind.
     pub fn append(&mut self, lines: &[u8], first: (u64, i64), last: u64) -> io::Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let (first_lsn, first_time) = first;
+        match self.write(lines, first) {
+            Ok(()) => {
+                self.last_lsn = last;
+                Ok(())
+            }
+            Err(e) => {
+                self.behind = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&mut self, lines: &[u8], (first_lsn, first_time): (u64, i64)) -> io::Result<()> {
         let stale = first_time.saturating_sub(self.start_us) >= self.config.segment_age_us;
-        if self.file.is_none() || self.size >= self.config.segment_bytes || stale {
+        let full = self
+            .file
+            .as_ref()
+            .is_none_or(|f| f.len() >= self.config.segment_bytes);
+        if full || stale {
             self.rotate(first_lsn, first_time)?;
         }
-        if let Some(f) = &mut self.file {
-            f.write_all(lines)?;
-            self.size += lines.len() as u64;
+        match &mut self.file {
+            Some(f) => f.append(lines, false),
+            None => Err(io::Error::other("no ledger segment open")),
         }
-        self.last_lsn = last;
-        Ok(())
     }
 
     fn rotate(&mut self, first_lsn: u64, time_us: i64) -> io::Result<()> {
         if let Some(f) = self.file.take() {
-            f.sync_data()?;
+            f.sync()?;
         }
         let secs = time_us.div_euclid(SECOND);
         let path = self
             .dir
             .join(format!("usage-{first_lsn:020}-{secs}.ndjson"));
         let f = OpenOptions::new().create(true).append(true).open(&path)?;
-        self.file = Some(f);
-        self.size = 0;
+        let len = f.metadata()?.len();
+        self.file = Some(Appender::new(f, len));
         self.start_us = time_us;
         self.expire(time_us)?;
         Ok(())
@@ -315,7 +353,7 @@ impl Ledger {
 
     pub fn sync(&mut self) -> io::Result<()> {
         match &self.file {
-            Some(f) => f.sync_data(),
+            Some(f) => f.sync(),
             None => Ok(()),
         }
     }
@@ -417,7 +455,7 @@ pub fn event_record(v: &serde_json::Value) -> Option<Record<'_>> {
 }
 
 /// The lsn in an event line's `id`.
-fn event_lsn(line: &[u8]) -> Option<u64> {
+pub(super) fn event_lsn(line: &[u8]) -> Option<u64> {
     #[derive(serde::Deserialize)]
     struct Id<'a> {
         #[serde(borrow)]
@@ -427,18 +465,15 @@ fn event_lsn(line: &[u8]) -> Option<u64> {
 }
 
 /// Prints every event at or after `since` (and before `until`) to `out`, oldest
-/// first. Segments that end before `since` are skipped unread.
+/// first. Segments that end before `since` are skipped unread. A line that is not an
+/// event (damage) fails the export, naming its file and line: a billing export that
+/// silently left events out would under-bill.
 pub fn export(
     dir: &Path,
     since: Option<Timestamp>,
     until: Option<Timestamp>,
     out: &mut impl Write,
 ) -> io::Result<u64> {
-    #[derive(serde::Deserialize)]
-    struct Time<'a> {
-        #[serde(borrow)]
-        time: &'a str,
-    }
     let segs = segments(dir)?;
     let mut n = 0;
     for (i, seg) in segs.iter().enumerate() {
@@ -449,19 +484,22 @@ pub fn export(
             continue;
         }
         let r = BufReader::new(File::open(&seg.path)?);
-        for line in r.split(b'\n') {
+        for (no, line) in r.split(b'\n').enumerate() {
             let line = line?;
             if line.is_empty() {
                 continue;
             }
-            let t = serde_json::from_slice::<Time<'_>>(&line)
-                .ok()
-                .and_then(|t| Timestamp::parse(t.time).ok());
-            let keep = match t {
-                Some(t) => since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u),
-                None => false,
-            };
-            if keep {
+            let t = event_time(&line).map_err(|why| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}:{}: not a usage event ({why}); the ledger is damaged here",
+                        seg.path.display(),
+                        no + 1
+                    ),
+                )
+            })?;
+            if since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u) {
                 out.write_all(&line)?;
                 out.write_all(b"\n")?;
                 n += 1;
@@ -469,4 +507,15 @@ pub fn export(
         }
     }
     Ok(n)
+}
+
+/// The `time` of an event line, or why it is not one.
+fn event_time(line: &[u8]) -> Result<Timestamp, String> {
+    #[derive(serde::Deserialize)]
+    struct Time<'a> {
+        #[serde(borrow)]
+        time: &'a str,
+    }
+    let t = serde_json::from_slice::<Time<'_>>(line).map_err(|e| e.to_string())?;
+    Timestamp::parse(t.time).map_err(|e| format!("`time`: {e}"))
 }

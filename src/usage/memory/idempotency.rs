@@ -90,6 +90,12 @@ impl IdemKeys {
         }
     }
 
+    /// Forgets a key whose answer was taken back (its change was refused by the
+    /// journal): a retry is decided afresh.
+    pub(super) fn forget(&self, scope: Box<str>, key: Box<str>) {
+        self.0.remove(&(scope, key));
+    }
+
     /// Forgets expired keys (never one still in flight).
     pub(super) fn expire(&self, now: Timestamp) {
         self.0

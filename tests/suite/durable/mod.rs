@@ -19,6 +19,7 @@
 mod crash;
 mod damage;
 mod export;
+mod full_disk;
 mod reservations;
 
 use std::collections::{BTreeMap, HashSet};
