@@ -166,6 +166,8 @@ struct Shared {
     durable: AtomicU64,
     /// Set while the backlog is full; cleared by the next successful flush.
     refusing: std::sync::atomic::AtomicBool,
+    /// The ledger is behind the journal (a write failed, or it is at its cap).
+    ledger_behind: std::sync::atomic::AtomicBool,
     flushed: tokio::sync::Notify,
     config: JournalConfig,
 }
@@ -220,6 +222,7 @@ impl Journal {
             wake: Condvar::new(),
             durable: AtomicU64::new(next_lsn.saturating_sub(1)),
             refusing: std::sync::atomic::AtomicBool::new(false),
+            ledger_behind: std::sync::atomic::AtomicBool::new(ledger.is_behind()),
             flushed: tokio::sync::Notify::new(),
             config,
         });
@@ -303,6 +306,12 @@ impl Journal {
             ));
         }
         Ok(())
+    }
+
+    /// Whether the usage ledger is behind the journal (a write failed, or it is at
+    /// its cap): the journal keeps the events, and is not folded, until it catches up.
+    pub fn ledger_behind(&self) -> bool {
+        self.shared.ledger_behind.load(Ordering::Relaxed)
     }
 
     /// Is `lsn` on disk?
@@ -595,8 +604,14 @@ impl Writer {
         }
     }
 
+    fn publish_ledger_state(&self) {
+        let behind = self.ledger.is_behind();
+        self.shared.ledger_behind.store(behind, Ordering::Relaxed);
+    }
+
     fn ledger_failed(&mut self, e: &io::Error) {
         self.ledger_tried = Some(Instant::now());
+        self.publish_ledger_state();
         tracing::error!(
             error = %e,
             last_lsn = self.ledger.last_lsn(),
@@ -656,6 +671,7 @@ impl Writer {
         match &r {
             Ok(()) => {
                 self.ledger.caught_up();
+                self.publish_ledger_state();
                 tracing::info!(
                     last_lsn = self.ledger.last_lsn(),
                     "the usage ledger caught up with the journal"

@@ -9,15 +9,18 @@
 //! each consumption appears exactly once, across restarts.
 //!
 //! Segments are `ledger/usage-<first lsn>-<start unix seconds>.ndjson`, rotated by
-//! size and age and deleted after the retention period (measured in event time, so a
-//! test clock drives it too).
+//! size and age, gzipped once closed (see [`super::archive`]), and deleted after the
+//! retention period (measured in event time, so a test clock drives it too) or once
+//! acknowledged. Past `max_bytes` the ledger stops appending: it falls behind (the
+//! journal keeps the events) and catches up once segments are deleted.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::archive;
 use super::record::Record;
 use super::sink::Appender;
 use crate::files;
@@ -32,6 +35,8 @@ pub struct LedgerConfig {
     pub segment_age_us: i64,
     /// Delete segments whose events are all older than this (microseconds).
     pub retention_us: i64,
+    /// Most bytes the ledger's files may take (0: no cap).
+    pub max_bytes: u64,
 }
 
 impl Default for LedgerConfig {
@@ -40,6 +45,7 @@ impl Default for LedgerConfig {
             segment_bytes: 64 << 20,
             segment_age_us: 3600 * SECOND,
             retention_us: 30 * 86_400 * SECOND,
+            max_bytes: 0,
         }
     }
 }
@@ -184,22 +190,38 @@ struct Segment {
     path: PathBuf,
     first_lsn: u64,
     start_secs: i64,
+    /// Compressed (closed).
+    gz: bool,
 }
 
+/// The segments of ledger `dir`, oldest first, in either form (the plain one while
+/// both exist: its compression is not finished).
 fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
     let named = files::list_by(dir, |name| {
-        let stem = name.strip_prefix("usage-")?.strip_suffix(".ndjson")?;
+        let rest = name.strip_prefix("usage-")?;
+        let (stem, gz) = match rest.strip_suffix(".ndjson.gz") {
+            Some(stem) => (stem, true),
+            None => (rest.strip_suffix(".ndjson")?, false),
+        };
         let (lsn, secs) = stem.split_once('-')?;
-        Some((lsn.parse::<u64>().ok()?, secs.parse::<i64>().ok()?))
+        Some((lsn.parse::<u64>().ok()?, secs.parse::<i64>().ok()?, gz))
     })?;
-    Ok(named
-        .into_iter()
-        .map(|((first_lsn, start_secs), path)| Segment {
+    let mut out: Vec<Segment> = Vec::with_capacity(named.len());
+    for ((first_lsn, start_secs, gz), path) in named {
+        if out
+            .last()
+            .is_some_and(|s| s.first_lsn == first_lsn && s.start_secs == start_secs)
+        {
+            continue;
+        }
+        out.push(Segment {
             path,
             first_lsn,
             start_secs,
-        })
-        .collect())
+            gz,
+        });
+    }
+    Ok(out)
 }
 
 /// The ledger's writer. Lives on the journal's writer thread.
@@ -209,6 +231,10 @@ pub struct Ledger {
     source: String,
     config: LedgerConfig,
     file: Option<Appender>,
+    /// The segment `file` appends to.
+    path: Option<PathBuf>,
+    /// Bytes of the ledger's files (recounted from the directory at maintenance).
+    bytes: u64,
     start_us: i64,
     /// The last lsn the ledger holds an event for (0: none). Never past an event that
     /// was not written: re-derivation from the journal resumes after it.
@@ -229,6 +255,8 @@ impl Ledger {
             source,
             config,
             file: None,
+            path: None,
+            bytes: archive::bytes(dir)?,
             start_us: 0,
             last_lsn: 0,
             behind: false,
@@ -236,6 +264,14 @@ impl Ledger {
         };
         let segs = segments(dir)?;
         for seg in segs.iter().rev() {
+            if seg.gz {
+                // Closed: whole, never appended to.
+                ledger.last_lsn = last_event(seg)?.unwrap_or(0);
+                if ledger.last_lsn > 0 {
+                    break;
+                }
+                continue;
+            }
             let buf = fs::read(&seg.path)?;
             let keep = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             if keep < buf.len() {
@@ -251,9 +287,10 @@ impl Ledger {
             if let Some(line) = last_line {
                 ledger.last_lsn = event_lsn(line).unwrap_or(0);
             }
-            if ledger.file.is_none() {
+            if ledger.file.is_none() && seg.path == segs[segs.len() - 1].path {
                 let f = OpenOptions::new().append(true).open(&seg.path)?;
                 ledger.file = Some(Appender::new(f, keep as u64));
+                ledger.path = Some(seg.path.clone());
                 ledger.start_us = seg.start_secs.saturating_mul(SECOND);
             }
             if ledger.last_lsn > 0 {
@@ -261,6 +298,17 @@ impl Ledger {
             }
             ledger.last_lsn = ledger.last_lsn.max(seg.first_lsn.saturating_sub(1));
         }
+        // Never name an event again that was acknowledged (its segment may be gone).
+        ledger.last_lsn = ledger.last_lsn.max(archive::acked(dir)?);
+        // Segments acknowledged while stopped go; closed ones a stop left plain are
+        // compressed now (at most the one the writer had just closed, normally).
+        ledger.prune(None)?;
+        for seg in segments(dir)? {
+            if !seg.gz && Some(&seg.path) != ledger.path.as_ref() {
+                archive::compress(&seg.path)?;
+            }
+        }
+        ledger.prune(None)?;
         Ok(ledger)
     }
 
@@ -285,6 +333,7 @@ impl Ledger {
     /// Every event the journal holds is in the ledger again.
     pub fn caught_up(&mut self) {
         self.behind = false;
+        crate::metrics::ledger(self.bytes, self.config.max_bytes, false);
     }
 
     /// Appends encoded event lines (all with lsn > [`Self::last_lsn`]) whose last lsn
@@ -298,16 +347,36 @@ impl Ledger {
         match self.write(lines, first) {
             Ok(()) => {
                 self.last_lsn = last;
+                self.bytes += lines.len() as u64;
+                crate::metrics::ledger(self.bytes, self.config.max_bytes, self.behind);
                 Ok(())
             }
             Err(e) => {
                 self.behind = true;
+                crate::metrics::ledger(self.bytes, self.config.max_bytes, true);
                 Err(e)
             }
         }
     }
 
+    /// Refuses `n` more bytes past the cap, after deleting what maintenance may.
+    fn make_room(&mut self, n: usize, now_us: i64) -> io::Result<()> {
+        let max = self.config.max_bytes;
+        if max == 0 || self.bytes + n as u64 <= max {
+            return Ok(());
+        }
+        self.prune(Some(now_us))?;
+        if self.bytes + n as u64 <= max {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "the usage ledger is at its cap (--ledger-max-bytes {max}; {} bytes): acknowledge what billing ingested (entitled usage ack), or raise the cap",
+            self.bytes
+        )))
+    }
+
     fn write(&mut self, lines: &[u8], (first_lsn, first_time): (u64, i64)) -> io::Result<()> {
+        self.make_room(lines.len(), first_time)?;
         let stale = first_time.saturating_sub(self.start_us) >= self.config.segment_age_us;
         let full = self
             .file
@@ -326,6 +395,9 @@ impl Ledger {
         if let Some(f) = self.file.take() {
             f.sync()?;
         }
+        if let Some(closed) = self.path.take() {
+            archive::compress_in_background(vec![closed]);
+        }
         let secs = time_us.div_euclid(SECOND);
         let path = self
             .dir
@@ -333,21 +405,29 @@ impl Ledger {
         let f = OpenOptions::new().create(true).append(true).open(&path)?;
         let len = f.metadata()?.len();
         self.file = Some(Appender::new(f, len));
+        self.path = Some(path);
         self.start_us = time_us;
-        self.expire(time_us)?;
+        self.prune(Some(time_us))?;
         Ok(())
     }
 
-    /// Deletes segments whose every event is older than the retention: a segment's
-    /// events end where the next one starts.
-    fn expire(&self, now_us: i64) -> io::Result<()> {
+    /// Deletes the segments whose every event is older than the retention (as of
+    /// `now_us`, if given), or at or before the acknowledged position (a segment's
+    /// events end where the next one starts; the last segment is never deleted), and
+    /// recounts the ledger's bytes.
+    fn prune(&mut self, now_us: Option<i64>) -> io::Result<()> {
         let segs = segments(&self.dir)?;
-        let horizon = now_us.saturating_sub(self.config.retention_us);
+        let horizon = now_us.map_or(i64::MIN, |n| n.saturating_sub(self.config.retention_us));
+        let acked = archive::acked(&self.dir)?;
         for pair in segs.windows(2) {
-            if pair[1].start_secs.saturating_mul(SECOND) < horizon {
-                fs::remove_file(&pair[0].path)?;
+            let expired = pair[1].start_secs.saturating_mul(SECOND) < horizon;
+            let ingested = pair[1].first_lsn <= acked.saturating_add(1);
+            if expired || ingested {
+                remove_segment(&pair[0].path)?;
             }
         }
+        self.bytes = archive::bytes(&self.dir)?;
+        crate::metrics::ledger(self.bytes, self.config.max_bytes, self.behind);
         Ok(())
     }
 
@@ -389,7 +469,7 @@ pub fn events_between(
         if seg.first_lsn > upto {
             break;
         }
-        let r = BufReader::new(File::open(&seg.path)?);
+        let r = archive::open(&seg.path, seg.gz)?;
         for line in r.split(b'\n') {
             let line = line?;
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
@@ -454,6 +534,39 @@ pub fn event_record(v: &serde_json::Value) -> Option<Record<'_>> {
     }
 }
 
+/// Deletes a segment, in both forms (its compression may be under way).
+fn remove_segment(path: &Path) -> io::Result<()> {
+    for p in [path.to_path_buf(), archive::gz_path(path)] {
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The lsn of a segment's last event, if it has one.
+fn last_event(seg: &Segment) -> io::Result<Option<u64>> {
+    let mut last = None;
+    for line in archive::open(&seg.path, seg.gz)?.split(b'\n') {
+        let line = line?;
+        if let Some(lsn) = event_lsn(&line) {
+            last = Some(lsn);
+        }
+    }
+    Ok(last)
+}
+
+/// The id (lsn) of the last event in ledger `dir`, if any.
+pub fn last_position(dir: &Path) -> io::Result<Option<u64>> {
+    for seg in segments(dir)?.iter().rev() {
+        if let Some(lsn) = last_event(seg)? {
+            return Ok(Some(lsn));
+        }
+    }
+    Ok(None)
+}
+
 /// The lsn in an event line's `id`.
 pub(super) fn event_lsn(line: &[u8]) -> Option<u64> {
     #[derive(serde::Deserialize)]
@@ -464,58 +577,98 @@ pub(super) fn event_lsn(line: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Id<'_>>(line).ok()?.id.parse().ok()
 }
 
-/// Prints every event at or after `since` (and before `until`) to `out`, oldest
-/// first. Segments that end before `since` are skipped unread. A line that is not an
-/// event (damage) fails the export, naming its file and line: a billing export that
-/// silently left events out would under-bill.
-pub fn export(
-    dir: &Path,
-    since: Option<Timestamp>,
-    until: Option<Timestamp>,
-    out: &mut impl Write,
-) -> io::Result<u64> {
+/// Which events [`export`] prints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Filter {
+    /// At or after this event time.
+    pub since: Option<Timestamp>,
+    /// Before this event time.
+    pub until: Option<Timestamp>,
+    /// After this position (event id): what a shipper has not yet ingested.
+    pub after: Option<u64>,
+}
+
+/// What [`export`] printed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exported {
+    pub events: u64,
+    /// The id of the last event printed: the position to acknowledge once ingested.
+    pub last_position: Option<u64>,
+}
+
+/// Prints the events `filter` selects to `out`, oldest first, from segments in either
+/// form. Segments that end before `since` or at `after` are skipped unread. A line
+/// that is not an event (damage) fails the export, naming its file and line: a
+/// billing export that silently left events out would under-bill.
+pub fn export(dir: &Path, filter: Filter, out: &mut impl Write) -> io::Result<Exported> {
     let segs = segments(dir)?;
-    let mut n = 0;
+    let mut done = Exported::default();
     for (i, seg) in segs.iter().enumerate() {
-        let ends = segs.get(i + 1).map(|s| s.start_secs.saturating_mul(SECOND));
-        if let (Some(since), Some(ends)) = (since, ends)
+        let next = segs.get(i + 1);
+        let ends = next.map(|s| s.start_secs.saturating_mul(SECOND));
+        if let (Some(since), Some(ends)) = (filter.since, ends)
             && ends < since.0
         {
             continue;
         }
-        let r = BufReader::new(File::open(&seg.path)?);
-        for (no, line) in r.split(b'\n').enumerate() {
-            let line = line?;
-            if line.is_empty() {
-                continue;
-            }
-            let t = event_time(&line).map_err(|why| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{}:{}: not a usage event ({why}); the ledger is damaged here",
-                        seg.path.display(),
-                        no + 1
-                    ),
-                )
-            })?;
-            if since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u) {
-                out.write_all(&line)?;
-                out.write_all(b"\n")?;
-                n += 1;
-            }
+        if let (Some(after), Some(next)) = (filter.after, next)
+            && next.first_lsn <= after.saturating_add(1)
+        {
+            continue;
         }
+        export_segment(seg, filter, out, &mut done)?;
     }
-    Ok(n)
+    Ok(done)
 }
 
-/// The `time` of an event line, or why it is not one.
-fn event_time(line: &[u8]) -> Result<Timestamp, String> {
+fn export_segment(
+    seg: &Segment,
+    filter: Filter,
+    out: &mut impl Write,
+    done: &mut Exported,
+) -> io::Result<()> {
+    let r = archive::open(&seg.path, seg.gz)?;
+    for (no, line) in r.split(b'\n').enumerate() {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        let (id, t) = event_head(&line).map_err(|why| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}:{}: not a usage event ({why}); the ledger is damaged here",
+                    seg.path.display(),
+                    no + 1
+                ),
+            )
+        })?;
+        let keep = filter.since.is_none_or(|s| t >= s)
+            && filter.until.is_none_or(|u| t < u)
+            && filter.after.is_none_or(|a| id > a);
+        if keep {
+            out.write_all(&line)?;
+            out.write_all(b"\n")?;
+            done.events += 1;
+            done.last_position = Some(id);
+        }
+    }
+    Ok(())
+}
+
+/// The `id` and `time` of an event line, or why it is not one.
+fn event_head(line: &[u8]) -> Result<(u64, Timestamp), String> {
     #[derive(serde::Deserialize)]
-    struct Time<'a> {
+    struct Head<'a> {
+        #[serde(borrow)]
+        id: &'a str,
         #[serde(borrow)]
         time: &'a str,
     }
-    let t = serde_json::from_slice::<Time<'_>>(line).map_err(|e| e.to_string())?;
-    Timestamp::parse(t.time).map_err(|e| format!("`time`: {e}"))
+    let h = serde_json::from_slice::<Head<'_>>(line).map_err(|e| e.to_string())?;
+    let id =
+        h.id.parse()
+            .map_err(|_| format!("`id` {:?} is not a position", h.id))?;
+    let t = Timestamp::parse(h.time).map_err(|e| format!("`time`: {e}"))?;
+    Ok((id, t))
 }

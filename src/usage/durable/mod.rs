@@ -24,6 +24,7 @@
 //! the directory, loads what replay found into a [`MemoryStore`], and runs the
 //! checkpointer.
 
+pub mod archive;
 pub mod checkpoint;
 pub mod fold;
 pub mod journal;
@@ -381,7 +382,16 @@ impl Inner {
             return Ok(None);
         }
         let started = Instant::now();
-        let upto = self.journal.seal()?;
+        let upto = match self.journal.seal() {
+            Ok(upto) => upto,
+            // Not an error of the state: the journal keeps the events, unfolded, until
+            // the ledger can take them (space made, segments acknowledged).
+            Err(e) if self.journal.ledger_behind() => {
+                tracing::warn!(error = %e, "checkpoint postponed: the usage ledger is behind the journal");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let r = fold::fold(&self.dir, upto, self.clock.now_background().0);
         match &r {
             Ok(Some(n)) => {
