@@ -127,17 +127,13 @@ pub fn open(path: &Path, gz: bool) -> io::Result<Box<dyn io::BufRead>> {
     }
 }
 
-/// Total bytes of the files of ledger `dir` (segments in either form).
-pub fn bytes(dir: &Path) -> io::Result<u64> {
-    let mut n = 0;
+/// Removes what a compression cut short by a stop left behind (`*.gz.tmp`).
+pub fn remove_leftovers(dir: &Path) -> io::Result<()> {
     for e in fs::read_dir(dir)? {
-        let e = e?;
-        if e.file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with("usage-"))
-        {
-            n += e.metadata().map(|m| m.len()).unwrap_or(0);
+        let path = e?.path();
+        if path.to_str().is_some_and(|p| p.ends_with(".ndjson.gz.tmp")) {
+            fs::remove_file(&path)?;
         }
     }
-    Ok(n)
+    Ok(())
 }

@@ -250,13 +250,14 @@ impl Ledger {
     /// Opens `dir` (creating it), cuts a torn last line and finds the last lsn.
     pub fn open(dir: &Path, source: String, config: LedgerConfig) -> io::Result<Ledger> {
         fs::create_dir_all(dir)?;
+        archive::remove_leftovers(dir)?;
         let mut ledger = Ledger {
             dir: dir.to_path_buf(),
             source,
             config,
             file: None,
             path: None,
-            bytes: archive::bytes(dir)?,
+            bytes: segment_bytes(dir)?,
             start_us: 0,
             last_lsn: 0,
             behind: false,
@@ -426,7 +427,7 @@ impl Ledger {
                 remove_segment(&pair[0].path)?;
             }
         }
-        self.bytes = archive::bytes(&self.dir)?;
+        self.bytes = segment_bytes(&self.dir)?;
         crate::metrics::ledger(self.bytes, self.config.max_bytes, self.behind);
         Ok(())
     }
@@ -532,6 +533,16 @@ pub fn event_record(v: &serde_json::Value) -> Option<Record<'_>> {
         }),
         _ => None,
     }
+}
+
+/// Bytes of the segments of ledger `dir` (each in the form a reader takes, so a
+/// compression under way is not counted twice).
+fn segment_bytes(dir: &Path) -> io::Result<u64> {
+    let mut n = 0;
+    for seg in segments(dir)? {
+        n += fs::metadata(&seg.path).map_or(0, |m| m.len());
+    }
+    Ok(n)
 }
 
 /// Deletes a segment, in both forms (its compression may be under way).
