@@ -35,6 +35,10 @@ pub const JOURNAL_FLUSHES: &str = "entitled_journal_flushes_total";
 pub const JOURNAL_BYTES: &str = "entitled_journal_bytes_total";
 pub const JOURNAL_FLUSH_DURATION: &str = "entitled_journal_flush_duration_seconds";
 pub const JOURNAL_ERRORS: &str = "entitled_journal_errors_total";
+pub const JOURNAL_REFUSED: &str = "entitled_journal_refused_changes_total";
+pub const LEDGER_BYTES: &str = "entitled_ledger_bytes";
+pub const LEDGER_MAX_BYTES: &str = "entitled_ledger_max_bytes";
+pub const LEDGER_BEHIND: &str = "entitled_ledger_behind";
 pub const STATE_DAMAGED: &str = "entitled_state_damaged_records_total";
 pub const CHECKPOINTS: &str = "entitled_state_checkpoints_total";
 pub const CHECKPOINT_DURATION: &str = "entitled_state_checkpoint_duration_seconds";
@@ -157,6 +161,24 @@ fn describe() {
         "Failed writes to the state directory (journal, ledger, segments)."
     );
     describe_counter!(
+        JOURNAL_REFUSED,
+        "Changes dropped in --durability sync because the journal could not be written (answered 503, taken back in memory)."
+    );
+    describe_gauge!(
+        LEDGER_BYTES,
+        Unit::Bytes,
+        "Bytes of the usage ledger's files (segments, compressed or not)."
+    );
+    describe_gauge!(
+        LEDGER_MAX_BYTES,
+        Unit::Bytes,
+        "The usage ledger's cap (--ledger-max-bytes; 0: none)."
+    );
+    describe_gauge!(
+        LEDGER_BEHIND,
+        "1 while the usage ledger is behind the journal (a write failed, or it is at its cap); the journal keeps the events."
+    );
+    describe_counter!(
         STATE_DAMAGED,
         "Damaged or torn records found in the state directory at start-up (each lost)."
     );
@@ -228,6 +250,7 @@ fn start_at_zero() {
         NOTICES_DROPPED,
         STORE_ERRORS,
         JOURNAL_ERRORS,
+        JOURNAL_REFUSED,
         STATE_DAMAGED,
         AUDIT_DROPPED,
         IDEMPOTENT_REPLAYS,
@@ -473,6 +496,18 @@ pub fn journal_flush(bytes: usize, seconds: f64) {
 
 pub fn journal_error() {
     counter!(JOURNAL_ERRORS).increment(1);
+}
+
+/// The usage ledger's size, cap, and whether it is behind the journal.
+pub fn ledger(bytes: u64, max_bytes: u64, behind: bool) {
+    gauge!(LEDGER_BYTES).set(bytes as f64);
+    gauge!(LEDGER_MAX_BYTES).set(max_bytes as f64);
+    gauge!(LEDGER_BEHIND).set(f64::from(u8::from(behind)));
+}
+
+/// Journal records of a batch dropped in sync mode (their requests answered 503).
+pub fn journal_dropped(records: u64) {
+    counter!(JOURNAL_REFUSED).increment(records);
 }
 
 pub fn state_damaged(records: u64) {

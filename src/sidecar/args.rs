@@ -136,6 +136,11 @@ pub struct ServeArgs {
     /// Delete usage ledger segments whose events are all older than this.
     #[arg(long, env = "ENTITLED_LEDGER_RETENTION", default_value = "30d", value_parser = duration)]
     pub ledger_retention: Duration,
+    /// Most bytes the usage ledger may take (0: no cap). At the cap the ledger stops
+    /// appending and the journal keeps the events until segments are acknowledged
+    /// (`entitled usage ack`) or expire.
+    #[arg(long, env = "ENTITLED_LEDGER_MAX_BYTES", default_value_t = 0)]
+    pub ledger_max_bytes: u64,
     /// Share usage with other replicas through Redis (`redis://[user:password@]host:port[/db]`).
     /// Without it, usage is this process's own (made durable in --state-dir).
     #[arg(long, env = "ENTITLED_STORE")]
@@ -371,6 +376,7 @@ impl ServeArgs {
         cfg.ledger.segment_bytes = self.ledger_segment_bytes;
         cfg.ledger.segment_age_us = micros(self.ledger_segment_age);
         cfg.ledger.retention_us = micros(self.ledger_retention);
+        cfg.ledger.max_bytes = self.ledger_max_bytes;
         Some(cfg)
     }
 

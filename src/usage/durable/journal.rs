@@ -10,20 +10,33 @@
 //!   disk. Everything appended while one `fdatasync` runs goes out in the next one
 //!   (group commit), so many concurrent requests share each sync.
 //!
-//! After each batch is written the writer appends its events to the usage ledger.
+//! A batch the disk refuses (full, failing) is cut off the segment again (see
+//! [`super::sink`]), so no partial frame stays behind. In async mode its changes were
+//! already acknowledged: the batch is kept and retried until the disk takes it. In sync
+//! mode nobody was told yet: the batch is dropped, its requests are answered 503, and
+//! what they changed in memory is handed back to the store to take back ([`Undo`]), so
+//! a refused change counts nowhere, ever.
+//!
+//! After each batch is written the writer appends its events to the usage ledger. If
+//! the ledger refuses, it is left behind at its last whole event and caught up from the
+//! journal's segments (kept until then) once it can be written again.
 //! Segments are `journal-<first lsn>.log`; the writer starts a new one past a size, or
 //! when the checkpointer asks for everything so far to be sealed.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::collections::VecDeque;
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use super::ledger::{self, Ledger};
-use super::record::{self, Encoded, Entry};
+use super::record::{self, Encoded, Entry, Frame};
+use super::sink::Appender;
+use super::state::Hold;
 use crate::files;
+use crate::ids::ReservationId;
 use crate::usage::StoreError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +76,66 @@ pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     files::numbered(dir, "journal-", ".log")
 }
 
+/// How to take back, in memory, a change the journal could not write in sync mode
+/// (its request is answered 503 and must count nothing). The store that made the
+/// change says how when it appends it; the journal hands it back if the write fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undo {
+    /// Units counted in a window: give them back.
+    Count {
+        customer: Box<str>,
+        feature: Box<str>,
+        window_start: i64,
+        amount: u64,
+    },
+    /// A reservation taken: drop it (its units go back with it).
+    Reserve { id: ReservationId },
+    /// A reservation committed (`committed` units) or released (0): open it again.
+    Settle {
+        id: ReservationId,
+        hold: Hold,
+        committed: u64,
+    },
+    /// A seat acquired (or released): release (or hold) it again.
+    Seat {
+        customer: Box<str>,
+        feature: Box<str>,
+        holder: Box<str>,
+        acquired: bool,
+    },
+    /// An idempotency key given its answer: forget it, so a retry is decided afresh.
+    Idem { scope: Box<str>, key: Box<str> },
+}
+
+/// The lsns of batches dropped in sync mode (their requests answered 503), as ranges;
+/// only the most recent are kept: a waiter looks within a moment of the drop.
+#[derive(Debug, Default)]
+struct Discarded(VecDeque<(u64, u64)>);
+
+impl Discarded {
+    const KEPT: usize = 4096;
+
+    fn add(&mut self, first: u64, last: u64) {
+        if first > last {
+            return;
+        }
+        if let Some(r) = self.0.back_mut()
+            && r.1 + 1 == first
+        {
+            r.1 = last;
+            return;
+        }
+        self.0.push_back((first, last));
+        if self.0.len() > Self::KEPT {
+            self.0.pop_front();
+        }
+    }
+
+    fn contains(&self, lsn: u64) -> bool {
+        self.0.iter().rev().any(|&(a, b)| a <= lsn && lsn <= b)
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     bytes: Vec<u8>,
@@ -72,6 +145,15 @@ struct Pending {
     failed: Option<String>,
     /// Writes the disk refused, in all.
     refused: u64,
+    /// How to take back each pending change (sync mode only), by lsn.
+    undo: Vec<(u64, Undo)>,
+    /// Changes of dropped batches, for the store to take back ([`Journal::take_undone`]).
+    undone: Vec<Undo>,
+    discarded: Discarded,
+    /// Why the last dropped batch was refused.
+    refusal: String,
+    /// The writer has written (or dropped) its last batch and stopped.
+    done: bool,
     /// The writer sleeps until woken: there was nothing to write. The first append
     /// after that wakes it; the others of its batch do not (no syscall per request).
     idle: bool,
@@ -84,6 +166,8 @@ struct Shared {
     durable: AtomicU64,
     /// Set while the backlog is full; cleared by the next successful flush.
     refusing: std::sync::atomic::AtomicBool,
+    /// The ledger is behind the journal (a write failed, or it is at its cap).
+    ledger_behind: std::sync::atomic::AtomicBool,
     flushed: tokio::sync::Notify,
     config: JournalConfig,
 }
@@ -93,7 +177,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct Journal {
     shared: Arc<Shared>,
-    seal: Mutex<mpsc::Sender<mpsc::Sender<u64>>>,
+    seal: Mutex<mpsc::Sender<mpsc::Sender<Result<u64, String>>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -109,6 +193,18 @@ impl Journal {
         config: JournalConfig,
         ledger: Ledger,
     ) -> io::Result<Journal> {
+        let file = open_segment(dir, next_lsn)?;
+        Self::start_on(dir, next_lsn, config, ledger, file)
+    }
+
+    /// [`Journal::start`] with the first segment already open as `file`.
+    fn start_on(
+        dir: &Path,
+        next_lsn: u64,
+        config: JournalConfig,
+        ledger: Ledger,
+        file: Appender,
+    ) -> io::Result<Journal> {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 bytes: Vec::with_capacity(1 << 16),
@@ -116,26 +212,33 @@ impl Journal {
                 stop: false,
                 failed: None,
                 refused: 0,
+                undo: Vec::new(),
+                undone: Vec::new(),
+                discarded: Discarded::default(),
+                refusal: String::new(),
+                done: false,
                 idle: false,
             }),
             wake: Condvar::new(),
             durable: AtomicU64::new(next_lsn.saturating_sub(1)),
             refusing: std::sync::atomic::AtomicBool::new(false),
+            ledger_behind: std::sync::atomic::AtomicBool::new(ledger.is_behind()),
             flushed: tokio::sync::Notify::new(),
             config,
         });
-        let file = open_segment(dir, next_lsn)?;
         let (seal_tx, seal_rx) = mpsc::channel();
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             shared: shared.clone(),
             file,
-            size: 0,
             ledger,
             seal: seal_rx,
             spare: Vec::with_capacity(1 << 16),
+            spare_undo: Vec::new(),
             unwritten: Vec::new(),
+            first_lsn: next_lsn,
             events: Vec::new(),
+            ledger_tried: None,
         };
         let thread = std::thread::Builder::new()
             .name("entitled-journal".into())
@@ -152,8 +255,13 @@ impl Journal {
     }
 
     /// Appends one entry; returns its lsn. Refused while the disk refuses writes and
-    /// the backlog is full, or after close.
-    pub fn append(&self, entry: &impl serde::Serialize) -> Result<u64, StoreError> {
+    /// the backlog is full, or after close. In sync mode, `undo` says how to take the
+    /// change back should its write fail (see [`Journal::take_undone`]).
+    pub fn append(
+        &self,
+        entry: &impl serde::Serialize,
+        undo: impl FnOnce() -> Vec<Undo>,
+    ) -> Result<u64, StoreError> {
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             scratch
@@ -177,6 +285,9 @@ impl Journal {
             let lsn = p.next_lsn;
             p.next_lsn += 1;
             scratch.frame(lsn, &mut p.bytes);
+            if self.is_sync() {
+                p.undo.extend(undo().into_iter().map(|u| (lsn, u)));
+            }
             let wake = std::mem::take(&mut p.idle) || self.is_sync();
             drop(p);
             if wake {
@@ -197,36 +308,73 @@ impl Journal {
         Ok(())
     }
 
+    /// Whether the usage ledger is behind the journal (a write failed, or it is at
+    /// its cap): the journal keeps the events, and is not folded, until it catches up.
+    pub fn ledger_behind(&self) -> bool {
+        self.shared.ledger_behind.load(Ordering::Relaxed)
+    }
+
     /// Is `lsn` on disk?
     pub fn is_durable(&self, lsn: u64) -> bool {
         self.shared.durable.load(Ordering::Acquire) >= lsn
     }
 
-    /// Waits until `lsn` is on disk (sync mode's acknowledgement).
+    /// Waits until `lsn` is on disk (sync mode's acknowledgement). Fails if its batch
+    /// was refused by the disk and dropped (in async mode: while writes fail).
     pub async fn wait_durable(&self, lsn: u64) -> Result<(), StoreError> {
         loop {
             let notified = self.shared.flushed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.is_durable(lsn) {
-                return Ok(());
-            }
-            if let Ok(p) = self.shared.pending.lock() {
-                if let Some(why) = &p.failed {
-                    return Err(StoreError::Unavailable(format!(
-                        "state directory not writable: {why}"
-                    )));
-                }
-                if p.stop {
-                    return Err(StoreError::Unavailable("the journal is closed".into()));
-                }
+            if let Some(answer) = self.fate(lsn) {
+                return answer;
             }
             notified.await;
         }
     }
 
+    /// What became of `lsn`: on disk, dropped, or (`None`) not known yet.
+    fn fate(&self, lsn: u64) -> Option<Result<(), StoreError>> {
+        // Read before the dropped ranges: a batch is dropped before any later one is
+        // published durable, so a durable mark past `lsn` is seen with the drop.
+        let durable = self.is_durable(lsn);
+        let Ok(p) = self.shared.pending.lock() else {
+            return Some(Err(StoreError::Fatal("journal lock poisoned".into())));
+        };
+        if p.discarded.contains(lsn) {
+            return Some(Err(StoreError::Unavailable(format!(
+                "state directory not writable: {}; the change was not counted",
+                p.refusal
+            ))));
+        }
+        if durable {
+            return Some(Ok(()));
+        }
+        if let Some(why) = p.failed.as_ref().filter(|_| !self.is_sync()) {
+            return Some(Err(StoreError::Unavailable(format!(
+                "state directory not writable: {why}"
+            ))));
+        }
+        if p.done {
+            return Some(Err(StoreError::Unavailable("the journal is closed".into())));
+        }
+        None
+    }
+
+    /// What the store must take back: the changes of batches dropped in sync mode,
+    /// oldest first.
+    pub fn take_undone(&self) -> Vec<Undo> {
+        self.shared
+            .pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut p.undone))
+            .unwrap_or_default()
+    }
+
     /// Writes everything appended so far, starts a new segment and returns the last
     /// lsn of the sealed ones: segments up to it are complete and in the ledger.
+    /// Refused while the journal cannot be written or the ledger is behind it (the
+    /// segments are the ledger's source until it catches up).
     pub fn seal(&self) -> Result<u64, StoreError> {
         let (tx, rx) = mpsc::channel();
         self.seal
@@ -239,7 +387,8 @@ impl Journal {
         drop(self.shared.pending.lock());
         self.shared.wake.notify_one();
         rx.recv_timeout(Duration::from_secs(30))
-            .map_err(|_| StoreError::Unavailable("the journal writer did not answer".into()))
+            .map_err(|_| StoreError::Unavailable("the journal writer did not answer".into()))?
+            .map_err(StoreError::Unavailable)
     }
 
     /// Flushes, syncs and stops the writer.
@@ -263,26 +412,31 @@ impl Drop for Journal {
 
 /// Opens a segment for appending; the directory is synced every time (not only when
 /// the file is new), so no append can outlive the segment's name in a crash.
-fn open_segment(dir: &Path, first_lsn: u64) -> io::Result<File> {
+fn open_segment(dir: &Path, first_lsn: u64) -> io::Result<Appender> {
     let f = OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(segment_name(first_lsn)))?;
     files::sync_dir(dir)?;
-    Ok(f)
+    let len = f.metadata()?.len();
+    Ok(Appender::new(f, len))
 }
 
 struct Writer {
     dir: PathBuf,
     shared: Arc<Shared>,
-    file: File,
-    size: u64,
+    file: Appender,
     ledger: Ledger,
-    seal: mpsc::Receiver<mpsc::Sender<u64>>,
+    seal: mpsc::Receiver<mpsc::Sender<Result<u64, String>>>,
     spare: Vec<u8>,
-    /// A batch the disk refused, retried before anything newer.
+    spare_undo: Vec<(u64, Undo)>,
+    /// A batch the disk refused, retried before anything newer (async mode).
     unwritten: Vec<u8>,
+    /// The first lsn of the next batch (of `unwritten`, if any).
+    first_lsn: u64,
     events: Vec<u8>,
+    /// When the ledger, behind, was last caught up from the journal (or tried).
+    ledger_tried: Option<Instant>,
 }
 
 impl Writer {
@@ -332,16 +486,21 @@ impl Writer {
                     }
                 }
                 std::mem::swap(&mut p.bytes, &mut self.spare);
+                std::mem::swap(&mut p.undo, &mut self.spare_undo);
                 (p.stop, p.next_lsn - 1)
             };
             last_flush = Instant::now();
             let batch = std::mem::take(&mut self.spare);
-            self.flush(batch, last_lsn);
+            let undo = std::mem::take(&mut self.spare_undo);
+            self.flush(batch, undo, last_lsn);
             if let Some(s) = seal {
                 self.answer_seal(s);
             }
             if stop {
                 let _ = self.ledger.sync();
+                if let Ok(mut p) = self.shared.pending.lock() {
+                    p.done = true;
+                }
                 self.shared.flushed.notify_waiters();
                 return;
             }
@@ -349,8 +508,9 @@ impl Writer {
     }
 
     /// Writes a batch (and any batch refused before it), syncs, publishes the
-    /// durable lsn and derives the ledger events.
-    fn flush(&mut self, mut batch: Vec<u8>, last_lsn: u64) {
+    /// durable lsn and derives the ledger events. A batch the disk refuses is cut
+    /// off the segment again, then retried (async) or dropped (sync).
+    fn flush(&mut self, mut batch: Vec<u8>, undo: Vec<(u64, Undo)>, last_lsn: u64) {
         if !self.unwritten.is_empty() {
             let mut all = std::mem::take(&mut self.unwritten);
             all.extend_from_slice(&batch);
@@ -361,27 +521,16 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let written = self
-            .file
-            .write_all(&batch)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
-            crate::metrics::journal_error();
-            let why = e.to_string();
-            let new = match self.shared.pending.lock() {
-                Ok(mut p) => {
-                    p.refused += 1;
-                    p.failed.replace(why.clone()).as_ref() != Some(&why)
-                }
-                Err(_) => true,
-            };
-            // Retried every flush interval while the disk refuses: logged when the
-            // failure starts or changes (and its end below), counted every time.
-            if new {
-                tracing::error!(error = %why, "writing the usage journal failed; retrying");
+        if let Err(e) = self.file.append(&batch, true) {
+            self.refused(&e);
+            if self.shared.config.durability == Durability::Sync {
+                self.discard(last_lsn, undo, &e);
+                batch.clear();
+                self.spare = batch;
+            } else {
+                self.unwritten = batch;
             }
             self.shared.flushed.notify_waiters();
-            self.unwritten = batch;
             std::thread::sleep(Duration::from_millis(100));
             return;
         }
@@ -392,24 +541,92 @@ impl Writer {
             tracing::info!("writing the usage journal works again");
         }
         self.shared.refusing.store(false, Ordering::Relaxed);
-        self.size += batch.len() as u64;
+        self.first_lsn = last_lsn + 1;
         self.shared.durable.store(last_lsn, Ordering::Release);
         self.shared.flushed.notify_waiters();
         self.write_ledger(&batch);
-        if self.size >= self.shared.config.segment_bytes {
+        if self.file.len() >= self.shared.config.segment_bytes {
             self.rotate(last_lsn + 1);
         }
         batch.clear();
         self.spare = batch;
     }
 
+    /// Counts a refused write; logs when the failure starts or changes (its end is
+    /// logged by the next write that works).
+    fn refused(&self, e: &io::Error) {
+        crate::metrics::journal_error();
+        let why = e.to_string();
+        let new = match self.shared.pending.lock() {
+            Ok(mut p) => {
+                p.refused += 1;
+                p.failed.replace(why.clone()).as_ref() != Some(&why)
+            }
+            Err(_) => true,
+        };
+        if new {
+            let what = match self.shared.config.durability {
+                Durability::Sync => "its requests are refused and count nothing",
+                Durability::Async(_) => "retrying",
+            };
+            tracing::error!(error = %why, "writing the usage journal failed; {what}");
+        }
+    }
+
+    /// Drops a refused batch (sync mode): its lsns are marked dropped, so that their
+    /// requests are answered 503, and its changes handed to the store to take back.
+    fn discard(&mut self, last_lsn: u64, undo: Vec<(u64, Undo)>, e: &io::Error) {
+        crate::metrics::journal_dropped(last_lsn + 1 - self.first_lsn);
+        if let Ok(mut p) = self.shared.pending.lock() {
+            p.discarded.add(self.first_lsn, last_lsn);
+            p.undone.extend(undo.into_iter().map(|(_, u)| u));
+            p.refusal = e.to_string();
+        }
+        self.first_lsn = last_lsn + 1;
+    }
+
+    /// Appends the batch's events to the ledger; while the ledger is behind (an
+    /// append failed), catches it up from the journal's segments instead, at most
+    /// once a second.
     fn write_ledger(&mut self, batch: &[u8]) {
+        if self.ledger.is_behind() {
+            let recent = self
+                .ledger_tried
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+            if !recent {
+                let _ = self.catch_up_ledger();
+            }
+            return;
+        }
         let (frames, _) = record::decode_all(batch);
+        if let Err(e) = self.append_events(&frames) {
+            self.ledger_failed(&e);
+        }
+    }
+
+    fn publish_ledger_state(&self) {
+        let behind = self.ledger.is_behind();
+        self.shared.ledger_behind.store(behind, Ordering::Relaxed);
+    }
+
+    fn ledger_failed(&mut self, e: &io::Error) {
+        self.ledger_tried = Some(Instant::now());
+        self.publish_ledger_state();
+        tracing::error!(
+            error = %e,
+            last_lsn = self.ledger.last_lsn(),
+            "writing the usage ledger failed; the journal keeps the events, re-derived once the ledger can be written"
+        );
+        crate::metrics::journal_error();
+    }
+
+    /// Appends the events of `frames` after the ledger's last lsn.
+    fn append_events(&mut self, frames: &[Frame<'_>]) -> io::Result<()> {
         self.events.clear();
         let mut first = None;
         let mut last = 0;
         let floor = self.ledger.last_lsn();
-        for f in &frames {
+        for f in frames {
             let Entry::Records(records) = &f.entry else {
                 continue;
             };
@@ -423,23 +640,51 @@ impl Writer {
                 ledger::write_event(&mut self.events, self.ledger.source(), f.lsn, r);
             }
         }
-        if let Some(first) = first {
-            let events = std::mem::take(&mut self.events);
-            if let Err(e) = self.ledger.append(&events, first, last) {
-                // The journal holds the records: the ledger catches up on restart.
-                tracing::error!(error = %e, "writing the usage ledger failed");
-                crate::metrics::journal_error();
+        let Some(first) = first else {
+            return Ok(());
+        };
+        let events = std::mem::take(&mut self.events);
+        let r = self.ledger.append(&events, first, last);
+        self.events = events;
+        r
+    }
+
+    /// Re-derives the ledger's missing events from the journal's segments, segment by
+    /// segment, up to the durable lsn. The ledger is caught up when all are in.
+    fn catch_up_ledger(&mut self) -> io::Result<()> {
+        self.ledger_tried = Some(Instant::now());
+        let upto = self.shared.durable.load(Ordering::Acquire);
+        let r = (|| {
+            let segs = segments(&self.dir)?;
+            for (i, (_, path)) in segs.iter().enumerate() {
+                let floor = self.ledger.last_lsn();
+                if segs.get(i + 1).is_some_and(|(next, _)| *next <= floor + 1) {
+                    continue;
+                }
+                let buf = fs::read(path)?;
+                let (mut frames, _) = record::decode_all(&buf);
+                frames.retain(|f| f.lsn <= upto);
+                self.append_events(&frames)?;
             }
-            self.events = events;
+            Ok(())
+        })();
+        match &r {
+            Ok(()) => {
+                self.ledger.caught_up();
+                self.publish_ledger_state();
+                tracing::info!(
+                    last_lsn = self.ledger.last_lsn(),
+                    "the usage ledger caught up with the journal"
+                );
+            }
+            Err(e) => self.ledger_failed(e),
         }
+        r
     }
 
     fn rotate(&mut self, next_lsn: u64) {
         match open_segment(&self.dir, next_lsn) {
-            Ok(f) => {
-                self.file = f;
-                self.size = 0;
-            }
+            Ok(f) => self.file = f,
             Err(e) => {
                 tracing::error!(error = %e, "starting a new journal segment failed");
                 crate::metrics::journal_error();
@@ -447,22 +692,32 @@ impl Writer {
         }
     }
 
-    fn answer_seal(&mut self, reply: mpsc::Sender<u64>) {
+    fn answer_seal(&mut self, reply: mpsc::Sender<Result<u64, String>>) {
         // Everything appended before the request is written by now, or is in the
         // buffer: write it, then start a new segment.
-        let (batch, last_lsn) = match self.shared.pending.lock() {
+        let (batch, undo, last_lsn) = match self.shared.pending.lock() {
             Ok(mut p) => {
                 std::mem::swap(&mut p.bytes, &mut self.spare);
-                (std::mem::take(&mut self.spare), p.next_lsn - 1)
+                std::mem::swap(&mut p.undo, &mut self.spare_undo);
+                (
+                    std::mem::take(&mut self.spare),
+                    std::mem::take(&mut self.spare_undo),
+                    p.next_lsn - 1,
+                )
             }
             Err(_) => return,
         };
-        self.flush(batch, last_lsn);
-        if self.unwritten.is_empty() {
+        self.flush(batch, undo, last_lsn);
+        let answer = if !self.unwritten.is_empty() {
+            Err("the journal cannot be written".to_string())
+        } else if self.ledger.is_behind() && self.catch_up_ledger().is_err() {
+            Err("the usage ledger is behind the journal, which is kept until it catches up".into())
+        } else {
             let _ = self.ledger.sync();
             self.rotate(last_lsn + 1);
-            let _ = reply.send(last_lsn);
-        }
+            Ok(last_lsn)
+        };
+        let _ = reply.send(answer);
     }
 }
 
@@ -480,7 +735,7 @@ pub fn record_time(r: &record::Record<'_>) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::durable::ledger::LedgerConfig;
+    use crate::usage::durable::ledger::{LedgerConfig, event_lsn};
     use crate::usage::durable::record::{Entry, Record};
 
     fn consume() -> Entry<'static> {
@@ -523,14 +778,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = start(dir.path());
         within("the writer going idle", || idle(&j));
-        let lsn = j.append(&consume()).unwrap();
+        let lsn = j.append(&consume(), Vec::new).unwrap();
         within("the append reaching the disk", || j.is_durable(lsn));
         within("the writer going idle again", || idle(&j));
         // A seal finds it asleep and is answered (a lost wake-up would be an error
         // after the seal's 30 s timeout).
         assert_eq!(j.seal().unwrap(), lsn);
         within("the writer going idle after the seal", || idle(&j));
-        let next = j.append(&consume()).unwrap();
+        let next = j.append(&consume(), Vec::new).unwrap();
         assert_eq!(next, lsn + 1);
         j.close();
         assert!(j.is_durable(next), "close writes what is pending");
@@ -544,7 +799,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/dev/full", dir.path().join(segment_name(1))).unwrap();
         let j = start(dir.path());
-        let lsn = j.append(&consume()).unwrap();
+        let lsn = j.append(&consume(), Vec::new).unwrap();
         let failed = || j.shared.pending.lock().ok().and_then(|p| p.failed.clone());
         within("the write failing", || failed().is_some());
         assert!(
@@ -567,5 +822,142 @@ mod tests {
         within("the refused batch being retried", || refused() >= 3);
         j.close();
         assert!(!j.is_durable(lsn), "nothing was ever written");
+    }
+
+    /// A file in `dir` that takes `budget` more bytes, then fails part-way through a
+    /// write, as a filling disk does.
+    fn filling(path: &Path, budget: usize) -> (Appender, Arc<std::sync::atomic::AtomicUsize>) {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        let budget = Arc::new(std::sync::atomic::AtomicUsize::new(budget));
+        let f = super::super::sink::Filling {
+            file,
+            budget: budget.clone(),
+        };
+        (Appender::new(f, 0), budget)
+    }
+
+    fn sync_config() -> JournalConfig {
+        JournalConfig {
+            durability: Durability::Sync,
+            ..JournalConfig::default()
+        }
+    }
+
+    fn frame_len() -> usize {
+        let mut one = Vec::new();
+        record::encode(&mut one, 1, &consume()).unwrap();
+        one.len()
+    }
+
+    fn count(n: u64) -> Undo {
+        Undo::Count {
+            customer: "acme".into(),
+            feature: "api.calls".into(),
+            window_start: 0,
+            amount: n,
+        }
+    }
+
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// Sync mode, the disk filling up part-way through a batch: the batch is cut off
+    /// the segment (no partial frame), its waiter fails, its change is handed back to
+    /// be taken back, and once space returns the next batch follows the last whole
+    /// frame. The refused change stays refused even after later lsns are durable.
+    #[test]
+    fn sync_mode_drops_a_refused_batch_whole_and_hands_its_change_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(1));
+        let (file, budget) = filling(&path, frame_len() + frame_len() / 2);
+        let ledger = Ledger::open(
+            &dir.path().join("ledger"),
+            "test".into(),
+            LedgerConfig::default(),
+        )
+        .unwrap();
+        let j = Journal::start_on(dir.path(), 1, sync_config(), ledger, file).unwrap();
+        let a = j.append(&consume(), || vec![count(1)]).unwrap();
+        block_on(j.wait_durable(a)).unwrap();
+        let b = j.append(&consume(), || vec![count(2)]).unwrap();
+        let err = block_on(j.wait_durable(b)).unwrap_err().to_string();
+        assert!(
+            err.contains("not counted") && err.contains("No space"),
+            "{err}"
+        );
+        assert_eq!(j.take_undone(), vec![count(2)]);
+        assert!(j.take_undone().is_empty(), "handed back once");
+        let on_disk = |n: usize| {
+            let buf = fs::read(&path).unwrap();
+            let (frames, damage) = record::decode_all(&buf);
+            assert!(damage.is_clean(), "{damage:?}");
+            assert_eq!(buf.len(), n * frame_len(), "whole frames only");
+            frames.iter().map(|f| f.lsn).collect::<Vec<_>>()
+        };
+        assert_eq!(on_disk(1), [a]);
+        budget.store(1 << 20, std::sync::atomic::Ordering::SeqCst);
+        let c = j.append(&consume(), || vec![count(4)]).unwrap();
+        block_on(j.wait_durable(c)).unwrap();
+        assert_eq!(on_disk(2), [a, c]);
+        assert!(j.is_durable(b), "the durable mark passed b...");
+        assert!(
+            block_on(j.wait_durable(b)).is_err(),
+            "...yet b stays refused"
+        );
+        j.close();
+    }
+
+    /// The ledger refusing part-way through a batch: its segment is cut back to the
+    /// last whole line, its last lsn stays before the refused events, checkpointing
+    /// (seal) is refused while it is behind, and once it can be written it is caught
+    /// up from the journal: every event once, in order, no line torn.
+    #[test]
+    fn a_refused_ledger_write_is_cut_back_and_caught_up_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut line = Vec::new();
+        let Entry::Records(rs) = consume() else {
+            unreachable!()
+        };
+        ledger::write_event(&mut line, "test", 1, &rs[0]);
+        let ledger_dir = dir.path().join("ledger");
+        fs::create_dir_all(&ledger_dir).unwrap();
+        let (file, budget) = filling(&ledger_dir.join("usage-1-0.ndjson"), 0);
+        budget.store(
+            line.len() + line.len() / 2,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        let ledger = Ledger::open(&ledger_dir, "test".into(), LedgerConfig::default())
+            .unwrap()
+            .with_file(file);
+        let j = Journal::start(dir.path(), 1, sync_config(), ledger).unwrap();
+        for _ in 0..2 {
+            let lsn = j.append(&consume(), Vec::new).unwrap();
+            block_on(j.wait_durable(lsn)).unwrap();
+        }
+        let lines = || {
+            let text = fs::read_to_string(ledger_dir.join("usage-1-0.ndjson")).unwrap();
+            assert!(text.is_empty() || text.ends_with('\n'), "torn: {text}");
+            text.lines()
+                .map(|l| event_lsn(l.as_bytes()).expect("an event line"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(lines(), [1]);
+        let err = j.seal().unwrap_err().to_string();
+        assert!(err.contains("ledger is behind"), "{err}");
+        budget.store(1 << 20, std::sync::atomic::Ordering::SeqCst);
+        let lsn = j.append(&consume(), Vec::new).unwrap();
+        block_on(j.wait_durable(lsn)).unwrap();
+        assert_eq!(j.seal().unwrap(), 3);
+        assert_eq!(lines(), [1, 2, 3]);
+        j.close();
     }
 }

@@ -9,16 +9,20 @@
 //! each consumption appears exactly once, across restarts.
 //!
 //! Segments are `ledger/usage-<first lsn>-<start unix seconds>.ndjson`, rotated by
-//! size and age and deleted after the retention period (measured in event time, so a
-//! test clock drives it too).
+//! size and age, gzipped once closed (see [`super::archive`]), and deleted after the
+//! retention period (measured in event time, so a test clock drives it too) or once
+//! acknowledged. Past `max_bytes` the ledger stops appending: it falls behind (the
+//! journal keeps the events) and catches up once segments are deleted.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::archive;
 use super::record::Record;
+use super::sink::Appender;
 use crate::files;
 use crate::ids::{parse_reservation, reservation_name};
 use crate::time::{SECOND, Timestamp};
@@ -31,6 +35,8 @@ pub struct LedgerConfig {
     pub segment_age_us: i64,
     /// Delete segments whose events are all older than this (microseconds).
     pub retention_us: i64,
+    /// Most bytes the ledger's files may take (0: no cap).
+    pub max_bytes: u64,
 }
 
 impl Default for LedgerConfig {
@@ -39,6 +45,7 @@ impl Default for LedgerConfig {
             segment_bytes: 64 << 20,
             segment_age_us: 3600 * SECOND,
             retention_us: 30 * 86_400 * SECOND,
+            max_bytes: 0,
         }
     }
 }
@@ -183,22 +190,38 @@ struct Segment {
     path: PathBuf,
     first_lsn: u64,
     start_secs: i64,
+    /// Compressed (closed).
+    gz: bool,
 }
 
+/// The segments of ledger `dir`, oldest first, in either form (the plain one while
+/// both exist: its compression is not finished).
 fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
     let named = files::list_by(dir, |name| {
-        let stem = name.strip_prefix("usage-")?.strip_suffix(".ndjson")?;
+        let rest = name.strip_prefix("usage-")?;
+        let (stem, gz) = match rest.strip_suffix(".ndjson.gz") {
+            Some(stem) => (stem, true),
+            None => (rest.strip_suffix(".ndjson")?, false),
+        };
         let (lsn, secs) = stem.split_once('-')?;
-        Some((lsn.parse::<u64>().ok()?, secs.parse::<i64>().ok()?))
+        Some((lsn.parse::<u64>().ok()?, secs.parse::<i64>().ok()?, gz))
     })?;
-    Ok(named
-        .into_iter()
-        .map(|((first_lsn, start_secs), path)| Segment {
+    let mut out: Vec<Segment> = Vec::with_capacity(named.len());
+    for ((first_lsn, start_secs, gz), path) in named {
+        if out
+            .last()
+            .is_some_and(|s| s.first_lsn == first_lsn && s.start_secs == start_secs)
+        {
+            continue;
+        }
+        out.push(Segment {
             path,
             first_lsn,
             start_secs,
-        })
-        .collect())
+            gz,
+        });
+    }
+    Ok(out)
 }
 
 /// The ledger's writer. Lives on the journal's writer thread.
@@ -207,11 +230,18 @@ pub struct Ledger {
     dir: PathBuf,
     source: String,
     config: LedgerConfig,
-    file: Option<File>,
-    size: u64,
+    file: Option<Appender>,
+    /// The segment `file` appends to.
+    path: Option<PathBuf>,
+    /// Bytes of the ledger's files (recounted from the directory at maintenance).
+    bytes: u64,
     start_us: i64,
-    /// The last lsn the ledger holds an event for (0: none).
+    /// The last lsn the ledger holds an event for (0: none). Never past an event that
+    /// was not written: re-derivation from the journal resumes after it.
     last_lsn: u64,
+    /// An append failed: events after `last_lsn` are in the journal only, and later
+    /// batches must not be appended before them (see [`Self::is_behind`]).
+    behind: bool,
     /// Torn bytes cut off the last segment when it was opened.
     pub truncated_bytes: u64,
 }
@@ -220,25 +250,36 @@ impl Ledger {
     /// Opens `dir` (creating it), cuts a torn last line and finds the last lsn.
     pub fn open(dir: &Path, source: String, config: LedgerConfig) -> io::Result<Ledger> {
         fs::create_dir_all(dir)?;
+        archive::remove_leftovers(dir)?;
         let mut ledger = Ledger {
             dir: dir.to_path_buf(),
             source,
             config,
             file: None,
-            size: 0,
+            path: None,
+            bytes: segment_bytes(dir)?,
             start_us: 0,
             last_lsn: 0,
+            behind: false,
             truncated_bytes: 0,
         };
         let segs = segments(dir)?;
         for seg in segs.iter().rev() {
-            let mut f = OpenOptions::new().read(true).write(true).open(&seg.path)?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)?;
+            if seg.gz {
+                // Closed: whole, never appended to.
+                ledger.last_lsn = last_event(seg)?.unwrap_or(0);
+                if ledger.last_lsn > 0 {
+                    break;
+                }
+                continue;
+            }
+            let buf = fs::read(&seg.path)?;
             let keep = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             if keep < buf.len() {
                 ledger.truncated_bytes += (buf.len() - keep) as u64;
+                let f = OpenOptions::new().write(true).open(&seg.path)?;
                 f.set_len(keep as u64)?;
+                f.sync_data()?;
             }
             let last_line = buf[..keep]
                 .split(|&b| b == b'\n')
@@ -247,17 +288,28 @@ impl Ledger {
             if let Some(line) = last_line {
                 ledger.last_lsn = event_lsn(line).unwrap_or(0);
             }
-            if ledger.file.is_none() {
-                f.seek(SeekFrom::End(0))?;
-                ledger.size = keep as u64;
+            if ledger.file.is_none() && seg.path == segs[segs.len() - 1].path {
+                let f = OpenOptions::new().append(true).open(&seg.path)?;
+                ledger.file = Some(Appender::new(f, keep as u64));
+                ledger.path = Some(seg.path.clone());
                 ledger.start_us = seg.start_secs.saturating_mul(SECOND);
-                ledger.file = Some(f);
             }
             if ledger.last_lsn > 0 {
                 break;
             }
             ledger.last_lsn = ledger.last_lsn.max(seg.first_lsn.saturating_sub(1));
         }
+        // Never name an event again that was acknowledged (its segment may be gone).
+        ledger.last_lsn = ledger.last_lsn.max(archive::acked(dir)?);
+        // Segments acknowledged while stopped go; closed ones a stop left plain are
+        // compressed now (at most the one the writer had just closed, normally).
+        ledger.prune(None)?;
+        for seg in segments(dir)? {
+            if !seg.gz && Some(&seg.path) != ledger.path.as_ref() {
+                archive::compress(&seg.path)?;
+            }
+        }
+        ledger.prune(None)?;
         Ok(ledger)
     }
 
@@ -265,57 +317,124 @@ impl Ledger {
         self.last_lsn
     }
 
+    /// Appends to `file` (standing for the last segment) from now on.
+    #[cfg(test)]
+    pub fn with_file(mut self, file: Appender) -> Ledger {
+        self.file = Some(file);
+        self
+    }
+
+    /// Whether an append failed since the ledger last caught up: the events after
+    /// [`Self::last_lsn`] must be re-derived from the journal before anything newer is
+    /// appended.
+    pub fn is_behind(&self) -> bool {
+        self.behind
+    }
+
+    /// Every event the journal holds is in the ledger again.
+    pub fn caught_up(&mut self) {
+        self.behind = false;
+        crate::metrics::ledger(self.bytes, self.config.max_bytes, false);
+    }
+
     /// Appends encoded event lines (all with lsn > [`Self::last_lsn`]) whose last lsn
     /// is `last`; `first` is the first event's (lsn, time), used to name a new segment.
+    /// Whole or not at all: a failed append leaves the segment as it was, the last lsn
+    /// where it was, and the ledger behind.
     pub fn append(&mut self, lines: &[u8], first: (u64, i64), last: u64) -> io::Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let (first_lsn, first_time) = first;
+        match self.write(lines, first) {
+            Ok(()) => {
+                self.last_lsn = last;
+                self.bytes += lines.len() as u64;
+                crate::metrics::ledger(self.bytes, self.config.max_bytes, self.behind);
+                Ok(())
+            }
+            Err(e) => {
+                self.behind = true;
+                crate::metrics::ledger(self.bytes, self.config.max_bytes, true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses `n` more bytes past the cap, after deleting what maintenance may.
+    fn make_room(&mut self, n: usize, now_us: i64) -> io::Result<()> {
+        let max = self.config.max_bytes;
+        if max == 0 || self.bytes + n as u64 <= max {
+            return Ok(());
+        }
+        self.prune(Some(now_us))?;
+        if self.bytes + n as u64 <= max {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "the usage ledger is at its cap (--ledger-max-bytes {max}; {} bytes): acknowledge what billing ingested (entitled usage ack), or raise the cap",
+            self.bytes
+        )))
+    }
+
+    fn write(&mut self, lines: &[u8], (first_lsn, first_time): (u64, i64)) -> io::Result<()> {
+        self.make_room(lines.len(), first_time)?;
         let stale = first_time.saturating_sub(self.start_us) >= self.config.segment_age_us;
-        if self.file.is_none() || self.size >= self.config.segment_bytes || stale {
+        let full = self
+            .file
+            .as_ref()
+            .is_none_or(|f| f.len() >= self.config.segment_bytes);
+        if full || stale {
             self.rotate(first_lsn, first_time)?;
         }
-        if let Some(f) = &mut self.file {
-            f.write_all(lines)?;
-            self.size += lines.len() as u64;
+        match &mut self.file {
+            Some(f) => f.append(lines, false),
+            None => Err(io::Error::other("no ledger segment open")),
         }
-        self.last_lsn = last;
-        Ok(())
     }
 
     fn rotate(&mut self, first_lsn: u64, time_us: i64) -> io::Result<()> {
         if let Some(f) = self.file.take() {
-            f.sync_data()?;
+            f.sync()?;
+        }
+        if let Some(closed) = self.path.take() {
+            archive::compress_in_background(vec![closed]);
         }
         let secs = time_us.div_euclid(SECOND);
         let path = self
             .dir
             .join(format!("usage-{first_lsn:020}-{secs}.ndjson"));
         let f = OpenOptions::new().create(true).append(true).open(&path)?;
-        self.file = Some(f);
-        self.size = 0;
+        let len = f.metadata()?.len();
+        self.file = Some(Appender::new(f, len));
+        self.path = Some(path);
         self.start_us = time_us;
-        self.expire(time_us)?;
+        self.prune(Some(time_us))?;
         Ok(())
     }
 
-    /// Deletes segments whose every event is older than the retention: a segment's
-    /// events end where the next one starts.
-    fn expire(&self, now_us: i64) -> io::Result<()> {
+    /// Deletes the segments whose every event is older than the retention (as of
+    /// `now_us`, if given), or at or before the acknowledged position (a segment's
+    /// events end where the next one starts; the last segment is never deleted), and
+    /// recounts the ledger's bytes.
+    fn prune(&mut self, now_us: Option<i64>) -> io::Result<()> {
         let segs = segments(&self.dir)?;
-        let horizon = now_us.saturating_sub(self.config.retention_us);
+        let horizon = now_us.map_or(i64::MIN, |n| n.saturating_sub(self.config.retention_us));
+        let acked = archive::acked(&self.dir)?;
         for pair in segs.windows(2) {
-            if pair[1].start_secs.saturating_mul(SECOND) < horizon {
-                fs::remove_file(&pair[0].path)?;
+            let expired = pair[1].start_secs.saturating_mul(SECOND) < horizon;
+            let ingested = pair[1].first_lsn <= acked.saturating_add(1);
+            if expired || ingested {
+                remove_segment(&pair[0].path)?;
             }
         }
+        self.bytes = segment_bytes(&self.dir)?;
+        crate::metrics::ledger(self.bytes, self.config.max_bytes, self.behind);
         Ok(())
     }
 
     pub fn sync(&mut self) -> io::Result<()> {
         match &self.file {
-            Some(f) => f.sync_data(),
+            Some(f) => f.sync(),
             None => Ok(()),
         }
     }
@@ -351,7 +470,7 @@ pub fn events_between(
         if seg.first_lsn > upto {
             break;
         }
-        let r = BufReader::new(File::open(&seg.path)?);
+        let r = archive::open(&seg.path, seg.gz)?;
         for line in r.split(b'\n') {
             let line = line?;
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
@@ -416,8 +535,51 @@ pub fn event_record(v: &serde_json::Value) -> Option<Record<'_>> {
     }
 }
 
+/// Bytes of the segments of ledger `dir` (each in the form a reader takes, so a
+/// compression under way is not counted twice).
+fn segment_bytes(dir: &Path) -> io::Result<u64> {
+    let mut n = 0;
+    for seg in segments(dir)? {
+        n += fs::metadata(&seg.path).map_or(0, |m| m.len());
+    }
+    Ok(n)
+}
+
+/// Deletes a segment, in both forms (its compression may be under way).
+fn remove_segment(path: &Path) -> io::Result<()> {
+    for p in [path.to_path_buf(), archive::gz_path(path)] {
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The lsn of a segment's last event, if it has one.
+fn last_event(seg: &Segment) -> io::Result<Option<u64>> {
+    let mut last = None;
+    for line in archive::open(&seg.path, seg.gz)?.split(b'\n') {
+        let line = line?;
+        if let Some(lsn) = event_lsn(&line) {
+            last = Some(lsn);
+        }
+    }
+    Ok(last)
+}
+
+/// The id (lsn) of the last event in ledger `dir`, if any.
+pub fn last_position(dir: &Path) -> io::Result<Option<u64>> {
+    for seg in segments(dir)?.iter().rev() {
+        if let Some(lsn) = last_event(seg)? {
+            return Ok(Some(lsn));
+        }
+    }
+    Ok(None)
+}
+
 /// The lsn in an event line's `id`.
-fn event_lsn(line: &[u8]) -> Option<u64> {
+pub(super) fn event_lsn(line: &[u8]) -> Option<u64> {
     #[derive(serde::Deserialize)]
     struct Id<'a> {
         #[serde(borrow)]
@@ -426,47 +588,98 @@ fn event_lsn(line: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Id<'_>>(line).ok()?.id.parse().ok()
 }
 
-/// Prints every event at or after `since` (and before `until`) to `out`, oldest
-/// first. Segments that end before `since` are skipped unread.
-pub fn export(
-    dir: &Path,
-    since: Option<Timestamp>,
-    until: Option<Timestamp>,
-    out: &mut impl Write,
-) -> io::Result<u64> {
-    #[derive(serde::Deserialize)]
-    struct Time<'a> {
-        #[serde(borrow)]
-        time: &'a str,
-    }
+/// Which events [`export`] prints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Filter {
+    /// At or after this event time.
+    pub since: Option<Timestamp>,
+    /// Before this event time.
+    pub until: Option<Timestamp>,
+    /// After this position (event id): what a shipper has not yet ingested.
+    pub after: Option<u64>,
+}
+
+/// What [`export`] printed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exported {
+    pub events: u64,
+    /// The id of the last event printed: the position to acknowledge once ingested.
+    pub last_position: Option<u64>,
+}
+
+/// Prints the events `filter` selects to `out`, oldest first, from segments in either
+/// form. Segments that end before `since` or at `after` are skipped unread. A line
+/// that is not an event (damage) fails the export, naming its file and line: a
+/// billing export that silently left events out would under-bill.
+pub fn export(dir: &Path, filter: Filter, out: &mut impl Write) -> io::Result<Exported> {
     let segs = segments(dir)?;
-    let mut n = 0;
+    let mut done = Exported::default();
     for (i, seg) in segs.iter().enumerate() {
-        let ends = segs.get(i + 1).map(|s| s.start_secs.saturating_mul(SECOND));
-        if let (Some(since), Some(ends)) = (since, ends)
+        let next = segs.get(i + 1);
+        let ends = next.map(|s| s.start_secs.saturating_mul(SECOND));
+        if let (Some(since), Some(ends)) = (filter.since, ends)
             && ends < since.0
         {
             continue;
         }
-        let r = BufReader::new(File::open(&seg.path)?);
-        for line in r.split(b'\n') {
-            let line = line?;
-            if line.is_empty() {
-                continue;
-            }
-            let t = serde_json::from_slice::<Time<'_>>(&line)
-                .ok()
-                .and_then(|t| Timestamp::parse(t.time).ok());
-            let keep = match t {
-                Some(t) => since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u),
-                None => false,
-            };
-            if keep {
-                out.write_all(&line)?;
-                out.write_all(b"\n")?;
-                n += 1;
-            }
+        if let (Some(after), Some(next)) = (filter.after, next)
+            && next.first_lsn <= after.saturating_add(1)
+        {
+            continue;
+        }
+        export_segment(seg, filter, out, &mut done)?;
+    }
+    Ok(done)
+}
+
+fn export_segment(
+    seg: &Segment,
+    filter: Filter,
+    out: &mut impl Write,
+    done: &mut Exported,
+) -> io::Result<()> {
+    let r = archive::open(&seg.path, seg.gz)?;
+    for (no, line) in r.split(b'\n').enumerate() {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        let (id, t) = event_head(&line).map_err(|why| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}:{}: not a usage event ({why}); the ledger is damaged here",
+                    seg.path.display(),
+                    no + 1
+                ),
+            )
+        })?;
+        let keep = filter.since.is_none_or(|s| t >= s)
+            && filter.until.is_none_or(|u| t < u)
+            && filter.after.is_none_or(|a| id > a);
+        if keep {
+            out.write_all(&line)?;
+            out.write_all(b"\n")?;
+            done.events += 1;
+            done.last_position = Some(id);
         }
     }
-    Ok(n)
+    Ok(())
+}
+
+/// The `id` and `time` of an event line, or why it is not one.
+fn event_head(line: &[u8]) -> Result<(u64, Timestamp), String> {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        id: &'a str,
+        #[serde(borrow)]
+        time: &'a str,
+    }
+    let h = serde_json::from_slice::<Head<'_>>(line).map_err(|e| e.to_string())?;
+    let id =
+        h.id.parse()
+            .map_err(|_| format!("`id` {:?} is not a position", h.id))?;
+    let t = Timestamp::parse(h.time).map_err(|e| format!("`time`: {e}"))?;
+    Ok((id, t))
 }

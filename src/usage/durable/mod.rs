@@ -24,12 +24,14 @@
 //! the directory, loads what replay found into a [`MemoryStore`], and runs the
 //! checkpointer.
 
+pub mod archive;
 pub mod checkpoint;
 pub mod fold;
 pub mod journal;
 pub mod ledger;
 pub mod record;
 pub mod replay;
+pub mod sink;
 pub mod state;
 
 use std::fs::{self, File};
@@ -70,8 +72,6 @@ pub enum StateError {
     NewerFormat { dir: PathBuf, found: u32 },
     #[error("opening the ledger in {}", .0.display())]
     OpenLedger(PathBuf, #[source] io::Error),
-    #[error("bringing the ledger up to date")]
-    CatchUp(#[source] io::Error),
     #[error("reading the ledger to heal damaged journal records")]
     Heal(#[source] io::Error),
     #[error("checkpoint lock poisoned")]
@@ -232,11 +232,14 @@ impl StateDir {
             }
         })?;
         let caught_up = events.iter().filter(|b| **b == b'\n').count() as u64;
-        if let Some(first) = first {
-            ledger
+        if let Some(first) = first
+            && let Err(e) = ledger
                 .append(&events, first, last)
-                .map_err(StateError::CatchUp)?;
-            ledger.sync()?;
+                .and_then(|()| ledger.sync())
+        {
+            // The journal keeps the events: the writer catches the ledger up from it
+            // once the ledger can be written, and keeps the journal until then.
+            tracing::error!(error = %e, "bringing the usage ledger up to date failed; retried from the journal");
         }
         let Healed {
             lost,
@@ -247,7 +250,7 @@ impl StateDir {
         // may have lost its tail while the ledger kept it).
         let next_lsn = rec.last_lsn.max(floor) + 1;
         let now = clock.now();
-        if !rec.damaged.is_empty() {
+        if !rec.damaged.is_empty() && !ledger.is_behind() {
             // Never meet the same damage twice: fold what was recovered (and healed)
             // into a clean checkpoint now and move the damaged files aside.
             checkpoint::write_checkpoint(&dir, &rec.state, next_lsn - 1)?;
@@ -383,7 +386,16 @@ impl Inner {
             return Ok(None);
         }
         let started = Instant::now();
-        let upto = self.journal.seal()?;
+        let upto = match self.journal.seal() {
+            Ok(upto) => upto,
+            // Not an error of the state: the journal keeps the events, unfolded, until
+            // the ledger can take them (space made, segments acknowledged).
+            Err(e) if self.journal.ledger_behind() => {
+                tracing::warn!(error = %e, "checkpoint postponed: the usage ledger is behind the journal");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let r = fold::fold(&self.dir, upto, self.clock.now_background().0);
         match &r {
             Ok(Some(n)) => {
@@ -687,5 +699,59 @@ mod tests {
         let ckpts = checkpoint::checkpoints(tmp.path()).unwrap();
         assert_eq!(ckpts.len(), 1);
         dir.close().unwrap();
+    }
+
+    /// `--durability sync` on a disk that refuses every write: each refused step is
+    /// taken back before it is answered, so nothing counts in memory (counters,
+    /// reservations, seats), and an idempotency key does not answer a retry with the
+    /// refused answer.
+    #[test]
+    fn a_refused_sync_write_counts_nothing_in_memory() {
+        use crate::usage::UsageStore;
+        let tmp = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", tmp.path().join(journal::segment_name(1))).unwrap();
+        let ledger = Ledger::open(
+            &tmp.path().join("ledger"),
+            "test".into(),
+            LedgerConfig::default(),
+        )
+        .unwrap();
+        let config = JournalConfig {
+            durability: journal::Durability::Sync,
+            ..JournalConfig::default()
+        };
+        let j = Journal::start(tmp.path(), 1, config, ledger).unwrap();
+        let s = MemoryStore::with_journal(Some(Arc::new(j)), StoreConfig::default());
+        let now = Timestamp(T0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let refused = |op: &UsageOp<'_>, key: Option<&str>| {
+            let r = rt.block_on(UsageStore::apply(&s, op, &meta(key), now));
+            assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        };
+        for _ in 0..2 {
+            refused(&consume("acme", T0, 5), Some("k1"));
+            assert_eq!(used(&s, "acme", T0), 0);
+        }
+        refused(&quota("acme", T0, 10, QuotaMode::Reserve), None);
+        assert_eq!(used(&s, "acme", T0), 0);
+        assert_eq!(s.counts().reservations, 0);
+        let seat = |action| UsageOp::Seat {
+            key: UsageKey {
+                customer: "acme",
+                feature: "seats",
+            },
+            limit: Limit::Finite(1),
+            holder: Some("u1"),
+            action,
+        };
+        refused(&seat(SeatAction::Acquire), None);
+        match s.run(&seat(SeatAction::Check), now) {
+            UsageOutcome::Seat { used, .. } => assert_eq!(used, 0),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.counts().idempotency_keys, 0);
     }
 }

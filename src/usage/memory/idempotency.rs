@@ -114,6 +114,14 @@ impl IdemKeys {
         }
     }
 
+    /// Forgets a key whose answer was taken back (its change was refused by the
+    /// journal): a retry is decided afresh.
+    pub(super) fn forget(&self, scope: Box<str>, key: Box<str>) {
+        if self.map.remove(&(scope, key)).is_some() {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Forgets expired keys (never one still in flight).
     pub(super) fn expire(&self, now: Timestamp) {
         let mut dropped = 0;

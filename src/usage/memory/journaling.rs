@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::usage::durable::journal::Journal;
+use crate::usage::durable::journal::{Journal, Undo};
 use crate::usage::durable::record::{EntryRef, Record};
 use crate::usage::{Ack, StoreError};
 
@@ -38,22 +38,41 @@ impl Journaling {
     }
 
     /// Journals `record` (if any) and the idempotency key (if any) in one frame. The
-    /// key's record is built only when there is a journal to write it to.
+    /// key's record is built only when there is a journal to write it to; `undo`
+    /// (how to take `record` back should the write fail) only in sync mode.
     pub(super) fn log<'a>(
         &self,
         record: Option<Record<'a>>,
         idem: Option<impl FnOnce() -> Record<'a>>,
+        undo: impl FnOnce() -> Option<Undo>,
     ) -> Result<Logged, StoreError> {
         let Some(j) = &self.0 else {
             return Ok(None);
         };
         let idem = idem.map(|f| f());
+        let forget = match &idem {
+            Some(Record::Idem { customer, key, .. }) => Some((*customer, *key)),
+            _ => None,
+        };
+        let undo = move || {
+            let forget = forget.map(|(scope, key)| Undo::Idem {
+                scope: scope.into(),
+                key: key.into(),
+            });
+            undo().into_iter().chain(forget).collect()
+        };
         let entry = match (record, idem) {
             (None, None) => return Ok(None),
-            (Some(r), None) | (None, Some(r)) => j.append(&EntryRef::Records(&[r]))?,
-            (Some(r), Some(i)) => j.append(&EntryRef::Records(&[r, i]))?,
+            (Some(r), None) | (None, Some(r)) => j.append(&EntryRef::Records(&[r]), undo)?,
+            (Some(r), Some(i)) => j.append(&EntryRef::Records(&[r, i]), undo)?,
         };
         Ok(Some(entry))
+    }
+
+    /// The changes of writes the journal refused in sync mode, for the store to take
+    /// back (their requests are answered 503).
+    pub(super) fn take_undone(&self) -> Vec<Undo> {
+        self.0.as_ref().map(|j| j.take_undone()).unwrap_or_default()
     }
 
     /// What a reply reporting the change at `lsn` must wait for.

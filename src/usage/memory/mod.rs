@@ -30,7 +30,7 @@ use self::keys::Key;
 use self::quota::{Quotas, finite, overage};
 use self::rate::Rates;
 use self::seats::Seats;
-use super::durable::journal::Journal;
+use super::durable::journal::{Journal, Undo};
 use super::durable::record::{Answer, Record, SettleOutcome, Settled};
 use super::durable::state::State;
 use super::durable::{DurableConfig, OpenReport, StateDir, StateError};
@@ -158,15 +158,17 @@ impl MemoryStore {
         r.map(fresh)
     }
 
-    /// Journals `record` (if any) and the idempotency key (if any) in one frame. A
-    /// key is journaled only with an answer worth remembering
-    /// ([`idempotency::remembered`]): a denial changed nothing.
+    /// Journals `record` (if any) and the idempotency key (if any) in one frame;
+    /// `undo` says how to take `record` back should the journal refuse it. A key is
+    /// journaled only with an answer worth remembering ([`idempotency::remembered`]):
+    /// a denial changed nothing.
     fn log<'a>(
         &self,
         record: Option<Record<'a>>,
         idem: Option<(&'a str, IdemKey<'a>)>,
         answer: impl FnOnce() -> Answer,
         now: Timestamp,
+        undo: impl FnOnce() -> Option<Undo>,
     ) -> Result<Logged, StoreError> {
         let ttl = self.config.idempotency_ttl_us;
         let idem = idem
@@ -175,6 +177,7 @@ impl MemoryStore {
         self.journal.log(
             record,
             idem.map(|(scope, ik, a)| move || idempotency::record(scope, &ik, a, now, ttl)),
+            undo,
         )
     }
 
@@ -228,7 +231,15 @@ impl MemoryStore {
                             time: now.0,
                             snapshot: meta.snapshot,
                         });
-                        let lsn = self.log(record, idem, || Answer::Usage(o), now)?;
+                        let undo = || {
+                            admitted.then(|| Undo::Count {
+                                customer: key.customer.into(),
+                                feature: key.feature.into(),
+                                window_start: window_start.0,
+                                amount,
+                            })
+                        };
+                        let lsn = self.log(record, idem, || Answer::Usage(o), now, undo)?;
                         Ok((o, lsn))
                     }
                     QuotaMode::Reserve => {
@@ -240,7 +251,7 @@ impl MemoryStore {
                             reservation,
                         };
                         let Some(id) = reservation else {
-                            let lsn = self.log(None, idem, || Answer::Usage(o), now)?;
+                            let lsn = self.log(None, idem, || Answer::Usage(o), now, || None)?;
                             return Ok((o, lsn));
                         };
                         let ttl = meta
@@ -270,7 +281,8 @@ impl MemoryStore {
                             time: now.0,
                         };
                         self.holds.insert(id, hold);
-                        let lsn = self.log(Some(record), idem, || Answer::Usage(o), now)?;
+                        let undo = || Some(Undo::Reserve { id });
+                        let lsn = self.log(Some(record), idem, || Answer::Usage(o), now, undo)?;
                         Ok((o, lsn))
                     }
                 }
@@ -287,7 +299,7 @@ impl MemoryStore {
                 let o = self
                     .rates
                     .rate(key, limit, per_us, burst, amount, consume, now);
-                let lsn = self.log(None, idem, || Answer::Usage(o), now)?;
+                let lsn = self.log(None, idem, || Answer::Usage(o), now, || None)?;
                 Ok((o, lsn))
             }
             UsageOp::Seat {
@@ -310,10 +322,18 @@ impl MemoryStore {
                             time: now.0,
                             snapshot: meta.snapshot,
                         };
-                        logged = self.log(Some(record), idem, || Answer::Usage(*o), now);
+                        let undo = || {
+                            Some(Undo::Seat {
+                                customer: key.customer.into(),
+                                feature: key.feature.into(),
+                                holder: h.into(),
+                                acquired: acquire,
+                            })
+                        };
+                        logged = self.log(Some(record), idem, || Answer::Usage(*o), now, undo);
                     });
                 if !wrote {
-                    logged = self.log(None, idem, || Answer::Usage(o), now);
+                    logged = self.log(None, idem, || Answer::Usage(o), now, || None);
                 }
                 Ok((o, logged?))
             }
@@ -391,7 +411,14 @@ impl MemoryStore {
             time: now.0,
             snapshot: meta.snapshot,
         });
-        let lsn = self.log(record, idem, || Answer::Settle(settled.clone()), now)?;
+        let undo = || {
+            hold.clone().map(|hold| Undo::Settle {
+                id,
+                hold,
+                committed: o.committed,
+            })
+        };
+        let lsn = self.log(record, idem, || Answer::Settle(settled.clone()), now, undo)?;
         Ok((settled, lsn))
     }
 
@@ -406,7 +433,9 @@ impl MemoryStore {
     /// Appends a record to the journal without changing state here: a shared store
     /// decided it, and this replica's ledger records it.
     pub fn journal_record(&self, record: Record<'_>) -> Result<Logged, StoreError> {
-        self.log(Some(record), None, unreachable_answer, Timestamp(0))
+        self.log(Some(record), None, unreachable_answer, Timestamp(0), || {
+            None
+        })
     }
 
     /// Adds `n` units to a window's counter (units counted elsewhere: another
@@ -431,6 +460,7 @@ impl MemoryStore {
     /// Expires reservations; once a minute also drops ended windows. Updates the
     /// state gauges.
     pub fn maintain(&self, now: Timestamp, minute: bool) {
+        self.take_back();
         self.expire(now);
         if minute {
             let dropped = self.compact(now);
@@ -439,6 +469,57 @@ impl MemoryStore {
             }
         }
         crate::metrics::usage_state(&self.counts());
+    }
+
+    /// Takes back the changes whose journal writes were refused in sync mode (their
+    /// requests are answered 503): the latest first. Run by each refused request
+    /// before it answers, and by maintenance, so none is left behind.
+    pub fn take_back(&self) {
+        for u in self.journal.take_undone().into_iter().rev() {
+            self.undo(u);
+        }
+    }
+
+    fn undo(&self, u: Undo) {
+        let key = |c, f| UsageKey {
+            customer: c,
+            feature: f,
+        };
+        match u {
+            Undo::Count {
+                customer,
+                feature,
+                window_start,
+                amount,
+            } => self
+                .quotas
+                .give_back(key(&customer, &feature), window_start, amount),
+            Undo::Reserve { id } => {
+                if let Some(h) = self.holds.remove(id) {
+                    let k = key(&h.customer, &h.feature);
+                    self.quotas.give_back(k, h.window_start, h.amount);
+                }
+            }
+            Undo::Settle {
+                id,
+                hold,
+                committed,
+            } => {
+                // Held again: its units are back in its window, less what it counted.
+                let back = i128::from(hold.amount) - i128::from(committed);
+                let back = i64::try_from(back).unwrap_or(0);
+                let k = key(&hold.customer, &hold.feature);
+                self.quotas.add(k, hold.window_start, hold.window_end, back);
+                self.holds.insert(id, hold);
+            }
+            Undo::Seat {
+                customer,
+                feature,
+                holder,
+                acquired,
+            } => self.seats.undo(key(&customer, &feature), &holder, acquired),
+            Undo::Idem { scope, key } => self.idem.forget(scope, key),
+        }
     }
 
     pub fn counts(&self) -> Counts {
@@ -511,6 +592,16 @@ impl MemoryStore {
         }
     }
 
+    /// In sync mode, waits until the change at `lsn` is on disk; if the journal
+    /// refused it, takes it back before the refusal is answered.
+    async fn durable(&self, lsn: Logged) -> Result<(), StoreError> {
+        let r = self.journal.durable(lsn).await;
+        if r.is_err() {
+            self.take_back();
+        }
+        r
+    }
+
     /// Number of live quota counters.
     pub fn quota_counters(&self) -> usize {
         self.quotas.len()
@@ -525,7 +616,7 @@ impl UsageStore for MemoryStore {
         now: Timestamp,
     ) -> Result<Answered<UsageOutcome>, StoreError> {
         let (o, lsn) = self.step_answered(op, meta, now)?;
-        self.journal.durable(lsn).await?;
+        self.durable(lsn).await?;
         Ok(o)
     }
 
@@ -542,7 +633,7 @@ impl UsageStore for MemoryStore {
     }
 
     async fn ack(&self, ack: Ack) -> Result<(), StoreError> {
-        self.journal.durable(ack.0).await
+        self.durable(ack.0).await
     }
 
     async fn settle(
@@ -553,7 +644,7 @@ impl UsageStore for MemoryStore {
         now: Timestamp,
     ) -> Result<Answered<Settled>, StoreError> {
         let (s, lsn) = MemoryStore::settle_answered(self, id, action, meta, now)?;
-        self.journal.durable(lsn).await?;
+        self.durable(lsn).await?;
         Ok(s)
     }
 

@@ -139,6 +139,11 @@ impl Holds {
         self.0.insert(id, hold);
     }
 
+    /// Drops the reservation `id` (a reserve taken back); returns it if it was open.
+    pub(super) fn remove(&self, id: ReservationId) -> Option<Hold> {
+        self.0.remove(&id).map(|(_, h)| h)
+    }
+
     /// The open reservation `id`, if any.
     pub(super) fn get(&self, id: ReservationId) -> Option<Hold> {
         self.0.get(&id).map(|h| h.clone())

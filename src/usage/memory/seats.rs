@@ -98,6 +98,21 @@ impl Seats {
         }
     }
 
+    /// Takes back a seat change the journal refused: an acquired seat is released,
+    /// a released one held again.
+    pub(super) fn undo(&self, key: UsageKey<'_>, holder: &str, acquired: bool) {
+        if acquired {
+            if let Some(mut pool) = self.0.get_mut(&(key, 0i64) as &dyn KeyView) {
+                pool.remove(holder);
+            }
+        } else {
+            self.0
+                .entry(owned(key, 0))
+                .or_default()
+                .insert(holder.into());
+        }
+    }
+
     /// Drops pools nobody holds a seat in.
     pub(super) fn drop_empty(&self) {
         self.0.retain(|_, p| !p.is_empty());

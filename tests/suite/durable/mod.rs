@@ -19,6 +19,8 @@
 mod crash;
 mod damage;
 mod export;
+mod full_disk;
+mod ledger_volume;
 mod reservations;
 
 use std::collections::{BTreeMap, HashSet};
