@@ -112,7 +112,8 @@ fn strict_seats_are_exact_across_replicas() {
     let _serial = serial();
     let redis = Redis::start();
     let dir = policy();
-    let mut rs = replicas(3, &dir, &redis, &[]);
+    // As above: exactness is the strict path's, not the fallback's.
+    let mut rs = replicas(3, &dir, &redis, &["--store-timeout", "2s"]);
     let seat = |r: &Replica, op: &str, holder: &str| {
         decide(
             r,
@@ -221,7 +222,8 @@ fn strict_idempotency_keys_answer_across_replicas() {
     let _serial = serial();
     let redis = Redis::start();
     let dir = policy();
-    let mut rs = replicas(3, &dir, &redis, &[]);
+    // As above: exactness is the strict path's, not the fallback's.
+    let mut rs = replicas(3, &dir, &redis, &["--store-timeout", "2s"]);
     let keyed = json!({"customer": "acme", "feature": "credits", "amount": 5, "idempotency_key": "order-1"});
     let first = decide(&rs[0], "/v1/consume", keyed.clone());
     assert_eq!(
@@ -346,7 +348,8 @@ fn strict_reservations_settle_on_any_replica() {
     let _serial = serial();
     let redis = Redis::start();
     let dir = policy();
-    let mut rs = replicas(3, &dir, &redis, &[]);
+    // As above: exactness is the strict path's, not the fallback's.
+    let mut rs = replicas(3, &dir, &redis, &["--store-timeout", "2s"]);
     let id = reserve(&rs[0], 30);
     for r in &rs {
         assert_eq!(
