@@ -16,7 +16,7 @@ use crate::usage::durable::DurableConfig;
 use crate::usage::durable::journal::Durability;
 use crate::usage::redis::{OnError, RedisConfig, StoreMode};
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, LiveConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreModeArg {
@@ -170,6 +170,11 @@ pub struct ServeArgs {
     /// `<state-dir>/audit`.
     #[arg(long, env = "ENTITLED_AUDIT_DIR")]
     pub audit_dir: Option<PathBuf>,
+    /// Admin tokens for customer writes (`PUT`/`DELETE /v1/customers/{id}`), one per
+    /// line as `name:token` or a bare token; read again when it changes. Without it
+    /// the write routes answer 403 `writes_disabled`.
+    #[arg(long, env = "ENTITLED_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Which decisions the audit log records: none, denials, all, or sample:F.
     #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
     pub audit_decisions: crate::audit::Decisions,
@@ -248,6 +253,7 @@ impl ServeArgs {
         );
         audit.decisions = self.audit_decisions;
         Ok(Config {
+            live: self.live(),
             notices: self.notices()?,
             durable: self.durable(),
             store: self.store(),
@@ -300,6 +306,16 @@ impl ServeArgs {
             notice_cfg.webhook = Some(w);
         }
         Ok(notice_cfg)
+    }
+
+    /// Customer writes: journaled in `<state-dir>/customers` unless the state
+    /// directory is off (`--durability memory`).
+    fn live(&self) -> LiveConfig {
+        LiveConfig {
+            journal_dir: (self.durability != DurabilityMode::Memory)
+                .then(|| crate::live::journal_dir(&self.state_dir)),
+            admin_token_file: self.admin_token_file.clone(),
+        }
     }
 
     /// `None` with `--durability memory`.

@@ -24,10 +24,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use args::{DurabilityMode, OnErrorArg, ServeArgs, StoreModeArg, Thresholds};
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, LiveConfig};
 
 use crate::audit::Audit;
 use crate::decide::{Decider, Observer};
+use crate::live::{AdminTokens, Live, Publisher, Writes};
 use crate::metrics::DecisionMetrics;
 use crate::notices::Notices;
 use crate::reload::{self, ReloadConfig, ReloadState, Reloader};
@@ -55,6 +56,8 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
+    #[error("opening the customer journal")]
+    Journal(#[source] crate::live::journal::JournalError),
     #[error("opening state directory {}", dir.display())]
     StateDir {
         dir: PathBuf,
@@ -123,6 +126,7 @@ struct Parts {
     audit: Arc<Audit>,
     notices: Arc<Notices>,
     reload: Arc<ReloadState>,
+    live: Arc<Live>,
 }
 
 impl Sidecar {
@@ -144,9 +148,10 @@ impl Sidecar {
             )
             .map_err(SidecarError::Notices)?,
         );
+        let live = Arc::new(live(&config, &cell)?);
         let reloader = reload::start(
             reload_config(&config, &audit, &notices),
-            cell.clone(),
+            live.publisher.clone(),
             state.clone(),
         )
         .map_err(|source| SidecarError::Watch {
@@ -170,6 +175,7 @@ impl Sidecar {
             audit,
             notices,
             reload: state,
+            live,
         };
         let serving = match config.store.clone() {
             None => {
@@ -252,10 +258,32 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
         },
         test_clock: parts.test_clock,
         notices: Some(parts.notices),
+        live: parts.live,
         reload: parts.reload,
         prometheus: config.prometheus.clone(),
         limits: config.limits.clone(),
         unmatched: config.unmatched,
+    })
+}
+
+/// The write API: the publisher (with the customer journal read back when there is
+/// a state directory) and whether writes are allowed.
+fn live(config: &Config, cell: &SnapshotCell) -> Result<Live, SidecarError> {
+    let publisher = match &config.live.journal_dir {
+        Some(dir) => Publisher::open(cell.clone(), dir).map_err(SidecarError::Journal)?,
+        None => Publisher::new(cell.clone()),
+    };
+    let writes = match (&config.live.journal_dir, &config.live.admin_token_file) {
+        (None, _) => Writes::Disabled(
+            "--durability memory keeps no state directory, and a customer write is acknowledged only once it is on disk there".into(),
+        ),
+        (Some(_), None) => Writes::Disabled("no --admin-token-file is configured".into()),
+        (Some(_), Some(path)) => Writes::Enabled(AdminTokens::new(path)),
+    };
+    Ok(Live {
+        publisher: Arc::new(publisher),
+        writes,
+        policies: config.policies.clone(),
     })
 }
 
