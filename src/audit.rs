@@ -1,5 +1,5 @@
-//! The audit log: every policy snapshot change and, as configured, decisions, as
-//! NDJSON in rotated files.
+//! The audit log: every policy snapshot change, every customer record written
+//! through the API and, as configured, decisions, as NDJSON in rotated files.
 //!
 //! Requests never wait for it: a decision is handed to a bounded queue with
 //! `try_send`, and when the queue is full the record is dropped and counted in
@@ -102,6 +102,21 @@ enum Event {
         routes: usize,
     },
     Decision(DecisionRecord),
+    CustomerWrite(CustomerWrite),
+}
+
+/// A customer record written or deleted through the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct CustomerWrite {
+    pub time: Timestamp,
+    pub revision: u64,
+    /// `put`, `delete` or `override`.
+    pub op: &'static str,
+    pub customer: String,
+    /// The admin token's name.
+    pub by: String,
+    /// The snapshot version serving it.
+    pub snapshot: String,
 }
 
 /// The audit log's handle.
@@ -174,6 +189,13 @@ impl Audit {
     /// whether it was queued.
     pub fn decision(&self, rec: DecisionRecord) -> bool {
         self.send(Event::Decision(rec))
+    }
+
+    /// Records a customer write. Writes are few and each is on disk before it is
+    /// answered, so this one is queued like a snapshot change (dropped and counted
+    /// only if the queue is full).
+    pub fn customer_written(&self, w: CustomerWrite) -> bool {
+        self.send(Event::CustomerWrite(w))
     }
 
     /// Records a new snapshot and what changed since the one before.

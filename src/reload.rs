@@ -9,7 +9,9 @@
 //! collapses into one reload once the directory has been quiet for the debounce
 //! interval; a reload that yields the version already served swaps nothing.
 //!
-//! Each new snapshot is published to the [`Subscriber`]s the sidecar wires in (the
+//! A loaded snapshot is served through the [`Publisher`], which puts the customer
+//! records written through the API on top of it (and never lets a reload and a
+//! write interleave). Each new snapshot is published to the [`Subscriber`]s the sidecar wires in (the
 //! audit log, renewal notices); this module knows none of them.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use notify::{EventKind, RecursiveMode, Watcher};
 
+use crate::live::Publisher;
 use crate::policy::{self, Diagnostic, Limits, Snapshot};
 use crate::snapshot_cell::SnapshotCell;
 use crate::time::Timestamp;
@@ -243,9 +246,10 @@ impl Drop for Reloader {
 /// answers, when the policy is good), then watches it.
 pub fn start(
     config: ReloadConfig,
-    cell: SnapshotCell,
+    publisher: Arc<Publisher>,
     state: Arc<ReloadState>,
 ) -> std::io::Result<Reloader> {
+    let cell = publisher.cell().clone();
     let (tx, rx) = mpsc::channel::<()>();
     if let Ok(mut wake) = state.wake.lock() {
         *wake = Some(tx.clone());
@@ -271,6 +275,7 @@ pub fn start(
     let mut worker = Worker {
         config,
         cell,
+        publisher,
         state,
         last_fingerprint: 0,
         retired: Vec::new(),
@@ -301,6 +306,8 @@ pub fn start(
 struct Worker {
     config: ReloadConfig,
     cell: SnapshotCell,
+    /// Serves what is loaded, with the API-written records on top.
+    publisher: Arc<Publisher>,
     state: Arc<ReloadState>,
     last_fingerprint: u64,
     /// Superseded snapshots, dropped here once no request thread holds them: freeing
@@ -415,7 +422,9 @@ impl Worker {
     }
 
     fn loaded(&mut self, snap: Snapshot, fingerprint: u64, confirmed: bool, now: Timestamp) {
-        let previous = self.cell.load_full();
+        // Compared with the last snapshot of the files alone: API-written records
+        // are neither a change of the files nor customers the files removed.
+        let previous = self.publisher.files();
         if previous.as_ref().map(|p| &p.version) == Some(&snap.version) {
             return self.unchanged(&snap, now);
         }
@@ -428,7 +437,7 @@ impl Worker {
             tracing::info!(version = %snap.version, confirmed, "held policy load released");
             crate::metrics::reload_held(false);
         }
-        self.serve(Arc::new(snap), previous, now);
+        self.serve(Arc::new(snap), now);
     }
 
     /// Same content (a touch, an editor's save of identical bytes, a broken change
@@ -526,34 +535,49 @@ impl Worker {
         });
     }
 
-    fn serve(&mut self, snap: Arc<Snapshot>, previous: Option<Arc<Snapshot>>, now: Timestamp) {
+    fn serve(&mut self, files: Arc<Snapshot>, now: Timestamp) {
+        let previous = self.cell.load_full();
         let prev_version = previous.as_ref().map(|p| p.version.to_string());
-        crate::metrics::snapshot_served(&snap, prev_version.as_deref(), now);
+        let (state, cell, subscribers) = (&self.state, &self.cell, &self.config.subscribers);
+        // Composed with the API-written records and swapped in under the publisher's
+        // lock, so no write interleaves.
+        let stored = self.publisher.publish_files(files, |snap| {
+            crate::metrics::snapshot_served(snap, prev_version.as_deref(), now);
+            let change = SnapshotChange {
+                snapshot: snap,
+                previous: previous.as_deref(),
+                at: now,
+            };
+            for s in subscribers {
+                if let Subscriber::BeforeSwap(tell) = s {
+                    tell(&change);
+                }
+            }
+            // Published under the status lock, so `/v1/status` never pairs this
+            // snapshot with the previous one's generation (this thread runs at the
+            // lowest priority and can be preempted between the two for long).
+            state.update(|s| {
+                cell.store(snap.clone());
+                s.version = Some(snap.version.to_string());
+                s.loaded_at = Some(now);
+                s.generation += 1;
+                s.reloads_ok += 1;
+                s.last_error = None;
+                s.held = None;
+            });
+        });
+        let snap = match stored {
+            Ok(snap) => snap,
+            Err(errors) => return self.overlay_failed(errors, now),
+        };
+        crate::metrics::reload("success");
+        tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
         let change = SnapshotChange {
             snapshot: &snap,
             previous: previous.as_deref(),
             at: now,
         };
-        for s in &self.config.subscribers {
-            if let Subscriber::BeforeSwap(tell) = s {
-                tell(&change);
-            }
-        }
-        crate::metrics::reload("success");
-        tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
-        // Published under the status lock, so `/v1/status` never pairs this
-        // snapshot with the previous one's generation (this thread runs at the
-        // lowest priority and can be preempted between the two for long).
-        self.state.update(|s| {
-            self.cell.store(snap.clone());
-            s.version = Some(snap.version.to_string());
-            s.loaded_at = Some(now);
-            s.generation += 1;
-            s.reloads_ok += 1;
-            s.last_error = None;
-            s.held = None;
-        });
-        for s in &self.config.subscribers {
+        for s in subscribers {
             if let Subscriber::AfterSwap(tell) = s {
                 tell(&change);
             }
@@ -561,6 +585,15 @@ impl Worker {
         // Request threads drop their cached reference on their next read;
         // the last reference (and the freeing) stays on this thread.
         self.retired.extend(previous);
+    }
+
+    /// The files loaded, but an API-written record does not compile against them.
+    fn overlay_failed(&mut self, errors: Vec<String>, now: Timestamp) {
+        let diagnostics = errors
+            .iter()
+            .map(|e| Diagnostic::at_path(&self.config.dir, e.clone()))
+            .collect();
+        self.failed(policy::LoadError { diagnostics }, now);
     }
 
     fn failed(&mut self, e: policy::LoadError, now: Timestamp) {
@@ -655,7 +688,8 @@ mod tests {
             ],
         };
         // The first load happens before `start` returns.
-        let reloader = start(config, cell.clone(), Arc::new(ReloadState::default())).unwrap();
+        let publisher = Arc::new(Publisher::new(cell.clone()));
+        let reloader = start(config, publisher, Arc::new(ReloadState::default())).unwrap();
         drop(reloader);
         let version = cell.load_full().unwrap().version.to_string();
         assert_eq!(

@@ -12,6 +12,7 @@ macro_rules! out {
 }
 
 mod check;
+mod customers;
 mod report;
 mod serve;
 mod test;
@@ -103,6 +104,11 @@ enum Command {
         #[command(subcommand)]
         command: report::Command,
     },
+    /// Customer records written through the API (in a state directory).
+    Customers {
+        #[command(subcommand)]
+        command: customers::Command,
+    },
     /// Read the usage ledger of a state directory.
     Usage {
         #[command(subcommand)]
@@ -116,6 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Test(args) => test::run(args),
         Command::Report { command } => report::run(command),
         Command::Usage { command } => usage::run(command),
+        Command::Customers { command } => customers::run(command),
         Command::Validate(args) => validate::run(args),
         Command::Check(args) => check::run(args),
     }

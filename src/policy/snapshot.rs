@@ -376,6 +376,9 @@ pub struct Snapshot {
     pub catalog: Arc<Catalog>,
     pub customers: Customers,
     pub files: Arc<[SourceInfo]>,
+    /// The last customer write (through the API) applied on top of the files; 0 when
+    /// none has been. A request's `min_revision` is compared with it.
+    pub revision: u64,
 }
 
 impl Snapshot {

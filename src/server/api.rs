@@ -18,7 +18,7 @@ use crate::time::Timestamp;
 use crate::usage::{Ack, Answered, IdemKey, SettleAction, StepMeta, UsageStore};
 use crate::usage::{parse_reservation, reservation_name};
 
-type Resp = Response<Full<Bytes>>;
+pub(super) type Resp = Response<Full<Bytes>>;
 
 fn json(status: StatusCode, body: Vec<u8>) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -30,7 +30,7 @@ fn json(status: StatusCode, body: Vec<u8>) -> Resp {
     r
 }
 
-fn json_value(status: StatusCode, v: &impl serde::Serialize) -> Resp {
+pub(super) fn json_value(status: StatusCode, v: &impl serde::Serialize) -> Resp {
     json(status, serde_json::to_vec(v).unwrap_or_default())
 }
 
@@ -156,13 +156,16 @@ async fn route<S: UsageStore>(
         "/v1/status" if get => Ok(status(app)),
         "/v1/expiring" if get => expiring(app, req.uri().query()),
         "/metrics" if get => Ok(metrics(app)),
+        p if super::customers::is_route(method, p) => {
+            super::customers::route(app, method, p, req).await
+        }
         p if p.starts_with("/v1/customers/") && get => {
             customer(app, &p["/v1/customers/".len()..], req.uri().query()).await
         }
         "/healthz" | "/readyz" | "/v1/status" | "/v1/expiring" | "/metrics" => {
             Err(allow("GET, HEAD"))
         }
-        p if p.starts_with("/v1/customers/") => Err(allow("GET, HEAD")),
+        p if p.starts_with("/v1/customers/") => Err(allow("GET, HEAD, PUT, DELETE")),
         _ => Err(ApiError::NotFound {
             path: path.to_string(),
         }),
@@ -173,7 +176,10 @@ fn is_authz(path: &str) -> bool {
     path == "/v1/authz" || path.starts_with("/v1/authz/")
 }
 
-async fn read_body<S>(app: &App<S>, req: Request<Incoming>) -> Result<Vec<u8>, ApiError> {
+pub(super) async fn read_body<S>(
+    app: &App<S>,
+    req: Request<Incoming>,
+) -> Result<Vec<u8>, ApiError> {
     let limit = app.limits.body_limit;
     let declared = req
         .headers()
@@ -235,10 +241,12 @@ async fn single<S: UsageStore>(
     body: &mut [u8],
 ) -> Result<Resp, ApiError> {
     let parsed = request::parse_body(body);
-    let v = match parsed {
+    let mut v = match parsed {
         Ok(v) => v,
         Err(_) => return Err(request::refused(parsed.err(), body)),
     };
+    let wanted = request::take_min_revision(&mut v)?;
+    fresh(app, wanted)?;
     let p = request::parse_request(&v, shape)?;
     let ctx = context(&p);
     let q = query(&p, &ctx);
@@ -270,14 +278,25 @@ async fn single<S: UsageStore>(
     Ok(mark_replay(json(StatusCode::OK, out), replayed))
 }
 
+/// Answers `stale` when this node has not applied the write `wanted` names (the
+/// applied revision only grows, so a decision made after this check sees it).
+fn fresh<S>(app: &App<S>, wanted: Option<u64>) -> Result<(), ApiError> {
+    if wanted.is_none() {
+        return Ok(());
+    }
+    let applied = app.decider.snapshot.with(|s| s.map(|s| s.revision));
+    super::customers::fresh(applied, wanted)
+}
+
 /// `{requests: [...]}` → `{results: [...]}`, in order; a bad item is an error result in
 /// its place and the others still answer. All items see the same snapshot.
 async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, ApiError> {
     let parsed = request::parse_body(body);
-    let v = match parsed {
+    let mut v = match parsed {
         Ok(v) => v,
         Err(_) => return Err(request::refused(parsed.err(), body)),
     };
+    let wanted = request::take_min_revision(&mut v)?;
     use simd_json::prelude::*;
     let obj = v.as_object().ok_or_else(|| ApiError::BadRequest {
         field: None,
@@ -307,6 +326,7 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
     }
     let decider = &app.decider;
     let snap = decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    super::customers::fresh(Some(snap.revision), wanted)?;
     let now = decider.clock.now();
     let mut out = Vec::with_capacity(64 + items.len() * 256);
     let mut ack = Ack::default();
@@ -384,6 +404,7 @@ fn not_ready_reason(st: &crate::reload::Status) -> String {
 fn status<S>(app: &App<S>) -> Resp {
     let (st, snap) = app.reload.observe(|| app.decider.snapshot.load_full());
     let now = app.decider.clock.now();
+    let snap_revision = snap.as_ref().map_or(0, |s| s.revision);
     let snapshot = snap.map(|s| {
         serde_json::json!({
             "version": &*s.version,
@@ -408,6 +429,8 @@ fn status<S>(app: &App<S>) -> Resp {
             "reloads_held": st.reloads_held,
             "last_error": st.last_error,
             "held": st.held,
+            "revision": snap_revision,
+            "customers_api": super::customers::status(&app.live),
         }),
     )
 }

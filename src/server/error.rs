@@ -40,6 +40,25 @@ pub enum ApiError {
     KeysFull(String),
     #[error("no open reservation `{0}`: it was committed, released or expired, or never existed")]
     UnknownReservation(String),
+    /// Customer writes are off here, and why.
+    #[error("customer writes are disabled: {0}")]
+    WritesDisabled(String),
+    /// A write without a valid admin token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A customer record with problems, each by field path; nothing was changed.
+    #[error("the customer record has {} problem(s); nothing was changed", .0.len())]
+    InvalidRecord(Vec<crate::live::record::Problem>),
+    #[error("no customer `{0}`")]
+    UnknownCustomer(String),
+    /// The request asks for a write this node has not applied yet.
+    #[error(
+        "revision {wanted} is not applied here yet (applied: {applied}); retry, or ask the node that took the write"
+    )]
+    Stale { wanted: u64, applied: u64 },
+    /// Concurrent writes to one customer kept changing the record being extended.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<crate::usage::StoreError> for ApiError {
@@ -78,6 +97,12 @@ impl ApiError {
             ApiError::InFlight(_) => StatusCode::CONFLICT,
             ApiError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnknownReservation(_) => StatusCode::NOT_FOUND,
+            ApiError::WritesDisabled(_) => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidRecord(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnknownCustomer(_) => StatusCode::NOT_FOUND,
+            ApiError::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -94,6 +119,12 @@ impl ApiError {
             ApiError::KeyReused(_) => "idempotency_key_reused",
             ApiError::KeysFull(_) => "idempotency_keys_full",
             ApiError::UnknownReservation(_) => "unknown_reservation",
+            ApiError::WritesDisabled(_) => "writes_disabled",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::InvalidRecord(_) => "bad_request",
+            ApiError::UnknownCustomer(_) => "unknown_customer",
+            ApiError::Stale { .. } => "stale",
+            ApiError::Conflict(_) => "conflict",
         }
     }
 
@@ -108,6 +139,17 @@ impl ApiError {
                 v["field"] = "idempotency_key".into();
             }
             ApiError::UnknownReservation(_) => v["field"] = "reservation".into(),
+            ApiError::InvalidRecord(problems) => {
+                if let Some(p) = problems.first() {
+                    v["field"] = p.field.clone().into();
+                }
+                v["problems"] = serde_json::to_value(problems).unwrap_or_default();
+            }
+            ApiError::UnknownCustomer(_) => v["field"] = "id".into(),
+            ApiError::Stale { applied, .. } => {
+                v["field"] = "min_revision".into();
+                v["applied_revision"] = (*applied).into();
+            }
             _ => {}
         }
         v
@@ -127,6 +169,12 @@ impl ApiError {
             r.headers_mut().insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
+            );
+        }
+        if let ApiError::Unauthorized(_) = self {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
             );
         }
         if let ApiError::MethodNotAllowed { allow, .. } = self {

@@ -6,6 +6,7 @@
 
 mod api;
 mod authz;
+mod customers;
 pub mod error;
 pub mod grpc;
 mod json_text;
@@ -80,6 +81,8 @@ pub struct App<S> {
     pub notices: Option<Arc<crate::notices::Notices>>,
     /// Gateway admission of a request no route matches (`--unmatched`).
     pub unmatched: Unmatched,
+    /// Customer records written through the API, and who may write them.
+    pub live: Arc<crate::live::Live>,
 }
 
 impl<S> std::fmt::Debug for App<S> {

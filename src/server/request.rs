@@ -192,6 +192,23 @@ fn check_text(buf: &[u8]) -> Result<json_text::Scan, ApiError> {
     Ok(scan)
 }
 
+/// Takes the optional `min_revision` out of a request object (a decision is answered
+/// only once that customer write is applied).
+pub fn take_min_revision(v: &mut Value<'_>) -> Result<Option<u64>, ApiError> {
+    let Some(obj) = v.as_object_mut() else {
+        return Ok(None);
+    };
+    match obj.remove("min_revision") {
+        None => Ok(None),
+        Some(x) => x.as_u64().map(Some).ok_or_else(|| {
+            ApiError::field(
+                "min_revision",
+                "`min_revision` must be a non-negative integer (the `revision` a write answered)",
+            )
+        }),
+    }
+}
+
 /// Deepest nesting a request body may have (a batch needs 4). simd-json's value
 /// builder recurses; a few kilobytes of `[[[[...` would otherwise overflow the stack.
 pub const MAX_DEPTH: usize = 32;

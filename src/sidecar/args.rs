@@ -17,7 +17,7 @@ use crate::usage::durable::DurableConfig;
 use crate::usage::durable::journal::Durability;
 use crate::usage::redis::{OnError, RedisConfig, StoreMode};
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, LiveConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreModeArg {
@@ -184,6 +184,11 @@ pub struct ServeArgs {
     /// `<state-dir>/audit`, none with `--durability memory`.
     #[arg(long, env = "ENTITLED_AUDIT_DIR")]
     pub audit_dir: Option<PathBuf>,
+    /// Admin tokens for customer writes (`PUT`/`DELETE /v1/customers/{id}`), one per
+    /// line as `name:token` or a bare token; read again when it changes. Without it
+    /// the write routes answer 403 `writes_disabled`.
+    #[arg(long, env = "ENTITLED_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Which decisions the audit log records: none, denials, all, or sample:F.
     #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
     pub audit_decisions: crate::audit::Decisions,
@@ -264,6 +269,7 @@ impl ServeArgs {
         }
         Ok(Config {
             audit: self.audit()?,
+            live: self.live(),
             notices: self.notices()?,
             usage: self.usage(),
             durable: self.durable(),
@@ -357,6 +363,16 @@ impl ServeArgs {
             reservation_ttl_us: micros(self.reservation_ttl),
             idempotency_max_keys: self.idempotency_max_keys,
             ..StoreConfig::default()
+        }
+    }
+
+    /// Customer writes: journaled in `<state-dir>/customers` unless the state
+    /// directory is off (`--durability memory`).
+    fn live(&self) -> LiveConfig {
+        LiveConfig {
+            journal_dir: (self.durability != DurabilityMode::Memory)
+                .then(|| crate::live::journal_dir(&self.state_dir)),
+            admin_token_file: self.admin_token_file.clone(),
         }
     }
 

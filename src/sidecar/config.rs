@@ -56,6 +56,8 @@ pub struct Config {
     /// Lifetimes and bounds of usage state (idempotency keys, reservations), kept in
     /// memory or durable alike (with `durable`, its `store` is this).
     pub usage: StoreConfig,
+    /// Customer records written through the API.
+    pub live: LiveConfig,
     /// Where usage is made durable; `None` keeps it in memory only.
     pub durable: Option<DurableConfig>,
     /// Share usage with other replicas through Redis.
@@ -63,6 +65,16 @@ pub struct Config {
     /// The process's Prometheus recorder, rendered by `/metrics` (404 without). The
     /// recorder is process-wide, so whoever owns the process installs it.
     pub prometheus: Option<PrometheusHandle>,
+}
+
+/// Customer writes through the API.
+#[derive(Debug, Clone, Default)]
+pub struct LiveConfig {
+    /// Where written records are journaled; `None` (no state directory) disables
+    /// writes.
+    pub journal_dir: Option<PathBuf>,
+    /// The admin tokens; `None` disables writes.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// A flag value that does not make a configuration.

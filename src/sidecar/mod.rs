@@ -24,10 +24,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use args::{DurabilityMode, OnErrorArg, ServeArgs, StoreModeArg, Thresholds};
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, LiveConfig};
 
 use crate::audit::Audit;
 use crate::decide::{Decider, Observer};
+use crate::live::{AdminTokens, Live, Publisher, Writes};
 use crate::metrics::DecisionMetrics;
 use crate::notices::{self, Notices};
 use crate::reload::{self, ReloadConfig, ReloadState, Reloader};
@@ -63,6 +64,8 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
+    #[error("opening the customer journal")]
+    Journal(#[source] crate::live::journal::JournalError),
     #[error("opening state directory {}", dir.display())]
     StateDir {
         dir: PathBuf,
@@ -129,6 +132,7 @@ struct Parts {
     audit: Option<Arc<Audit>>,
     notices: Option<Arc<Notices>>,
     reload: Arc<ReloadState>,
+    live: Arc<Live>,
 }
 
 impl Sidecar {
@@ -149,9 +153,10 @@ impl Sidecar {
         let cell = SnapshotCell::new();
         let state = Arc::new(ReloadState::default());
         let trigger = notices.as_ref().map(notices::Claim::trigger);
+        let live = Arc::new(live(&config, &cell)?);
         let reloader = reload::start(
             reload_config(&config, audit.clone(), trigger),
-            cell.clone(),
+            live.publisher.clone(),
             state.clone(),
         )
         .map_err(|source| SidecarError::Watch {
@@ -169,6 +174,7 @@ impl Sidecar {
             audit,
             notices,
             reload: state,
+            live,
         };
         let serving = Serving::assemble(&config, parts, store, listeners);
         let (addr, grpc_addr, metrics_addr) = serving.addrs()?;
@@ -235,10 +241,32 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
         },
         test_clock: parts.test_clock,
         notices: parts.notices,
+        live: parts.live,
         reload: parts.reload,
         prometheus: config.prometheus.clone(),
         limits: config.limits.clone(),
         unmatched: config.unmatched,
+    })
+}
+
+/// The write API: the publisher (with the customer journal read back when there is
+/// a state directory) and whether writes are allowed.
+fn live(config: &Config, cell: &SnapshotCell) -> Result<Live, SidecarError> {
+    let publisher = match &config.live.journal_dir {
+        Some(dir) => Publisher::open(cell.clone(), dir).map_err(SidecarError::Journal)?,
+        None => Publisher::new(cell.clone()),
+    };
+    let writes = match (&config.live.journal_dir, &config.live.admin_token_file) {
+        (None, _) => Writes::Disabled(
+            "--durability memory keeps no state directory, and a customer write is acknowledged only once it is on disk there".into(),
+        ),
+        (Some(_), None) => Writes::Disabled("no --admin-token-file is configured".into()),
+        (Some(_), Some(path)) => Writes::Enabled(AdminTokens::new(path)),
+    };
+    Ok(Live {
+        publisher: Arc::new(publisher),
+        writes,
+        policies: config.policies.clone(),
     })
 }
 

@@ -16,3 +16,4 @@ mod reload;
 mod schema;
 mod server;
 mod support;
+mod writes;

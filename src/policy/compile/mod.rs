@@ -147,5 +147,6 @@ pub fn compile(
         catalog: Arc::new(catalog),
         customers,
         files: files.into(),
+        revision: 0,
     })
 }
