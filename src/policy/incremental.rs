@@ -1,0 +1,366 @@
+//! Incremental reload of customer files: re-read only the files that changed and
+//! apply the difference to the customer table.
+//!
+//! A load remembers, per file, its stat (size, modification time, inode), its content
+//! hash (the snapshot version is the hash of every file's hash, so only changed files
+//! are hashed again) and, for a file that holds customers only (NDJSON, or a YAML/JSON
+//! document whose only key is `customers`), each record's hash and id. A reload that
+//! finds only such files changed, added or removed reads just those, diffs their
+//! records against what they held (an NDJSON line whose text is unchanged is not even
+//! parsed), and applies the difference with [`update_customers`], sharing the catalog
+//! and every untouched customer shard.
+//!
+//! Anything else goes to the full load, which reports every problem with file:line:col:
+//! a catalog document changed, added or removed; a file that does not read or parse; a
+//! record that does not compile; an id defined twice (in one file or in two). A
+//! customer that moves between files in one reload is a replacement, not a removal.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use compact_str::CompactString;
+
+use super::compile::{Change, update_customers};
+use super::raw::{Customer, Document};
+use super::source::{self, Content, Format, FoundFile, Limits, Origin};
+use super::{LoadError, Snapshot, read};
+
+/// What identifies a file's content without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    len: u64,
+    modified: Option<SystemTime>,
+    ino: u64,
+}
+
+/// A file modified this recently when it is looked at may be modified again within the
+/// same timestamp tick (filesystems keep coarse times) with the same size: its stat
+/// would not show that, so such a file is read again by the next load.
+const RACY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Stat {
+    /// The file's stat, or `None` when it cannot be trusted to show the next change
+    /// (unreadable, or modified within [`RACY`] of now).
+    fn of(path: &Path) -> Option<Stat> {
+        let m = std::fs::metadata(path).ok()?;
+        let modified = m.modified().ok()?;
+        let age = SystemTime::now()
+            .duration_since(modified)
+            .unwrap_or_default();
+        (age >= RACY).then(|| Stat {
+            len: m.len(),
+            modified: Some(modified),
+            ino: std::os::unix::fs::MetadataExt::ino(&m),
+        })
+    }
+}
+
+/// One record of a customer file: the hash of its text (NDJSON) or of its parsed form
+/// (documents), and its id. Kept sorted by hash.
+type Records = Vec<(u64, CompactString)>;
+
+#[derive(Debug, Clone)]
+struct FileState {
+    stat: Option<Stat>,
+    hash: blake3::Hash,
+    /// `None`: a catalog document (anything besides customers).
+    records: Option<Records>,
+}
+
+/// What the last served load read from each file (by path relative to the directory).
+#[derive(Debug, Clone, Default)]
+pub struct FileIndex {
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+/// Why a reload could not be applied incrementally (the full load runs instead).
+pub type Fallback = &'static str;
+
+/// An incremental load, ready to be served.
+#[derive(Debug)]
+pub struct Applied {
+    pub snapshot: Snapshot,
+    pub index: FileIndex,
+    /// Files read (changed or added).
+    pub files_read: usize,
+    /// Customers the change removes.
+    pub removed: usize,
+}
+
+/// Loads every policy file under `dir` (as [`super::load_dir`]) and indexes them for
+/// the next incremental reload.
+pub fn load_dir_indexed(dir: &Path, limits: &Limits) -> Result<(Snapshot, FileIndex), LoadError> {
+    let found = source::discover(dir).map_err(|d| LoadError {
+        diagnostics: vec![d],
+    })?;
+    let stats: Vec<Option<Stat>> = found.iter().map(|f| Stat::of(&f.abs)).collect();
+    let texts = super::read_all(&found, limits)?;
+    let (snapshot, units) = super::load_units(&found, &texts, limits)?;
+    let mut index = FileIndex::default();
+    for (((f, text), unit), stat) in found.iter().zip(&texts).zip(&units).zip(stats) {
+        let records = match &unit.content {
+            Content::Customers(list) => Some(ndjson_records(text, list)),
+            Content::Document(d) => document_records(d),
+        };
+        let state = FileState {
+            stat,
+            hash: blake3::hash(text.as_bytes()),
+            records,
+        };
+        index.files.insert(f.rel.clone(), state);
+    }
+    Ok((snapshot, index))
+}
+
+/// Applies the files changed since `index` was taken to `files` (the snapshot that
+/// load produced), or says why the full load must run.
+pub fn apply_changes(
+    dir: &Path,
+    limits: &Limits,
+    index: &FileIndex,
+    files: &Snapshot,
+) -> Result<Applied, Fallback> {
+    let found = source::discover(dir).map_err(|_| "the directory cannot be listed")?;
+    let mut next = FileIndex::default();
+    let mut diff = Diff::default();
+    for (i, f) in found.iter().enumerate() {
+        let stat = Stat::of(&f.abs);
+        let old = index.files.get(&f.rel);
+        if let Some(old) = old
+            && old.stat.is_some()
+            && old.stat == stat
+        {
+            next.files.insert(f.rel.clone(), old.clone());
+            continue;
+        }
+        let text = read::read_file(f, limits).map_err(|_| "a file cannot be read")?;
+        let hash = blake3::hash(text.as_bytes());
+        if let Some(old) = old
+            && old.hash == hash
+        {
+            // Touched, or only its stat was unknown: the same content.
+            diff.files_read += 1;
+            let state = FileState {
+                stat,
+                ..old.clone()
+            };
+            next.files.insert(f.rel.clone(), state);
+            continue;
+        }
+        let old_records = match old {
+            Some(FileState { records: None, .. }) => return Err("a catalog file changed"),
+            Some(FileState {
+                records: Some(r), ..
+            }) => r.as_slice(),
+            None => &[],
+        };
+        let (records, set) = read_customers(f, &text, limits, old_records)?;
+        diff.file(i, old_records, &records, set)?;
+        let state = FileState {
+            stat,
+            hash,
+            records: Some(records),
+        };
+        next.files.insert(f.rel.clone(), state);
+    }
+    for (rel, old) in &index.files {
+        if !next.files.contains_key(rel) {
+            let Some(records) = &old.records else {
+                return Err("a catalog file was removed");
+            };
+            diff.file(usize::MAX, records, &[], Vec::new())?;
+        }
+    }
+    diff.into_applied(files, next)
+}
+
+/// The records a changed file holds now (sorted by hash), and the ones to compile:
+/// records whose hash the file did not hold before, with their place.
+fn read_customers(
+    f: &FoundFile,
+    text: &str,
+    limits: &Limits,
+    old: &[(u64, CompactString)],
+) -> Result<(Records, Vec<(Customer, Origin)>), Fallback> {
+    let mut records = Records::new();
+    let mut set = Vec::new();
+    if f.format == Format::Ndjson {
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let h = line_hash(line);
+            if let Ok(at) = old.binary_search_by_key(&h, |r| r.0) {
+                records.push(old[at].clone());
+                continue;
+            }
+            let c: Customer = serde_json::from_str(line).map_err(|_| "a line does not parse")?;
+            records.push((h, c.id.as_str().into()));
+            let line = n as u64 + 1;
+            set.push((c, Origin::Line { line }));
+        }
+    } else {
+        let parsed = source::parse_file(f, text, limits);
+        let (Some(Content::Document(d)), true) = (parsed.content, parsed.diagnostics.is_empty())
+        else {
+            return Err("a file does not parse");
+        };
+        let Some(all) = document_records(&d) else {
+            return Err("a catalog document was added or changed");
+        };
+        for (i, ((h, _), c)) in all.iter().zip(d.customers).enumerate() {
+            if old.binary_search_by_key(h, |r| r.0).is_err() {
+                let index = d.customer_positions.get(i).copied().unwrap_or(i);
+                set.push((c, Origin::Document { index }));
+            }
+        }
+        records = all;
+    }
+    records.sort_by_key(|r| r.0);
+    Ok((records, set))
+}
+
+/// The changes a reload makes, gathered file by file.
+#[derive(Debug, Default)]
+struct Diff {
+    /// Ids a changed file defines now and did not before, with the file.
+    added: HashMap<CompactString, usize>,
+    /// Ids a changed (or removed) file defined before and does not now.
+    removed: HashSet<CompactString>,
+    /// Records to compile: (file, record, origin).
+    set: Vec<(usize, Customer, Origin)>,
+    files_read: usize,
+}
+
+impl Diff {
+    fn file(
+        &mut self,
+        file: usize,
+        old: &[(u64, CompactString)],
+        new: &[(u64, CompactString)],
+        set: Vec<(Customer, Origin)>,
+    ) -> Result<(), Fallback> {
+        if file != usize::MAX {
+            self.files_read += 1;
+        }
+        let old_ids: HashSet<&CompactString> = old.iter().map(|r| &r.1).collect();
+        let mut new_ids = HashSet::with_capacity(new.len());
+        for (_, id) in new {
+            if !new_ids.insert(id) {
+                return Err("a customer is defined twice in one file");
+            }
+            if !old_ids.contains(id) && self.added.insert(id.clone(), file).is_some() {
+                return Err("a customer is defined in two files");
+            }
+        }
+        for id in old_ids {
+            if !new_ids.contains(id) {
+                self.removed.insert(id.clone());
+            }
+        }
+        self.set
+            .extend(set.into_iter().map(|(c, origin)| (file, c, origin)));
+        Ok(())
+    }
+
+    fn into_applied(self, files: &Snapshot, index: FileIndex) -> Result<Applied, Fallback> {
+        // An id new to its file that the table already holds, and that no changed
+        // file gives up, is defined in another file as well.
+        for id in self.added.keys() {
+            if !self.removed.contains(id) && files.customers.get(id).is_some() {
+                return Err("a customer is defined in two files");
+            }
+        }
+        // A removed id that another file now defines moved: its Set replaces it.
+        let removals: Vec<&CompactString> = self
+            .removed
+            .iter()
+            .filter(|id| !self.added.contains_key(*id))
+            .collect();
+        let mut changes: Vec<Change<'_>> = removals.iter().map(|id| Change::Remove(id)).collect();
+        changes.extend(self.set.iter().map(|(file, record, origin)| Change::Set {
+            record,
+            file: *file,
+            origin: *origin,
+        }));
+        let customers = update_customers(&files.catalog, &files.customers, &changes)
+            .map_err(|_| "a record does not compile")?;
+        let (version, infos) = super::version_of(
+            index
+                .files
+                .iter()
+                .map(|(rel, state)| (rel.as_path(), state.hash)),
+        );
+        Ok(Applied {
+            snapshot: Snapshot {
+                version,
+                catalog: files.catalog.clone(),
+                customers,
+                files: infos.into(),
+                revision: 0,
+            },
+            index,
+            files_read: self.files_read,
+            removed: removals.len(),
+        })
+    }
+}
+
+/// The hash of one NDJSON line's text.
+fn line_hash(line: &str) -> u64 {
+    let h = blake3::hash(line.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// An NDJSON file's records, by the hash of each parsed line's text.
+fn ndjson_records(text: &str, parsed: &[(u64, Customer)]) -> Records {
+    let mut records = Records::with_capacity(parsed.len());
+    let mut wanted = parsed.iter().peekable();
+    for (n, line) in text.lines().enumerate() {
+        let Some((at, c)) = wanted.peek() else { break };
+        if *at == n as u64 + 1 {
+            records.push((line_hash(line), c.id.as_str().into()));
+            wanted.next();
+        }
+    }
+    records.sort_by_key(|r| r.0);
+    records
+}
+
+/// A customers-only document's records, by the hash of each parsed record; `None` for
+/// a document with anything besides customers.
+fn document_records(d: &Document) -> Option<Records> {
+    let catalog = !d.features.is_empty()
+        || !d.plans.is_empty()
+        || !d.groups.is_empty()
+        || !d.routes.is_empty();
+    if catalog {
+        return None;
+    }
+    Some(
+        d.customers
+            .iter()
+            .map(|c| (record_hash(c), c.id.as_str().into()))
+            .collect(),
+    )
+}
+
+/// The hash of a parsed record (its debug form, which names every field and value).
+fn record_hash(c: &Customer) -> u64 {
+    struct Feed(blake3::Hasher);
+    impl std::fmt::Write for Feed {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.update(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut feed = Feed(blake3::Hasher::new());
+    let _ = write!(feed, "{c:?}");
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&feed.0.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
