@@ -245,18 +245,40 @@ impl Diff {
         if file != usize::MAX {
             self.files_read += 1;
         }
-        let old_ids: HashSet<&CompactString> = old.iter().map(|r| &r.1).collect();
-        let mut new_ids = HashSet::with_capacity(new.len());
-        for (_, id) in new {
-            if !new_ids.insert(id) {
+        // Both lists are sorted by hash; a record whose hash is on both sides is the
+        // same text, so the same id: only the records on one side are compared by id.
+        let (mut gone, mut came) = (HashSet::new(), HashSet::new());
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new.len() {
+            if j > 0 && j < new.len() && new[j].0 == new[j - 1].0 {
                 return Err("a customer is defined twice in one file");
             }
-            if !old_ids.contains(id) && self.added.insert(id.clone(), file).is_some() {
+            match (old.get(i), new.get(j)) {
+                (Some(o), Some(n)) if o.0 == n.0 => (i, j) = (i + 1, j + 1),
+                (Some(o), Some(n)) if o.0 < n.0 => {
+                    gone.insert(&o.1);
+                    i += 1;
+                }
+                (Some(o), None) => {
+                    gone.insert(&o.1);
+                    i += 1;
+                }
+                (_, Some(n)) => {
+                    if !came.insert(&n.1) {
+                        return Err("a customer is defined twice in one file");
+                    }
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        for id in &came {
+            if !gone.contains(id) && self.added.insert((*id).clone(), file).is_some() {
                 return Err("a customer is defined in two files");
             }
         }
-        for id in old_ids {
-            if !new_ids.contains(id) {
+        for id in gone {
+            if !came.contains(id) {
                 self.removed.insert(id.clone());
             }
         }
@@ -363,4 +385,68 @@ fn record_hash(c: &Customer) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&feed.0.finalize().as_bytes()[..8]);
     u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CATALOG: &str =
+        "features:\n  f: { kind: flag }\nplans:\n  p:\n    grants:\n      f: true\n";
+
+    fn line(id: &str) -> String {
+        format!(r#"{{"id": "{id}", "subscriptions": [{{"plan": "p", "starts": "2020-01-01"}}]}}"#)
+    }
+
+    /// Writes `text` to `rel` and dates it `secs` seconds after an hour ago.
+    fn put(dir: &Path, rel: &str, text: &str, secs: u64) {
+        let path = dir.join(rel);
+        std::fs::write(&path, text).unwrap();
+        let at = SystemTime::now() - std::time::Duration::from_secs(3600 - secs);
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(at).unwrap();
+    }
+
+    fn setup() -> (tempfile::TempDir, Snapshot, FileIndex) {
+        let dir = tempfile::tempdir().unwrap();
+        put(dir.path(), "catalog.yaml", CATALOG, 0);
+        put(dir.path(), "a.ndjson", &(line("x") + "\n" + &line("y")), 0);
+        let (snap, index) = load_dir_indexed(dir.path(), &Limits::default()).unwrap();
+        (dir, snap, index)
+    }
+
+    #[test]
+    fn a_line_repeated_in_one_file_falls_back() {
+        let (dir, snap, index) = setup();
+        let text = [line("x"), line("y"), line("y")].join("\n");
+        put(dir.path(), "a.ndjson", &text, 1);
+        let why = apply_changes(dir.path(), &Limits::default(), &index, &snap).unwrap_err();
+        assert_eq!(why, "a customer is defined twice in one file");
+    }
+
+    #[test]
+    fn a_touched_file_is_read_and_changes_nothing() {
+        let (dir, snap, index) = setup();
+        put(dir.path(), "a.ndjson", &(line("x") + "\n" + &line("y")), 5);
+        let a = apply_changes(dir.path(), &Limits::default(), &index, &snap).unwrap();
+        assert_eq!((a.files_read, a.removed), (1, 0));
+        assert_eq!(a.snapshot.version, snap.version);
+        assert_eq!(
+            a.snapshot.customers.shared_shards(&snap.customers),
+            crate::policy::customers::SHARDS
+        );
+    }
+
+    #[test]
+    fn a_new_catalog_document_falls_back() {
+        let (dir, snap, index) = setup();
+        put(
+            dir.path(),
+            "more.yaml",
+            "features:\n  g: { kind: flag }\n",
+            1,
+        );
+        let why = apply_changes(dir.path(), &Limits::default(), &index, &snap).unwrap_err();
+        assert_eq!(why, "a catalog document was added or changed");
+    }
 }
