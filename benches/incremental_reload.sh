@@ -101,5 +101,6 @@ print(f"slowest check while polling: {slowest * 1000:.1f} ms")
 print(f"load: {json.dumps(st['last_load'])}")
 print(f"RSS steady {steady} MB, after {rss('VmRSS')} MB, peak during the reload {rss('VmHWM')} MB")
 PY
+  grep -o 'policy directory loaded.*' "$WORK/log" | tail -1 | sed 's/^/log: /'
   kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
 done

@@ -58,7 +58,8 @@ impl Stat {
 }
 
 /// One record of a customer file: the hash of its text (NDJSON) or of its parsed form
-/// (documents), and its id. Kept sorted by hash.
+/// (documents), and its id. Kept in file order: a changed file shares most of its
+/// start and end with what it was, and that is found by one sequential pass.
 type Records = Vec<(u64, CompactString)>;
 
 #[derive(Debug, Clone)]
@@ -157,7 +158,10 @@ pub fn apply_changes(
             None => &[],
         };
         let (records, set) = read_customers(f, &text, limits, old_records)?;
-        diff.file(i, old_records, &records, set)?;
+        let (p, q) = common_ends(old_records, &records);
+        let old_mid = by_hash(&old_records[p..old_records.len() - q]);
+        let new_mid = by_hash(&records[p..records.len() - q]);
+        diff.file(i, &old_mid, &new_mid, set)?;
         let state = FileState {
             stat,
             hash,
@@ -170,13 +174,13 @@ pub fn apply_changes(
             let Some(records) = &old.records else {
                 return Err("a catalog file was removed");
             };
-            diff.file(usize::MAX, records, &[], Vec::new())?;
+            diff.file(usize::MAX, &by_hash(records), &[], Vec::new())?;
         }
     }
     diff.into_applied(files, next)
 }
 
-/// The records a changed file holds now (sorted by hash), and the ones to compile:
+/// The records a changed file holds now (in file order), and the ones to compile:
 /// records whose hash the file did not hold before, with their place.
 fn read_customers(
     f: &FoundFile,
@@ -184,42 +188,81 @@ fn read_customers(
     limits: &Limits,
     old: &[(u64, CompactString)],
 ) -> Result<(Records, Vec<(Customer, Origin)>), Fallback> {
-    let mut records = Records::new();
-    let mut set = Vec::new();
     if f.format == Format::Ndjson {
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let h = line_hash(line);
-            if let Ok(at) = old.binary_search_by_key(&h, |r| r.0) {
-                records.push(old[at].clone());
-                continue;
-            }
-            let c: Customer = serde_json::from_str(line).map_err(|_| "a line does not parse")?;
-            records.push((h, c.id.as_str().into()));
-            let line = n as u64 + 1;
-            set.push((c, Origin::Line { line }));
-        }
-    } else {
-        let parsed = source::parse_file(f, text, limits);
-        let (Some(Content::Document(d)), true) = (parsed.content, parsed.diagnostics.is_empty())
-        else {
-            return Err("a file does not parse");
-        };
-        let Some(all) = document_records(&d) else {
-            return Err("a catalog document was added or changed");
-        };
-        for (i, ((h, _), c)) in all.iter().zip(d.customers).enumerate() {
-            if old.binary_search_by_key(h, |r| r.0).is_err() {
-                let index = d.customer_positions.get(i).copied().unwrap_or(i);
-                set.push((c, Origin::Document { index }));
-            }
-        }
-        records = all;
+        return read_ndjson(text, old);
     }
-    records.sort_by_key(|r| r.0);
+    let parsed = source::parse_file(f, text, limits);
+    let (Some(Content::Document(d)), true) = (parsed.content, parsed.diagnostics.is_empty()) else {
+        return Err("a file does not parse");
+    };
+    let Some(records) = document_records(&d) else {
+        return Err("a catalog document was added or changed");
+    };
+    let known = by_hash(old);
+    let mut set = Vec::new();
+    for (i, ((h, _), c)) in records.iter().zip(d.customers).enumerate() {
+        if known.binary_search_by_key(h, |r| r.0).is_err() {
+            let index = d.customer_positions.get(i).copied().unwrap_or(i);
+            set.push((c, Origin::Document { index }));
+        }
+    }
     Ok((records, set))
+}
+
+/// An NDJSON file's records: the lines shared with the old file at its start and end
+/// are taken as they were (a sequential comparison of hashes); of the lines between,
+/// only those whose text the old file did not have are parsed.
+fn read_ndjson(
+    text: &str,
+    old: &[(u64, CompactString)],
+) -> Result<(Records, Vec<(Customer, Origin)>), Fallback> {
+    let lines: Vec<(usize, &str, u64)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| (n, l, line_hash(l)))
+        .collect();
+    let hashes: Vec<(u64, CompactString)> = lines
+        .iter()
+        .map(|l| (l.2, CompactString::default()))
+        .collect();
+    let (p, q) = common_ends(old, &hashes);
+    drop(hashes);
+    let known = by_hash(&old[p..old.len() - q]);
+    let mut records = Records::with_capacity(lines.len());
+    records.extend_from_slice(&old[..p]);
+    let mut set = Vec::new();
+    for &(n, line, h) in &lines[p..lines.len() - q] {
+        if let Ok(at) = known.binary_search_by_key(&h, |r| r.0) {
+            records.push(known[at].clone());
+            continue;
+        }
+        let c: Customer = serde_json::from_str(line).map_err(|_| "a line does not parse")?;
+        records.push((h, c.id.as_str().into()));
+        let line = n as u64 + 1;
+        set.push((c, Origin::Line { line }));
+    }
+    records.extend_from_slice(&old[old.len() - q..]);
+    Ok((records, set))
+}
+
+/// How many records two lists share at their start, and then at their end (by hash).
+fn common_ends(old: &[(u64, CompactString)], new: &[(u64, CompactString)]) -> (usize, usize) {
+    let p = old.iter().zip(new).take_while(|(o, n)| o.0 == n.0).count();
+    let q = old[p..]
+        .iter()
+        .rev()
+        .zip(new[p..].iter().rev())
+        .take_while(|(o, n)| o.0 == n.0)
+        .count();
+    (p, q)
+}
+
+/// A copy of `records` sorted by hash.
+fn by_hash(records: &[(u64, CompactString)]) -> Records {
+    let mut sorted = records.to_vec();
+    sorted.sort_unstable_by_key(|r| r.0);
+    sorted
 }
 
 /// The changes a reload makes, gathered file by file.
@@ -251,7 +294,7 @@ impl Diff {
         let (mut i, mut j) = (0, 0);
         while i < old.len() || j < new.len() {
             if j > 0 && j < new.len() && new[j].0 == new[j - 1].0 {
-                return Err("a customer is defined twice in one file");
+                return Err("a customer is defined twice");
             }
             match (old.get(i), new.get(j)) {
                 (Some(o), Some(n)) if o.0 == n.0 => (i, j) = (i + 1, j + 1),
@@ -265,7 +308,7 @@ impl Diff {
                 }
                 (_, Some(n)) => {
                     if !came.insert(&n.1) {
-                        return Err("a customer is defined twice in one file");
+                        return Err("a customer is defined twice");
                     }
                     j += 1;
                 }
@@ -274,7 +317,7 @@ impl Diff {
         }
         for id in &came {
             if !gone.contains(id) && self.added.insert((*id).clone(), file).is_some() {
-                return Err("a customer is defined in two files");
+                return Err("a customer is defined twice");
             }
         }
         for id in gone {
@@ -292,7 +335,7 @@ impl Diff {
         // file gives up, is defined in another file as well.
         for id in self.added.keys() {
             if !self.removed.contains(id) && files.customers.get(id).is_some() {
-                return Err("a customer is defined in two files");
+                return Err("a customer is defined twice");
             }
         }
         // A removed id that another file now defines moved: its Set replaces it.
@@ -349,7 +392,6 @@ fn ndjson_records(text: &str, parsed: &[(u64, Customer)]) -> Records {
             wanted.next();
         }
     }
-    records.sort_by_key(|r| r.0);
     records
 }
 
@@ -421,7 +463,7 @@ mod tests {
         let text = [line("x"), line("y"), line("y")].join("\n");
         put(dir.path(), "a.ndjson", &text, 1);
         let why = apply_changes(dir.path(), &Limits::default(), &index, &snap).unwrap_err();
-        assert_eq!(why, "a customer is defined twice in one file");
+        assert_eq!(why, "a customer is defined twice");
     }
 
     #[test]
