@@ -7,7 +7,9 @@
 //! symlink to a new timestamped folder), and a periodic rescan compares file
 //! fingerprints for filesystems that lose events. A burst of events (100 writes)
 //! collapses into one reload once the directory has been quiet for the debounce
-//! interval; a reload that yields the version already served swaps nothing.
+//! interval; a reload that yields the version already served swaps nothing. A reload
+//! that finds only customer files changed reads just those and applies the records
+//! that differ ([`policy::incremental`]); anything else loads the whole directory.
 //!
 //! A loaded snapshot is served through the [`Publisher`], which puts the customer
 //! records written through the API on top of it (and never lets a reload and a

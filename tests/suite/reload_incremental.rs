@@ -230,6 +230,28 @@ fn a_bad_record_in_a_customer_file_is_located() {
     assert_eq!(limit(&s, "b2"), 100);
 }
 
+/// The mass-removal guard holds on the incremental path: removing two customer files
+/// (100 of 151 customers) is held, and the last snapshot keeps serving.
+#[test]
+fn removing_most_customers_incrementally_is_held() {
+    let dir = customer_dir();
+    let s = Server::start_with(
+        dir.path(),
+        &["--reload-debounce", "50ms", "--reload-settle", "1h"],
+    );
+    let v1 = s.version().expect("version");
+    dir.remove("customers/a.ndjson");
+    dir.remove("customers/b.ndjson");
+    let st = wait_for(DEADLINE, || {
+        let st = s.status();
+        (st["held"]["customers_removed"] == 100).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("the mass removal was not held: {}", s.status()));
+    assert_eq!(st["last_load"]["path"], "incremental", "{st}");
+    assert_eq!(st["snapshot"]["version"], v1.as_str(), "{st}");
+    assert_eq!(limit(&s, "a1"), 100, "still served");
+}
+
 // ---- property: incremental edits decide as a fresh load of the final files ----
 
 const FILES: [&str; 4] = ["a.ndjson", "b.ndjson", "c.ndjson", "d.yaml"];
