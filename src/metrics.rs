@@ -22,6 +22,8 @@ pub const DECISION_DURATION: &str = "entitled_decision_duration_seconds";
 pub const RELOADS: &str = "entitled_policy_reloads_total";
 pub const LAST_RELOAD_SUCCESS: &str = "entitled_policy_last_reload_success_timestamp_seconds";
 pub const RELOAD_HELD: &str = "entitled_policy_reload_held";
+pub const RELOAD_PATHS: &str = "entitled_policy_loads_total";
+pub const FILES_READ: &str = "entitled_policy_files_read_total";
 pub const SNAPSHOT_INFO: &str = "entitled_policy_snapshot_info";
 pub const CUSTOMERS: &str = "entitled_customers";
 pub const OVERRIDES_ACTIVE: &str = "entitled_overrides_active";
@@ -109,6 +111,14 @@ fn describe() {
     describe_counter!(
         RELOADS,
         "Policy reload attempts, by result (success: the directory loaded, whether or not the served version changed; failure; held: a load removing most customers, held back)."
+    );
+    describe_counter!(
+        RELOAD_PATHS,
+        "Loads of the policy directory, by path (incremental: only changed customer files were read and applied; full: every file was read and compiled)."
+    );
+    describe_counter!(
+        FILES_READ,
+        "Policy files read by loads, by path (incremental or full)."
     );
     describe_gauge!(
         RELOAD_HELD,
@@ -414,6 +424,12 @@ pub fn quota_warning(feature: &str) {
 
 pub fn reload(result: &'static str) {
     counter!(RELOADS, "result" => result).increment(1);
+}
+
+/// Records a load of the policy directory: which path it took and how many files it read.
+pub fn reload_path(path: &'static str, files_read: usize) {
+    counter!(RELOAD_PATHS, "path" => path).increment(1);
+    counter!(FILES_READ, "path" => path).increment(files_read as u64);
 }
 
 /// Whether a policy load is held back (see `reload::Held`).

@@ -7,7 +7,9 @@
 //! symlink to a new timestamped folder), and a periodic rescan compares file
 //! fingerprints for filesystems that lose events. A burst of events (100 writes)
 //! collapses into one reload once the directory has been quiet for the debounce
-//! interval; a reload that yields the version already served swaps nothing.
+//! interval; a reload that yields the version already served swaps nothing. A reload
+//! that finds only customer files changed reads just those and applies the records
+//! that differ ([`policy::incremental`]); anything else loads the whole directory.
 //!
 //! A loaded snapshot is served through the [`Publisher`], which puts the customer
 //! records written through the API on top of it (and never lets a reload and a
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use crate::live::Publisher;
+use crate::policy::incremental::{self, FileIndex};
 use crate::policy::{self, Diagnostic, Limits, Snapshot};
 use crate::snapshot_cell::SnapshotCell;
 use crate::time::Timestamp;
@@ -96,6 +99,29 @@ pub struct Status {
     pub last_error: Option<LastError>,
     /// A load that is not served yet: the last snapshot keeps serving.
     pub held: Option<Held>,
+    /// How the last load that read the files went about it.
+    pub last_load: Option<LoadPath>,
+}
+
+/// How a load read the policy directory.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadPath {
+    /// `incremental`: only changed customer files were read and applied to the
+    /// customer table; `full`: every file was read and compiled.
+    pub path: &'static str,
+    /// Files read.
+    pub files_read: usize,
+    /// Why a load was full when the incremental path was tried.
+    pub fallback: Option<&'static str>,
+}
+
+/// A load, with what the next incremental load starts from.
+struct Loaded {
+    snap: Snapshot,
+    index: FileIndex,
+    path: LoadPath,
+    /// Customers it removes, when known without comparing the tables.
+    removed: Option<usize>,
 }
 
 /// A load held back because it removes most customers at once, which is what a policy
@@ -164,10 +190,15 @@ impl ReloadState {
     }
 
     fn update(&self, f: impl FnOnce(&mut Status)) {
+        self.update_quietly(f);
+        self.attempts.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// As `update`, without counting an attempt (the attempt's outcome follows).
+    fn update_quietly(&self, f: impl FnOnce(&mut Status)) {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
-        self.attempts.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -278,6 +309,7 @@ pub fn start(
         publisher,
         state,
         last_fingerprint: 0,
+        index: None,
         retired: Vec::new(),
         pending: None,
         retry_at: None,
@@ -310,6 +342,8 @@ struct Worker {
     publisher: Arc<Publisher>,
     state: Arc<ReloadState>,
     last_fingerprint: u64,
+    /// What the served files snapshot was loaded from, for the next incremental load.
+    index: Option<FileIndex>,
     /// Superseded snapshots, dropped here once no request thread holds them: freeing
     /// a million customers takes milliseconds, and must not land on a request.
     retired: Vec<Arc<Snapshot>>,
@@ -397,12 +431,8 @@ impl Worker {
         let confirmed = self.state.confirmed.swap(false, Ordering::AcqRel);
         let before = fingerprint(&self.config.dir);
         let now = Timestamp::now();
-        let loaded = policy::load_dir(&self.config.dir, &self.config.limits).and_then(|snap| {
-            if !self.config.allow_empty {
-                policy::require_features(&self.config.dir, &snap)?;
-            }
-            Ok(snap)
-        });
+        let started = Instant::now();
+        let loaded = self.load();
         let after = fingerprint(&self.config.dir);
         self.last_fingerprint = after;
         if before != after {
@@ -416,28 +446,86 @@ impl Worker {
             return;
         }
         match loaded {
-            Ok(snap) => self.loaded(snap, after, confirmed, now),
+            Ok(loaded) => {
+                let p = &loaded.path;
+                crate::metrics::reload_path(p.path, p.files_read);
+                tracing::info!(path = p.path, files_read = p.files_read, fallback = p.fallback.unwrap_or(""), version = %loaded.snap.version, took_ms = started.elapsed().as_millis() as u64, "policy directory loaded");
+                self.state
+                    .update_quietly(|s| s.last_load = Some(loaded.path.clone()));
+                self.loaded(loaded, after, confirmed, now)
+            }
             Err(e) => self.failed(e, now),
         }
     }
 
-    fn loaded(&mut self, snap: Snapshot, fingerprint: u64, confirmed: bool, now: Timestamp) {
+    /// Reads the changed customer files only, when that is all that changed since the
+    /// served files snapshot was loaded; otherwise the whole directory.
+    fn load(&self) -> Result<Loaded, policy::LoadError> {
+        let (dir, limits) = (&self.config.dir, &self.config.limits);
+        let mut fallback = None;
+        if let (Some(index), Some(files)) = (&self.index, self.publisher.files()) {
+            match incremental::apply_changes(dir, limits, index, &files) {
+                Ok(a) => {
+                    return Ok(Loaded {
+                        snap: a.snapshot,
+                        index: a.index,
+                        path: LoadPath {
+                            path: "incremental",
+                            files_read: a.files_read,
+                            fallback: None,
+                        },
+                        removed: Some(a.removed),
+                    });
+                }
+                Err(why) => fallback = Some(why),
+            }
+        }
+        let (snap, index) = incremental::load_dir_indexed(dir, limits)?;
+        if !self.config.allow_empty {
+            policy::require_features(dir, &snap)?;
+        }
+        let files_read = snap.files.len();
+        Ok(Loaded {
+            snap,
+            index,
+            path: LoadPath {
+                path: "full",
+                files_read,
+                fallback,
+            },
+            removed: None,
+        })
+    }
+
+    fn loaded(&mut self, loaded: Loaded, fingerprint: u64, confirmed: bool, now: Timestamp) {
+        let Loaded {
+            snap,
+            index,
+            removed,
+            ..
+        } = loaded;
         // Compared with the last snapshot of the files alone: API-written records
         // are neither a change of the files nor customers the files removed.
         let previous = self.publisher.files();
         if previous.as_ref().map(|p| &p.version) == Some(&snap.version) {
+            // The same content: the index is as good, with the files' current stats.
+            self.index = Some(index);
             return self.unchanged(&snap, now);
         }
-        if let Some(prev) = &previous
-            && let Some(held) = self.hold_reason(prev, &snap, fingerprint, confirmed, now)
-        {
-            return self.hold(held, fingerprint);
+        if let Some(prev) = &previous {
+            let removed = removed.unwrap_or_else(|| removed_customers(prev, &snap));
+            if let Some(held) = self.hold_reason(prev, &snap, removed, fingerprint, confirmed, now)
+            {
+                return self.hold(held, fingerprint);
+            }
         }
         if self.pending.take().is_some() {
             tracing::info!(version = %snap.version, confirmed, "held policy load released");
             crate::metrics::reload_held(false);
         }
-        self.serve(Arc::new(snap), now);
+        if self.serve(Arc::new(snap), now) {
+            self.index = Some(index);
+        }
     }
 
     /// Same content (a touch, an editor's save of identical bytes, a broken change
@@ -469,6 +557,7 @@ impl Worker {
         &self,
         prev: &Snapshot,
         snap: &Snapshot,
+        removed: usize,
         fingerprint: u64,
         confirmed: bool,
         now: Timestamp,
@@ -484,7 +573,6 @@ impl Worker {
         if settled {
             return None;
         }
-        let removed = removed_customers(prev, snap);
         let reason = if removed > prev.customers.len() / 2 && removed >= MASS_REMOVAL_MIN {
             format!(
                 "the load removes {removed} of {} customers at once; held until the files stay unchanged for {:?}, or confirmed with SIGHUP",
@@ -535,7 +623,9 @@ impl Worker {
         });
     }
 
-    fn serve(&mut self, files: Arc<Snapshot>, now: Timestamp) {
+    /// Serves `files`; whether it is served (it is not when an API-written record
+    /// does not compile against it).
+    fn serve(&mut self, files: Arc<Snapshot>, now: Timestamp) -> bool {
         let previous = self.cell.load_full();
         let prev_version = previous.as_ref().map(|p| p.version.to_string());
         let (state, cell, subscribers) = (&self.state, &self.cell, &self.config.subscribers);
@@ -568,7 +658,10 @@ impl Worker {
         });
         let snap = match stored {
             Ok(snap) => snap,
-            Err(errors) => return self.overlay_failed(errors, now),
+            Err(errors) => {
+                self.overlay_failed(errors, now);
+                return false;
+            }
         };
         crate::metrics::reload("success");
         tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
@@ -585,6 +678,7 @@ impl Worker {
         // Request threads drop their cached reference on their next read;
         // the last reference (and the freeing) stays on this thread.
         self.retired.extend(previous);
+        true
     }
 
     /// The files loaded, but an API-written record does not compile against them.

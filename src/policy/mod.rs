@@ -8,6 +8,7 @@
 pub mod compile;
 pub mod customers;
 pub mod error;
+pub mod incremental;
 mod lenient;
 pub mod raw;
 pub mod read;
@@ -29,9 +30,15 @@ pub fn load_dir(dir: &Path, limits: &Limits) -> Result<Snapshot, LoadError> {
     let found = source::discover(dir).map_err(|d| LoadError {
         diagnostics: vec![d],
     })?;
+    let texts = read_all(&found, limits)?;
+    load_texts(&found, &texts, limits)
+}
+
+/// Reads every found file, reporting every file that cannot be read.
+fn read_all(found: &[FoundFile], limits: &Limits) -> Result<Vec<String>, LoadError> {
     let mut texts = Vec::with_capacity(found.len());
     let mut diagnostics = Vec::new();
-    for f in &found {
+    for f in found {
         match read::read_file(f, limits) {
             Ok(t) => texts.push(t),
             Err(d) => {
@@ -43,7 +50,7 @@ pub fn load_dir(dir: &Path, limits: &Limits) -> Result<Snapshot, LoadError> {
     if !diagnostics.is_empty() {
         return Err(LoadError { diagnostics });
     }
-    load_texts(&found, &texts, limits)
+    Ok(texts)
 }
 
 /// Refuses a policy set that defines no feature. An empty directory, or one whose
@@ -73,6 +80,15 @@ pub fn load_texts(
     texts: &[String],
     limits: &Limits,
 ) -> Result<Snapshot, LoadError> {
+    load_units(found, texts, limits).map(|(snapshot, _)| snapshot)
+}
+
+/// As [`load_texts`], also giving back each file's parsed content (in `found` order).
+fn load_units(
+    found: &[FoundFile],
+    texts: &[String],
+    limits: &Limits,
+) -> Result<(Snapshot, Vec<Unit>), LoadError> {
     // Parse the files on both cores: parsing is most of a large load.
     let parsed: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = found
@@ -100,21 +116,13 @@ pub fn load_texts(
                 .unwrap_or_else(|| source::Content::Document(Default::default())),
         });
     }
-    let mut hasher = blake3::Hasher::new();
-    let mut files = Vec::with_capacity(found.len());
-    for (f, t) in found.iter().zip(texts) {
-        let h = blake3::hash(t.as_bytes());
-        hasher.update(f.rel.to_string_lossy().as_bytes());
-        hasher.update(&[0]);
-        hasher.update(h.as_bytes());
-        files.push(SourceInfo {
-            path: f.rel.clone(),
-            hash: h.to_hex()[..16].to_string(),
-        });
-    }
-    let version: Box<str> = hasher.finalize().to_hex()[..12].into();
+    let hashes = found
+        .iter()
+        .zip(texts)
+        .map(|(f, t)| (f.rel.as_path(), blake3::hash(t.as_bytes())));
+    let (version, files) = version_of(hashes);
     match compile::compile(&units, version, files) {
-        Ok(snapshot) if diagnostics.is_empty() => Ok(snapshot),
+        Ok(snapshot) if diagnostics.is_empty() => Ok((snapshot, units)),
         Ok(_) => Err(sorted(diagnostics)),
         Err(mut issues) => {
             issues.retain(|i| match &i.unresolved {
@@ -125,6 +133,25 @@ pub fn load_texts(
             Err(sorted(diagnostics))
         }
     }
+}
+
+/// The snapshot version (the content hash of every file: its path and its bytes'
+/// hash, in path order) and the file list, from each file's hash.
+pub(crate) fn version_of<'a>(
+    hashes: impl Iterator<Item = (&'a Path, blake3::Hash)>,
+) -> (Box<str>, Vec<SourceInfo>) {
+    let mut hasher = blake3::Hasher::new();
+    let mut files = Vec::new();
+    for (rel, h) in hashes {
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update(&[0]);
+        hasher.update(h.as_bytes());
+        files.push(SourceInfo {
+            path: rel.to_path_buf(),
+            hash: h.to_hex()[..16].to_string(),
+        });
+    }
+    (hasher.finalize().to_hex()[..12].into(), files)
 }
 
 /// Orders diagnostics as a reader goes through the files.

@@ -429,6 +429,7 @@ fn status<S>(app: &App<S>) -> Resp {
             "reloads_held": st.reloads_held,
             "last_error": st.last_error,
             "held": st.held,
+            "last_load": st.last_load,
             "revision": snap_revision,
             "customers_api": super::customers::status(&app.live),
         }),

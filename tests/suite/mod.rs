@@ -13,6 +13,7 @@ mod notices;
 mod props;
 pub mod redis;
 mod reload;
+mod reload_incremental;
 mod schema;
 mod server;
 mod support;
