@@ -24,41 +24,11 @@ trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 [ -n "${BIN_BUILT:-}" ] || cargo build --release --quiet --bin entitled
 
+source benches/common/bench.sh
 for FILES in $LAYOUTS; do
-  rm -rf "$WORK/policies" && mkdir -p "$WORK/policies"
-  python3 - "$WORK/policies" "$CUSTOMERS" "$FILES" <<'PY'
-import json, os, sys
-d, n, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-open(f"{d}/catalog.yaml", "w").write("""
-features:
-  analytics.advanced: { kind: flag }
-  api.calls: { kind: quota }
-plans:
-  free:
-    grants:
-      api.calls: { limit: 1000, per: month }
-  pro:
-    includes: [free]
-    grants:
-      analytics.advanced: true
-      api.calls: { limit: 100000, per: month }
-""")
-outs = [open(f"{d}/customers-{k:03d}.ndjson", "w") for k in range(files)]
-for i in range(n):
-    outs[i % files].write(json.dumps({"id": f"cust-{i:07d}", "subscriptions": [
-        {"plan": "free", "starts": "2025-01-01"}]}) + "\n")
-for f in outs:
-    f.close()
-PY
-  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --grpc-listen off \
-    --durability memory --reload-debounce 20ms >"$WORK/log" 2>&1 &
-  PID=$!
-  for _ in $(seq 1 600); do
-    curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
-    kill -0 "$PID" 2>/dev/null || { cat "$WORK/log"; exit 1; }
-    sleep 0.2
-  done
+  rm -rf "$WORK/policies"
+  bench_policies "$WORK/policies" "$CUSTOMERS" "$FILES" free
+  bench_serve "$WORK/policies" "$WORK/log" --durability memory --reload-debounce 20ms
   echo "== $CUSTOMERS customers in $FILES file(s) =="
   python3 - "$WORK/policies" "$PORT" "$PID" <<'PY'
 import http.client, json, os, sys, time

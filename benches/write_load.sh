@@ -26,42 +26,12 @@ trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 [ -n "${BIN_BUILT:-}" ] || cargo build --release --quiet --bin entitled
 
-mkdir -p "$WORK/policies"
-python3 - "$WORK/policies" "$CUSTOMERS" <<'PY'
-import json, random, sys
-d, n = sys.argv[1], int(sys.argv[2])
-open(f"{d}/catalog.yaml", "w").write("""
-features:
-  analytics.advanced: { kind: flag }
-  api.calls: { kind: quota }
-plans:
-  free:
-    grants:
-      api.calls: { limit: 1000, per: month }
-  pro:
-    includes: [free]
-    grants:
-      analytics.advanced: true
-      api.calls: { limit: 100000, per: month }
-""")
-rnd = random.Random(42)
-with open(f"{d}/customers.ndjson", "w") as f:
-    for i in range(n):
-        f.write(json.dumps({"id": f"cust-{i:07d}", "subscriptions": [
-            {"plan": rnd.choice(["free", "pro"]), "starts": "2025-06-01"}]}) + "\n")
-PY
+source benches/common/bench.sh
+bench_policies "$WORK/policies" "$CUSTOMERS"
 echo "bench:$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$WORK/tokens"
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --grpc-listen off \
-  --durability async --state-dir "$WORK/state" --admin-token-file "$WORK/tokens" \
-  >"$WORK/log" 2>&1 &
-PID=$!
-for _ in $(seq 1 600); do
-  curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
-  kill -0 "$PID" 2>/dev/null || { cat "$WORK/log"; exit 1; }
-  sleep 0.2
-done
+bench_serve "$WORK/policies" "$WORK/log" --durability async --state-dir "$WORK/state" \
+  --admin-token-file "$WORK/tokens"
 
 cat > "$WORK/check.lua" <<LUA
 local n = $CUSTOMERS
