@@ -1,6 +1,7 @@
 //! File plumbing shared by everything that keeps state on disk (the usage journal,
 //! the ledger, checkpoints, the audit log, notices): replacing a file atomically,
-//! making a directory entry durable, and listing numbered files.
+//! making a directory entry durable, and listing numbered files; and, for everything
+//! that watches files (policy reloads, the admin token file), a file's [`Stamp`].
 //!
 //! Written once here so that every writer gets the same crash guarantees: a file
 //! replaced with [`replace`] is whole or absent after a crash, and a file created or
@@ -9,6 +10,28 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+
+/// What tells a file's content changed without reading it: its size, modification time
+/// and inode (a file replaced by rename is a new inode; one written in place changes
+/// size or time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    pub len: u64,
+    pub modified: Option<std::time::SystemTime>,
+    pub ino: u64,
+}
+
+impl Stamp {
+    /// The stamp of the file at `path` (symlinks followed).
+    pub fn of(path: &Path) -> io::Result<Stamp> {
+        let m = fs::metadata(path)?;
+        Ok(Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            ino: std::os::unix::fs::MetadataExt::ino(&m),
+        })
+    }
+}
 
 /// Makes the entries of `dir` (files created, renamed or removed in it) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -237,10 +237,8 @@ pub fn fingerprint(dir: &Path) -> u64 {
         Ok(files) => {
             for f in files {
                 f.rel.hash(&mut h);
-                if let Ok(m) = std::fs::metadata(&f.abs) {
-                    m.len().hash(&mut h);
-                    m.modified().ok().hash(&mut h);
-                    std::os::unix::fs::MetadataExt::ino(&m).hash(&mut h);
+                if let Ok(stamp) = crate::files::Stamp::of(&f.abs) {
+                    stamp.hash(&mut h);
                 }
             }
         }

@@ -8,10 +8,12 @@
 //! constant time ([`subtle`]): neither a token's length nor how much of it matched
 //! shows in the answer's timing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use subtle::ConstantTimeEq;
+
+use crate::files::Stamp;
 
 /// Why a request is not allowed to write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,8 +27,6 @@ pub enum AuthError {
     Unreadable(String),
 }
 
-type Stamp = (u64, Option<std::time::SystemTime>, u64);
-
 #[derive(Debug, Default)]
 struct Loaded {
     stamp: Option<Stamp>,
@@ -38,15 +38,6 @@ struct Loaded {
 pub struct AdminTokens {
     path: PathBuf,
     loaded: Mutex<Loaded>,
-}
-
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    let m = std::fs::metadata(path)?;
-    Ok((
-        m.len(),
-        m.modified().ok(),
-        std::os::unix::fs::MetadataExt::ino(&m),
-    ))
 }
 
 impl AdminTokens {
@@ -69,7 +60,7 @@ impl AdminTokens {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let unreadable =
             |e: std::io::Error| AuthError::Unreadable(format!("{}: {e}", self.path.display()));
-        let now = stamp(&self.path).map_err(unreadable)?;
+        let now = Stamp::of(&self.path).map_err(unreadable)?;
         if loaded.stamp != Some(now) {
             let text = std::fs::read_to_string(&self.path).map_err(unreadable)?;
             loaded.tokens = parse(&text);

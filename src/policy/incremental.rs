@@ -1,7 +1,7 @@
 //! Incremental reload of customer files: re-read only the files that changed and
 //! apply the difference to the customer table.
 //!
-//! A load remembers, per file, its stat (size, modification time, inode), its content
+//! A load remembers, per file, its stamp (size, modification time, inode), its content
 //! hash (the snapshot version is the hash of every file's hash, so only changed files
 //! are hashed again) and, for a file that holds customers only (NDJSON, or a YAML/JSON
 //! document whose only key is `customers`), each record's hash and id. A reload that
@@ -26,35 +26,21 @@ use super::compile::{Change, update_customers};
 use super::raw::{Customer, Document};
 use super::source::{self, Content, Format, FoundFile, Limits, Origin};
 use super::{LoadError, Snapshot, read};
-
-/// What identifies a file's content without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stat {
-    len: u64,
-    modified: Option<SystemTime>,
-    ino: u64,
-}
+use crate::files::Stamp;
 
 /// A file modified this recently when it is looked at may be modified again within the
-/// same timestamp tick (filesystems keep coarse times) with the same size: its stat
+/// same timestamp tick (filesystems keep coarse times) with the same size: its stamp
 /// would not show that, so such a file is read again by the next load.
 const RACY: std::time::Duration = std::time::Duration::from_millis(100);
 
-impl Stat {
-    /// The file's stat, or `None` when it cannot be trusted to show the next change
-    /// (unreadable, or modified within [`RACY`] of now).
-    fn of(path: &Path) -> Option<Stat> {
-        let m = std::fs::metadata(path).ok()?;
-        let modified = m.modified().ok()?;
-        let age = SystemTime::now()
-            .duration_since(modified)
-            .unwrap_or_default();
-        (age >= RACY).then(|| Stat {
-            len: m.len(),
-            modified: Some(modified),
-            ino: std::os::unix::fs::MetadataExt::ino(&m),
-        })
-    }
+/// The file's stamp, or `None` when it cannot be trusted to show the next change
+/// (unreadable, or modified within [`RACY`] of now).
+fn trusted_stamp(path: &Path) -> Option<Stamp> {
+    let stamp = Stamp::of(path).ok()?;
+    let age = SystemTime::now()
+        .duration_since(stamp.modified?)
+        .unwrap_or_default();
+    (age >= RACY).then_some(stamp)
 }
 
 /// One record of a customer file: the hash of its text (NDJSON) or of its parsed form
@@ -64,7 +50,7 @@ type Records = Vec<(u64, CompactString)>;
 
 #[derive(Debug, Clone)]
 struct FileState {
-    stat: Option<Stat>,
+    stat: Option<Stamp>,
     hash: blake3::Hash,
     /// `None`: a catalog document (anything besides customers).
     records: Option<Records>,
@@ -96,7 +82,7 @@ pub fn load_dir_indexed(dir: &Path, limits: &Limits) -> Result<(Snapshot, FileIn
     let found = source::discover(dir).map_err(|d| LoadError {
         diagnostics: vec![d],
     })?;
-    let stats: Vec<Option<Stat>> = found.iter().map(|f| Stat::of(&f.abs)).collect();
+    let stats: Vec<Option<Stamp>> = found.iter().map(|f| trusted_stamp(&f.abs)).collect();
     let texts = super::read_all(&found, limits)?;
     let (snapshot, units) = super::load_units(&found, &texts, limits)?;
     let mut index = FileIndex::default();
@@ -127,7 +113,7 @@ pub fn apply_changes(
     let mut next = FileIndex::default();
     let mut diff = Diff::default();
     for (i, f) in found.iter().enumerate() {
-        let stat = Stat::of(&f.abs);
+        let stat = trusted_stamp(&f.abs);
         let old = index.files.get(&f.rel);
         if let Some(old) = old
             && old.stat.is_some()
