@@ -24,11 +24,21 @@ pub struct Expiring<'a> {
 
 /// Everything that ends in `[now, now + within)`, soonest first.
 pub fn expiring(snap: &Snapshot, now: Timestamp, within_us: i64) -> Vec<Expiring<'_>> {
+    expiring_of(snap, snap.customers.iter(), now, within_us)
+}
+
+/// What of these customers' records ends in `[now, now + within)`, soonest first.
+pub fn expiring_of<'a>(
+    snap: &'a Snapshot,
+    customers: impl IntoIterator<Item = CustomerView<'a>>,
+    now: Timestamp,
+    within_us: i64,
+) -> Vec<Expiring<'a>> {
     let until = now.saturating_add(within_us);
     let soon = |t: Timestamp| t >= now && t < until && t != Timestamp::MAX;
     let days = |t: Timestamp| (t.0 - now.0) / crate::time::DAY;
     let mut out = Vec::new();
-    for c in snap.customers.iter() {
+    for c in customers {
         for s in c.subs {
             if soon(s.ends) {
                 out.push(Expiring {

@@ -32,6 +32,8 @@ pub const JOURNAL: &str = "journal.ndjson";
 pub enum Op {
     Put,
     Delete,
+    /// The API record dropped: the files' record (if any) serves again.
+    Forget,
 }
 
 /// One journal line.

@@ -85,17 +85,46 @@ pub fn file_record(policies: &Path, files: &Snapshot, id: &str) -> Option<(PathB
 
 /// The API-written records in a state directory, latest per id, ordered by id:
 /// `(records, tombstones)`. Reads the journal without changing it (a server may be
-/// appending to it): a torn last line is skipped.
+/// appending to it): a torn last line (a write not yet acknowledged) is skipped; a
+/// damaged line with more after it is an error naming its line, since skipping it
+/// would export an older record as if it were the latest.
 pub fn exported(state_dir: &Path) -> std::io::Result<(Vec<Value>, usize)> {
     let path = journal_dir(state_dir).join(journal::JOURNAL);
-    let file = std::fs::File::open(&path)?;
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&path)?);
     let mut latest: std::collections::BTreeMap<String, Option<Value>> = Default::default();
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line?;
-        let Ok(e) = serde_json::from_str::<journal::Entry>(&line) else {
-            continue;
-        };
-        latest.insert(e.id, e.record.filter(|_| e.op == journal::Op::Put));
+    let (mut buf, mut line) = (Vec::new(), 0usize);
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        line += 1;
+        let whole = buf.last() == Some(&b'\n');
+        match serde_json::from_slice::<journal::Entry>(&buf) {
+            Ok(e) if whole => match e.op {
+                journal::Op::Put => {
+                    latest.insert(e.id, e.record);
+                }
+                journal::Op::Delete => {
+                    latest.insert(e.id, None);
+                }
+                journal::Op::Forget => {
+                    latest.remove(&e.id);
+                }
+            },
+            // The last line: torn by a crash mid-write (the server cuts it at start).
+            _ if reader.fill_buf()?.is_empty() => break,
+            parsed => {
+                let why = parsed.err().map_or_else(String::new, |e| e.to_string());
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{}:{line}: damaged journal line (not the last one): {why}",
+                        path.display()
+                    ),
+                ));
+            }
+        }
     }
     let tombstones = latest.values().filter(|v| v.is_none()).count();
     Ok((latest.into_values().flatten().collect(), tombstones))

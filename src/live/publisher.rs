@@ -40,15 +40,25 @@ pub struct Written {
 /// A change asked for through the API.
 #[derive(Debug)]
 pub enum Write {
-    Put { record: raw::Customer, json: Value },
-    Delete { id: String },
+    Put {
+        record: raw::Customer,
+        json: Value,
+    },
+    /// A tombstone: the id is gone, whatever the files say.
+    Delete {
+        id: String,
+    },
+    /// The API record (or tombstone) dropped: the files' record serves again.
+    Forget {
+        id: String,
+    },
 }
 
 impl Write {
-    fn id(&self) -> &str {
+    pub fn id(&self) -> &str {
         match self {
             Write::Put { record, .. } => &record.id,
-            Write::Delete { id } => id,
+            Write::Delete { id } | Write::Forget { id } => id,
         }
     }
 }
@@ -65,6 +75,9 @@ pub enum WriteError {
     /// The record changed since it was read (see [`Base`]).
     #[error("the record changed since it was read")]
     Changed,
+    /// A forget of an id the API never wrote (or already forgot).
+    #[error("no record written through the API")]
+    NoApiRecord,
     #[error(transparent)]
     Journal(#[from] JournalError),
 }
@@ -139,13 +152,26 @@ struct Inner {
     counts: Counts,
 }
 
+/// Told the ids of the customers whose written records were just served (renewal
+/// notices look at them); called under the publisher's lock, so it must not block.
+pub type OnServed = Box<dyn Fn(Vec<String>) + Send + Sync>;
+
 /// Publishes every snapshot; see the module documentation.
-#[derive(Debug)]
 pub struct Publisher {
     cell: SnapshotCell,
     /// `None`: writes are disabled (no state directory).
     log: Option<RecordLog>,
     inner: Mutex<Inner>,
+    on_served: Option<OnServed>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("log", &self.log)
+            .field("watched", &self.on_served.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a lookup of one id finds.
@@ -167,7 +193,14 @@ impl Publisher {
                 next_revision: 1,
                 ..Inner::default()
             }),
+            on_served: None,
         }
+    }
+
+    /// Calls `f` with the ids of each batch of written records once it is served.
+    pub fn on_served(mut self, f: OnServed) -> Publisher {
+        self.on_served = Some(f);
+        self
     }
 
     /// A publisher with the journal in `dir`, its writes read back into the overlay
@@ -187,12 +220,16 @@ impl Publisher {
         };
         let path = dir.join(super::journal::JOURNAL);
         for e in &entries {
-            let written = replayed_entry(e).map_err(|message| JournalError::Damaged {
-                path: path.clone(),
-                line: 0,
-                message: format!("revision {}: {message}", e.revision),
-            })?;
-            inner.overlay.insert(e.id.clone(), written);
+            if e.op == Op::Forget {
+                inner.overlay.remove(&e.id);
+            } else {
+                let written = replayed_entry(e).map_err(|message| JournalError::Damaged {
+                    path: path.clone(),
+                    line: 0,
+                    message: format!("revision {}: {message}", e.revision),
+                })?;
+                inner.overlay.insert(e.id.clone(), written);
+            }
             inner.next_revision = e.revision + 1;
             inner.counts.revision = e.revision;
         }
@@ -202,10 +239,13 @@ impl Publisher {
             revision = inner.counts.revision,
             "customer journal replayed"
         );
-        // Most lines superseded: keep one per id (their revisions unchanged).
+        // Most lines superseded: keep one per id (their revisions unchanged), and the
+        // last line whatever it is (a forget has no overlay entry), so the revision
+        // never goes back after a restart.
         if entries.len() > 1024 && entries.len() > 2 * inner.overlay.len() {
-            let live: std::collections::HashSet<u64> =
+            let mut live: std::collections::HashSet<u64> =
                 inner.overlay.values().map(|w| w.revision).collect();
+            live.insert(inner.counts.revision);
             let keep: Vec<&Entry> = entries
                 .iter()
                 .filter(|e| live.contains(&e.revision))
@@ -216,6 +256,7 @@ impl Publisher {
             cell,
             log: Some(log),
             inner: Mutex::new(inner),
+            on_served: None,
         })
     }
 
@@ -325,6 +366,9 @@ impl Publisher {
         if base.is_some_and(|b| b != now) {
             return Err(WriteError::Changed);
         }
+        if matches!(w, Write::Forget { .. }) && now == Base::Files {
+            return Err(WriteError::NoApiRecord);
+        }
         let change = match &w {
             Write::Put { record, .. } => Change::Set {
                 record,
@@ -332,6 +376,10 @@ impl Publisher {
                 origin: Origin::Line { line: 0 },
             },
             Write::Delete { id } => Change::Remove(id),
+            Write::Forget { id } => Change::Restore {
+                id,
+                from: &files.customers,
+            },
         };
         let customers = update_customers(&head.catalog, &head.customers, &[change])
             .map_err(|issues| WriteError::Invalid(problems(&issues)))?;
@@ -340,6 +388,7 @@ impl Publisher {
         let (op, record, json) = match w {
             Write::Put { record, json } => (Op::Put, Some(Arc::new(record)), Some(Arc::new(json))),
             Write::Delete { .. } => (Op::Delete, None, None),
+            Write::Forget { .. } => (Op::Forget, None, None),
         };
         log.append(&Entry {
             revision,
@@ -356,16 +405,20 @@ impl Publisher {
             revision,
             ..(*head).clone()
         });
-        let written = Written {
-            record,
-            json,
-            revision,
-            by: by.into(),
-            at,
-        };
         let in_files = files.customers.get(&id).is_some();
-        inner.counts.count(&written, in_files, true);
-        let undo = inner.overlay.insert(id.clone(), written);
+        let undo = if op == Op::Forget {
+            inner.overlay.remove(&id)
+        } else {
+            let written = Written {
+                record,
+                json,
+                revision,
+                by: by.into(),
+                at,
+            };
+            inner.counts.count(&written, in_files, true);
+            inner.overlay.insert(id.clone(), written)
+        };
         if let Some(old) = &undo {
             inner.counts.count(old, in_files, false);
         }
@@ -382,12 +435,21 @@ impl Publisher {
     /// Serves the staged writes the journal now holds, in order.
     fn publish_durable(&self, inner: &mut Inner, durable: u64) {
         let mut last = None;
+        let mut ids = Vec::new();
         while inner.queue.front().is_some_and(|s| s.revision <= durable) {
             last = inner.queue.pop_front();
+            if let Some(s) = &mut last {
+                ids.push(std::mem::take(&mut s.id));
+            }
         }
         if let Some(s) = last {
             inner.counts.revision = s.revision;
             self.cell.store(s.snapshot);
+        }
+        if let Some(f) = &self.on_served
+            && !ids.is_empty()
+        {
+            f(ids);
         }
     }
 
@@ -443,7 +505,7 @@ fn replayed_entry(e: &Entry) -> Result<Written, String> {
             (Some(Arc::new(c)), Some(Arc::new(v.clone())))
         }
         (Op::Put, None) => return Err("a put without a record".into()),
-        (Op::Delete, _) => (None, None),
+        (Op::Delete | Op::Forget, _) => (None, None),
     };
     Ok(Written {
         record,

@@ -68,7 +68,12 @@ pub struct ScanReport {
 
 enum Msg {
     Scan(Option<tokio::sync::oneshot::Sender<ScanReport>>),
-    Outcome { id: String, result: &'static str },
+    /// These customers' records changed (a write): only they need a look.
+    Customers(Vec<String>),
+    Outcome {
+        id: String,
+        result: &'static str,
+    },
     Stop,
 }
 
@@ -80,6 +85,7 @@ impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Msg::Scan(_) => "Scan",
+            Msg::Customers(_) => "Customers",
             Msg::Outcome { .. } => "Outcome",
             Msg::Stop => "Stop",
         })
@@ -89,6 +95,12 @@ impl std::fmt::Debug for Msg {
 impl Trigger {
     pub fn poke(&self) {
         let _ = self.0.send(Msg::Scan(None));
+    }
+
+    /// These customers' records changed: their notices are planned without a scan of
+    /// every customer (a write at a million customers costs one lookup, not a scan).
+    pub fn customers_changed(&self, ids: Vec<String>) {
+        let _ = self.0.send(Msg::Customers(ids));
     }
 }
 

@@ -57,13 +57,18 @@ impl Scanner {
     pub(super) fn run(&mut self, rx: &Receiver<Msg>) {
         let mut replies = Vec::new();
         let mut scan = true;
+        let mut changed: std::collections::BTreeSet<String> = Default::default();
         loop {
             if scan {
-                let report = self.scan();
+                let report = self.scan(None);
                 for r in replies.drain(..) {
                     let _: Result<(), _> = tokio::sync::oneshot::Sender::send(r, report);
                 }
                 scan = false;
+                changed.clear();
+            } else if !changed.is_empty() {
+                self.scan(Some(&changed));
+                changed.clear();
             }
             let first = match rx.recv_timeout(self.interval) {
                 Ok(m) => m,
@@ -80,6 +85,7 @@ impl Scanner {
                         scan = true;
                         replies.extend(reply);
                     }
+                    Msg::Customers(ids) => changed.extend(ids),
                     Msg::Outcome { id, result } => {
                         if let Some(d) = &mut self.delivery
                             && let Err(e) = d.outbox.finish(&id, result)
@@ -93,17 +99,27 @@ impl Scanner {
         }
     }
 
-    fn scan(&mut self) -> ScanReport {
+    /// Plans and writes the notices due: for every customer, or for `only` these.
+    fn scan(&mut self, only: Option<&std::collections::BTreeSet<String>>) -> ScanReport {
         let now = self.clock.now_background();
         let mut report = ScanReport::default();
-        match self.sent.prune(now) {
-            Ok(n) => report.pruned = n,
-            Err(e) => tracing::error!(error = %e, "compacting the remembered notices failed"),
+        if only.is_none() {
+            match self.sent.prune(now) {
+                Ok(n) => report.pruned = n,
+                Err(e) => tracing::error!(error = %e, "compacting the remembered notices failed"),
+            }
         }
         let Some(snap) = self.cell.load_full() else {
             return report;
         };
-        let (events, marks) = plan(&snap, now, &self.thresholds, |id| self.sent.contains(id));
+        let sent = |id: &str| self.sent.contains(id);
+        let (events, marks) = match only {
+            None => plan(&snap, now, &self.thresholds, sent),
+            Some(ids) => {
+                let customers = ids.iter().filter_map(|id| snap.customers.get(id));
+                plan_of(&snap, customers, now, &self.thresholds, sent)
+            }
+        };
         if marks.is_empty() {
             return report;
         }
@@ -151,12 +167,24 @@ pub fn plan(
     thresholds: &[i64],
     sent: impl Fn(&str) -> bool,
 ) -> (Vec<(String, Bytes)>, Vec<(String, i64)>) {
+    plan_of(snap, snap.customers.iter(), now, thresholds, sent)
+}
+
+/// [`plan`] for these customers only.
+#[expect(clippy::type_complexity, reason = "two plain lists")]
+fn plan_of<'a>(
+    snap: &'a Snapshot,
+    customers: impl IntoIterator<Item = crate::policy::CustomerView<'a>>,
+    now: Timestamp,
+    thresholds: &[i64],
+    sent: impl Fn(&str) -> bool,
+) -> (Vec<(String, Bytes)>, Vec<(String, i64)>) {
     let widest = thresholds.iter().copied().max().unwrap_or(0);
     let mut events = Vec::new();
     let mut marks = Vec::new();
     // `expiring` lists ends in [now, now + within): +1 µs takes in an end exactly at
     // the widest threshold.
-    for item in report::expiring(snap, now, widest.saturating_add(1)) {
+    for item in report::expiring_of(snap, customers, now, widest.saturating_add(1)) {
         let key = ItemKey {
             customer: item.customer,
             kind: item.kind,

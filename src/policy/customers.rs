@@ -338,6 +338,16 @@ impl Customers {
         out
     }
 
+    /// Copies customer `id`, when this table has it, into `out` (the shard `id` belongs
+    /// in, of another table over the same catalog).
+    pub(crate) fn copy_into(&self, id: &str, out: &mut Shard) {
+        let (h, s) = locate(id);
+        let from = &self.shards[s];
+        if let Some(local) = from.find(h, id) {
+            out.copy_from(from, local);
+        }
+    }
+
     /// Shards shared with `other` (by pointer): how much of a change was rebuilt.
     pub fn shared_shards(&self, other: &Customers) -> usize {
         self.shards

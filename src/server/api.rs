@@ -477,16 +477,25 @@ async fn customer<S: UsageStore>(
     let id: Cow<str> = percent_encoding::percent_decode_str(raw_id).decode_utf8_lossy();
     let pairs = query_pairs(query);
     let mut at = None;
+    let mut wanted = None;
     let mut ctx: Vec<(&str, &str)> = Vec::new();
     for (k, v) in &pairs {
         if k == "at" {
             at =
                 Some(Timestamp::parse(v).map_err(|e| ApiError::field("at", format!("`at`: {e}")))?);
+        } else if k == "min_revision" {
+            wanted = Some(v.parse::<u64>().map_err(|_| {
+                ApiError::field(
+                    "min_revision",
+                    "`min_revision` must be a non-negative integer (the `revision` a write answered)",
+                )
+            })?);
         } else {
             ctx.push((k, v));
         }
     }
     let snap = app.decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+    super::customers::fresh(Some(snap.revision), wanted)?;
     let now = app.decider.clock.now();
     let Some(c) = snap.customers.get(&id) else {
         return Ok(json_value(

@@ -1,5 +1,7 @@
 //! The customer write API: `PUT` and `DELETE /v1/customers/{id}`,
-//! `POST /v1/customers/{id}/overrides`, and `GET /v1/customers/{id}/record`.
+//! `POST /v1/customers/{id}/overrides`, `GET /v1/customers/{id}/record`, and
+//! `DELETE /v1/customers/{id}/record` (drop the API record: the files' record, if any,
+//! serves again).
 //!
 //! A write is authorized (a bearer admin token), read and checked (a bad record is
 //! a 400 naming each field, and changes nothing), then applied by the publisher on a
@@ -42,8 +44,13 @@ pub async fn route<S>(
         allow,
     };
     if let Some(raw) = rest.strip_suffix("/record") {
+        if method == Method::DELETE {
+            let id = decode(raw)?;
+            let by = authorize(&app.live, &req)?;
+            return apply(app, Write::Forget { id }, None, "forget", &by).await;
+        }
         if method != Method::GET && method != Method::HEAD {
-            return Err(allow("GET, HEAD"));
+            return Err(allow("GET, HEAD, DELETE"));
         }
         return read_record(app, &decode(raw)?).await;
     }
@@ -231,10 +238,7 @@ async fn apply<S>(
     op: &'static str,
     by: &str,
 ) -> Result<Resp, ApiError> {
-    let id = match &w {
-        Write::Put { record, .. } => record.id.clone(),
-        Write::Delete { id } => id.clone(),
-    };
+    let id = w.id().to_string();
     let at = app.decider.clock.now();
     let publisher = app.live.publisher.clone();
     let who = by.to_string();
@@ -276,6 +280,7 @@ fn write_error(e: WriteError, id: &str) -> ApiError {
         WriteError::Changed => ApiError::Conflict(format!(
             "customer `{id}` changed while this write was prepared; try again"
         )),
+        WriteError::NoApiRecord => ApiError::NoApiRecord(id.to_string()),
         WriteError::Journal(j) => {
             tracing::error!("customer write refused: {j}");
             ApiError::Unavailable(j.to_string())

@@ -51,6 +51,11 @@ pub enum ApiError {
     InvalidRecord(Vec<crate::live::record::Problem>),
     #[error("no customer `{0}`")]
     UnknownCustomer(String),
+    /// A forget of an id with no API record: the files' record (if any) already serves.
+    #[error(
+        "customer `{0}` has no record written through the API; the policy files' record, if any, is the one served"
+    )]
+    NoApiRecord(String),
     /// The request asks for a write this node has not applied yet.
     #[error(
         "revision {wanted} is not applied here yet (applied: {applied}); retry, or ask the node that took the write"
@@ -100,7 +105,7 @@ impl ApiError {
             ApiError::WritesDisabled(_) => StatusCode::FORBIDDEN,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::InvalidRecord(_) => StatusCode::BAD_REQUEST,
-            ApiError::UnknownCustomer(_) => StatusCode::NOT_FOUND,
+            ApiError::UnknownCustomer(_) | ApiError::NoApiRecord(_) => StatusCode::NOT_FOUND,
             ApiError::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
@@ -123,6 +128,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::InvalidRecord(_) => "bad_request",
             ApiError::UnknownCustomer(_) => "unknown_customer",
+            ApiError::NoApiRecord(_) => "no_api_record",
             ApiError::Stale { .. } => "stale",
             ApiError::Conflict(_) => "conflict",
         }
@@ -145,7 +151,7 @@ impl ApiError {
                 }
                 v["problems"] = serde_json::to_value(problems).unwrap_or_default();
             }
-            ApiError::UnknownCustomer(_) => v["field"] = "id".into(),
+            ApiError::UnknownCustomer(_) | ApiError::NoApiRecord(_) => v["field"] = "id".into(),
             ApiError::Stale { applied, .. } => {
                 v["field"] = "min_revision".into();
                 v["applied_revision"] = (*applied).into();

@@ -153,7 +153,7 @@ impl Sidecar {
         let cell = SnapshotCell::new();
         let state = Arc::new(ReloadState::default());
         let trigger = notices.as_ref().map(notices::Claim::trigger);
-        let live = Arc::new(live(&config, &cell)?);
+        let live = Arc::new(live(&config, &cell, trigger.clone())?);
         let reloader = reload::start(
             reload_config(&config, audit.clone(), trigger),
             live.publisher.clone(),
@@ -250,12 +250,22 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
 }
 
 /// The write API: the publisher (with the customer journal read back when there is
-/// a state directory) and whether writes are allowed.
-fn live(config: &Config, cell: &SnapshotCell) -> Result<Live, SidecarError> {
-    let publisher = match &config.live.journal_dir {
+/// a state directory, and the notice scanner told of each write) and whether writes
+/// are allowed.
+fn live(
+    config: &Config,
+    cell: &SnapshotCell,
+    notices: Option<notices::Trigger>,
+) -> Result<Live, SidecarError> {
+    let mut publisher = match &config.live.journal_dir {
         Some(dir) => Publisher::open(cell.clone(), dir).map_err(SidecarError::Journal)?,
         None => Publisher::new(cell.clone()),
     };
+    // A written record's renewal notices are due as soon as it is served, not at the
+    // next scan interval.
+    if let Some(t) = notices {
+        publisher = publisher.on_served(Box::new(move |ids| t.customers_changed(ids)));
+    }
     let writes = match (&config.live.journal_dir, &config.live.admin_token_file) {
         (None, _) => Writes::Disabled(
             "--durability memory keeps no state directory, and a customer write is acknowledged only once it is on disk there".into(),

@@ -464,3 +464,170 @@ fn exported_records_load_as_a_policy_file_with_the_same_decisions() {
         .collect();
     assert_eq!(before, after);
 }
+
+#[test]
+fn forgetting_the_api_record_serves_the_file_record_again() {
+    let setup = Setup::new();
+    let mut s = setup.spawn(&[]);
+    let forget = |s: &Server, id: &str| {
+        send(
+            s,
+            "DELETE",
+            &format!("/v1/customers/{id}/record"),
+            Some(TOKEN),
+            &Value::Null,
+        )
+    };
+    // Nothing written through the API yet: nothing to forget.
+    let r = forget(&s, "acme");
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "no_api_record");
+    assert_eq!(r.json()["error"]["field"], "id");
+    assert_eq!(
+        send(
+            &s,
+            "DELETE",
+            "/v1/customers/acme/record",
+            None,
+            &Value::Null
+        )
+        .status,
+        401
+    );
+
+    put_ok(&s, "acme", &pro());
+    put_ok(&s, "newco", &pro());
+    assert!(sso(&s, "acme"));
+    let r = forget(&s, "acme");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["op"], "forget");
+    let rev = r.json()["revision"].as_u64().expect("revision");
+    assert_eq!(rev, 3);
+    // The file's record (free) again, on the next request.
+    assert!(!sso(&s, "acme"));
+    assert_eq!(s.check("acme", "api.calls")["limit"], 100);
+    assert_eq!(record(&s, "acme")["source"], "file");
+    // An id only the API defined is gone with its record.
+    assert_eq!(forget(&s, "newco").status, 200);
+    assert_eq!(s.check("newco", "sso")["reason"], "unknown_customer");
+    let status = s.status();
+    assert_eq!(status["customers_api"]["api_records"], 0, "{status}");
+    assert_eq!(status["customers_api"]["shadowing_files"], 0, "{status}");
+
+    // Durable: after kill -9 the forgets hold and the revision goes on from 4.
+    kill9(&mut s);
+    let s = setup.spawn(&[]);
+    assert!(!sso(&s, "acme"));
+    assert_eq!(s.check("newco", "sso")["reason"], "unknown_customer");
+    assert_eq!(put_ok(&s, "acme", &pro()), 5);
+    assert!(sso(&s, "acme"));
+}
+
+#[test]
+fn a_customer_summary_honours_min_revision() {
+    let setup = Setup::new();
+    let s = setup.spawn(&[]);
+    let rev = put_ok(&s, "acme", &pro());
+    let r = s.get(&format!("/v1/customers/acme?min_revision={rev}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.get(&format!("/v1/customers/acme?min_revision={}", rev + 1));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "stale");
+    assert_eq!(r.json()["error"]["applied_revision"], rev);
+    let r = s.get("/v1/customers/acme?min_revision=-1");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["field"], "min_revision");
+}
+
+#[test]
+fn export_refuses_a_damaged_journal_line_and_names_it() {
+    let setup = Setup::new();
+    let mut s = setup.spawn(&[]);
+    put_ok(&s, "acme", &pro());
+    put_ok(&s, "newco", &pro());
+    put_ok(
+        &s,
+        "acme",
+        &json!({ "subscriptions": [{ "plan": "free", "starts": "2024-01-01" }] }),
+    );
+    assert!(s.stop_gracefully().success());
+    let journal = std::path::Path::new(&setup.state_dir()).join("customers/journal.ndjson");
+    let text = std::fs::read_to_string(&journal).expect("journal");
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let export = || {
+        output_within(
+            Command::new(env!("CARGO_BIN_EXE_entitled")).args([
+                "customers",
+                "export",
+                "--state-dir",
+                &setup.state_dir(),
+            ]),
+            Duration::from_secs(20),
+        )
+    };
+    // A torn last line (a write never acknowledged) is left out.
+    std::fs::write(&journal, format!("{text}{{\"revision\":4,\"op\"")).expect("tear");
+    let out = export();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    // A damaged middle line: skipping it could export an older record as the latest.
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[1] = "{\"revision\":2,\"op\":\"put\",\"id\":\"new";
+    std::fs::write(&journal, lines.join("\n") + "\n").expect("damage");
+    let out = export();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("journal.ndjson:2:"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing exported from a damaged journal"
+    );
+}
+
+#[test]
+fn a_written_record_gets_its_renewal_notice_without_waiting_for_a_scan() {
+    let setup = Setup::new();
+    let notices = setup.state.path().join("notices");
+    let notices_arg = notices.display().to_string();
+    // Scans an hour apart: only the write itself can bring the notice.
+    let s = setup.spawn(&[
+        "--test-clock",
+        "2026-12-01T00:00:00Z",
+        "--notices-dir",
+        &notices_arg,
+        "--notice-scan-interval",
+        "1h",
+    ]);
+    let events = || -> Vec<Value> {
+        let Ok(dir) = std::fs::read_dir(&notices) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("events-"))
+            .flat_map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect::<Vec<Value>>()
+            })
+            .collect()
+    };
+    put_ok(
+        &s,
+        "newco",
+        &json!({ "subscriptions": [{ "plan": "pro", "starts": "2026-01-01", "ends": "2026-12-20" }] }),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !events().is_empty()),
+        "no notice for the written record"
+    );
+    let ev = events();
+    assert_eq!(ev.len(), 1, "{ev:#?}");
+    assert_eq!(ev[0]["data"]["customer"], "newco");
+    assert_eq!(ev[0]["data"]["threshold_days"], 30);
+}

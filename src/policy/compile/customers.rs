@@ -72,13 +72,17 @@ pub enum Change<'a> {
     },
     /// Removes the customer with this id (nothing when there is none).
     Remove(&'a str),
+    /// Sets the customer with this id to its compiled record in `from` (a table
+    /// compiled against the same catalog), or removes it when `from` has none: an
+    /// API record dropped, the files' record served again.
+    Restore { id: &'a str, from: &'a Customers },
 }
 
 impl Change<'_> {
     fn id(&self) -> &str {
         match self {
             Change::Set { record, .. } => &record.id,
-            Change::Remove(id) => id,
+            Change::Remove(id) | Change::Restore { id, .. } => id,
         }
     }
 }
@@ -110,13 +114,14 @@ pub fn update_customers(
         let drop: Vec<&str> = list.iter().map(|c| c.id()).collect();
         cc.out[shard] = table.shard_without(shard, &drop);
         for c in list {
-            if let Change::Set {
-                record,
-                file,
-                origin,
-            } = *c
-            {
-                cc.customer(record, CustAt { file, origin });
+            match *c {
+                Change::Set {
+                    record,
+                    file,
+                    origin,
+                } => cc.customer(record, CustAt { file, origin }),
+                Change::Restore { id, from } => from.copy_into(id, &mut cc.out[shard]),
+                Change::Remove(_) => {}
             }
         }
         rebuilt.push((shard, std::mem::take(&mut cc.out[shard])));
