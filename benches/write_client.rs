@@ -11,7 +11,12 @@
 //! latency percentiles in milliseconds. In Rust rather than Python so the client's own
 //! scheduling (a GIL switch interval is 5 ms) does not show up in the tail it measures.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark client")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "benchmark client"
+)]
 
 use std::time::{Duration, Instant};
 
