@@ -10,8 +10,10 @@
 #
 # For each layout: the time until a check sees the change (polled over one keep-alive
 # connection), the slowest of those checks, the load path and files read (from
-# /v1/status), and RSS before, after and at its peak during the reload. Loopback only; the server runs with
-# --durability memory and is stopped at the end.
+# /v1/status), RSS before, after and at its peak during the reload, and the latency of
+# CHECK_RATE checks a second of random customers (default 5,000, paced over 8
+# connections by benches/write_client.rs) sent for 6 s around the change. Loopback
+# only; the server runs with --durability memory and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +24,8 @@ WORK=$(mktemp -d)
 PID=
 trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 
-[ -n "${BIN_BUILT:-}" ] || cargo build --release --quiet --bin entitled
+CHECK_RATE=${CHECK_RATE:-5000}
+[ -n "${BIN_BUILT:-}" ] || cargo build --release --quiet --bin entitled --example write_client
 
 source benches/common/bench.sh
 for FILES in $LAYOUTS; do
@@ -30,6 +33,10 @@ for FILES in $LAYOUTS; do
   bench_policies "$WORK/policies" "$CUSTOMERS" "$FILES" free
   bench_serve "$WORK/policies" "$WORK/log" --durability memory --reload-debounce 20ms
   echo "== $CUSTOMERS customers in $FILES file(s) =="
+  # Paced checks from now until well after the change (made about 2 s from now).
+  target/release/examples/write_client "$PORT" - 0 6 1 "$CUSTOMERS" "$CHECK_RATE" 8 \
+    >"$WORK/checks" 2>&1 &
+  CHECKER=$!
   python3 - "$WORK/policies" "$PORT" "$PID" <<'PY'
 import http.client, json, os, sys, time
 d, port, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -71,6 +78,15 @@ print(f"slowest check while polling: {slowest * 1000:.1f} ms")
 print(f"load: {json.dumps(st['last_load'])}")
 print(f"RSS steady {steady} MB, after {rss('VmRSS')} MB, peak during the reload {rss('VmHWM')} MB")
 PY
+  wait "$CHECKER" || true
+  python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["stream"] == "checks":
+        print(f"paced checks around the change: {r[\"ok\"]} ok, {r[\"errors\"]} errors at {r[\"rate\"]:.0f}/s: "
+              f"p50 {r[\"p50_ms\"]} ms, p99 {r[\"p99_ms\"]} ms, p99.9 {r[\"p999_ms\"]} ms, max {r[\"max_ms\"]} ms")
+' "$WORK/checks"
   grep -o 'policy directory loaded.*' "$WORK/log" | tail -1 | sed 's/^/log: /'
   kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
 done

@@ -113,8 +113,22 @@ fn decisions(snap: &Snapshot) -> Result<Vec<serde_json::Value>, TestCaseError> {
     Ok(out)
 }
 
-fn change() -> impl Strategy<Value = (u32, Option<u8>)> {
-    (0..IDS, proptest::option::weighted(0.8, 0u8..84))
+/// A change: set to a record shape, remove, or restore the record another table (the
+/// files') has for the id.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Set(u8),
+    Remove,
+    Restore,
+}
+
+fn change() -> impl Strategy<Value = (u32, Step)> {
+    let step = prop_oneof![
+        7 => (0u8..84).prop_map(Step::Set),
+        2 => Just(Step::Remove),
+        2 => Just(Step::Restore),
+    ];
+    (0..IDS, step)
 }
 
 proptest! {
@@ -123,23 +137,27 @@ proptest! {
     #[test]
     fn incremental_changes_decide_as_a_full_compile(
         initial in proptest::collection::btree_map(0..IDS, 0u8..84, 0..20),
+        files in proptest::collection::btree_map(0..IDS, 0u8..84, 0..20),
         changes in proptest::collection::vec(change(), 1..12),
     ) {
         let before = load(&initial)?;
-        let records: Vec<(u32, Option<raw::Customer>)> = changes
+        let reference = load(&files)?;
+        let records: Vec<Option<raw::Customer>> = changes
             .iter()
-            .map(|&(id, shape)| {
-                let rec = shape.map(|s| serde_json::from_str::<raw::Customer>(&record(id, s)));
-                (id, rec.transpose().ok().flatten())
+            .map(|&(id, step)| match step {
+                Step::Set(s) => serde_json::from_str::<raw::Customer>(&record(id, s)).ok(),
+                Step::Remove | Step::Restore => None,
             })
             .collect();
-        let removed: Vec<String> = changes.iter().map(|&(n, _)| id(n)).collect();
+        let ids: Vec<String> = changes.iter().map(|&(n, _)| id(n)).collect();
         let list: Vec<Change<'_>> = records
             .iter()
-            .zip(&removed)
-            .map(|((_, rec), id)| match rec {
-                Some(record) => Change::Set { record, file: 1, origin: Origin::Line { line: 1 } },
-                None => Change::Remove(id),
+            .zip(&ids)
+            .zip(&changes)
+            .map(|((rec, id), &(_, step))| match (rec, step) {
+                (Some(record), _) => Change::Set { record, file: 1, origin: Origin::Line { line: 1 } },
+                (None, Step::Restore) => Change::Restore { id, from: &reference.customers },
+                (None, _) => Change::Remove(id),
             })
             .collect();
         let table = update_customers(&before.catalog, &before.customers, &list)
@@ -147,8 +165,13 @@ proptest! {
         let after = Snapshot { customers: table, ..before.clone() };
 
         let mut last = initial.clone();
-        for &(id, shape) in &changes {
-            match shape {
+        for &(id, step) in &changes {
+            let now = match step {
+                Step::Set(s) => Some(s),
+                Step::Remove => None,
+                Step::Restore => files.get(&id).copied(),
+            };
+            match now {
                 Some(s) => { last.insert(id, s); }
                 None => { last.remove(&id); }
             }
@@ -157,7 +180,7 @@ proptest! {
         prop_assert_eq!(after.customers.len(), full.customers.len());
         prop_assert_eq!(decisions(&after)?, decisions(&full)?);
         let touched: std::collections::BTreeSet<usize> =
-            removed.iter().map(|id| shard_of(id)).collect();
+            ids.iter().map(|id| shard_of(id)).collect();
         prop_assert_eq!(
             after.customers.shared_shards(&before.customers),
             SHARDS - touched.len()
