@@ -4,9 +4,9 @@
 //! [`UsageOp`] to run, and [`Pending::finish`] writes the outcome (used, remaining,
 //! overage, warnings, denial and upgrade suggestions) into the decision.
 
-use super::decision::{Decision, Reason};
+use super::decision::{Crossed, Decision, Reason};
 use super::ops::{QuotaMode, UsageOp, UsageOutcome};
-use crate::policy::{FeatureId, GrantValue, Limit, Snapshot};
+use crate::policy::{FeatureId, GrantValue, Limit, NotifyAt, Snapshot};
 use crate::time::{SECOND, Timestamp};
 
 /// A decision waiting for its usage step: run [`Pending::op`] against a store, then
@@ -15,6 +15,8 @@ use crate::time::{SECOND, Timestamp};
 pub struct Pending<'a> {
     pub op: UsageOp<'a>,
     pub(super) warn_units: Option<u64>,
+    /// The quota's usage-notice thresholds (none for rates and seats).
+    pub(super) notify: NotifyAt,
     pub(super) now: Timestamp,
     pub(super) ctx: UpgradeCtx<'a>,
 }
@@ -39,6 +41,7 @@ impl<'a> Pending<'a> {
         let Pending {
             op,
             warn_units,
+            notify,
             now,
             ctx,
         } = self;
@@ -78,6 +81,11 @@ impl<'a> Pending<'a> {
                     d.warning = Some("soft_limit");
                     d.warning_crossed = used_before < w && used > used_before;
                 }
+                if let (Some(Limit::Finite(l)), UsageOp::Quota { window_start, window_end, mode: QuotaMode::Consume | QuotaMode::Reserve, .. }) = (limit, op)
+                    && used > used_before
+                {
+                    d.crossed = crossed(notify, l, used_before, used, window_start.0, window_end.0);
+                }
                 if !admitted {
                     d.deny(Reason::QuotaExhausted);
                 }
@@ -115,6 +123,33 @@ impl<'a> Pending<'a> {
             d.upgrade = upgrades(ctx);
         }
     }
+}
+
+/// The usage-notice thresholds of `notify` that a step from `before` to `used` units of
+/// `limit` reached, if any.
+fn crossed(
+    notify: NotifyAt,
+    limit: u64,
+    before: u64,
+    used: u64,
+    window_start: i64,
+    window_end: i64,
+) -> Option<Crossed> {
+    let mut mask = 0u8;
+    for (i, &bp) in notify.basis_points().iter().enumerate() {
+        let at = NotifyAt::units(limit, bp);
+        if at > 0 && before < at && used >= at {
+            mask |= 1 << i;
+        }
+    }
+    (mask != 0).then_some(Crossed {
+        notify,
+        mask,
+        limit,
+        used,
+        window_start,
+        window_end,
+    })
 }
 
 fn remaining(limit: Limit, used: u64) -> Limit {

@@ -131,6 +131,7 @@ struct Parts {
     test_clock: Option<Arc<ManualClock>>,
     audit: Option<Arc<Audit>>,
     notices: Option<Arc<Notices>>,
+    usage_notices: Option<notices::UsageNotifier>,
     reload: Arc<ReloadState>,
     live: Arc<Live>,
 }
@@ -153,6 +154,7 @@ impl Sidecar {
         let cell = SnapshotCell::new();
         let state = Arc::new(ReloadState::default());
         let trigger = notices.as_ref().map(notices::Claim::trigger);
+        let usage_notices = notices.as_ref().map(notices::Claim::usage_notifier);
         let live = Arc::new(live(&config, &cell)?);
         let reloader = reload::start(
             reload_config(&config, audit.clone(), trigger),
@@ -173,6 +175,7 @@ impl Sidecar {
             test_clock,
             audit,
             notices,
+            usage_notices,
             reload: state,
             live,
         };
@@ -237,6 +240,7 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
             observer: Observer {
                 metrics: DecisionMetrics::new(),
                 audit: parts.audit,
+                usage_notices: parts.usage_notices,
             },
         },
         test_clock: parts.test_clock,
