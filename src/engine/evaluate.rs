@@ -13,8 +13,8 @@ use super::pending::{Pending, UpgradeCtx, upgrades};
 use super::window::window;
 use super::{Op, Request, RequestError};
 use crate::policy::{
-    NotifyAt,
-    CustomerView, Feature, FeatureId, GrantValue, Limit, Overage, QuotaGrant, RateGrant, Snapshot,
+    CustomerView, Feature, FeatureId, GrantValue, Limit, NotifyAt, Overage, QuotaGrant, RateGrant,
+    Snapshot,
 };
 use crate::time::Timestamp;
 

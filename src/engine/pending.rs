@@ -81,7 +81,15 @@ impl<'a> Pending<'a> {
                     d.warning = Some("soft_limit");
                     d.warning_crossed = used_before < w && used > used_before;
                 }
-                if let (Some(Limit::Finite(l)), UsageOp::Quota { window_start, window_end, mode: QuotaMode::Consume | QuotaMode::Reserve, .. }) = (limit, op)
+                if let (
+                    Some(Limit::Finite(l)),
+                    UsageOp::Quota {
+                        window_start,
+                        window_end,
+                        mode: QuotaMode::Consume | QuotaMode::Reserve,
+                        ..
+                    },
+                ) = (limit, op)
                     && used > used_before
                 {
                     d.crossed = crossed(notify, l, used_before, used, window_start.0, window_end.0);

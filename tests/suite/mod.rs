@@ -17,4 +17,5 @@ mod reload_incremental;
 mod schema;
 mod server;
 mod support;
+mod usage_notices;
 mod writes;
