@@ -56,6 +56,7 @@ pub const NOTICES_FAILED: &str = "entitled_notices_failed_total";
 pub const NOTICES_DROPPED: &str = "entitled_notices_dropped_total";
 pub const USAGE_NOTICES: &str = "entitled_usage_notices_total";
 pub const USAGE_NOTICES_DROPPED: &str = "entitled_usage_notices_dropped_total";
+pub const INSIGHTS_DROPPED: &str = "entitled_insights_dropped_total";
 pub const GATEWAY: &str = "entitled_gateway_requests_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
@@ -251,6 +252,10 @@ fn describe() {
         "Usage thresholds reached on the request path but not noticed because the queue to the notices thread was full."
     );
     describe_counter!(
+        INSIGHTS_DROPPED,
+        "Decisions left out of the usage report's aggregation because its queue was full."
+    );
+    describe_counter!(
         GATEWAY,
         "Gateway admissions (forward-auth, ext_authz, rate limit service), by api, status and reason."
     );
@@ -270,6 +275,7 @@ fn start_at_zero() {
         NOTICES_DROPPED,
         USAGE_NOTICES,
         USAGE_NOTICES_DROPPED,
+        INSIGHTS_DROPPED,
         STORE_ERRORS,
         JOURNAL_ERRORS,
         JOURNAL_REFUSED,
@@ -609,6 +615,10 @@ pub fn notice_dropped() {
 
 pub fn usage_notices_emitted(n: u64) {
     counter!(USAGE_NOTICES).increment(n);
+}
+
+pub fn insights_dropped() {
+    counter!(INSIGHTS_DROPPED).increment(1);
 }
 
 pub fn usage_notice_dropped() {

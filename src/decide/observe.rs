@@ -1,11 +1,13 @@
 //! Where decisions are reported, whatever the protocol that asked: the decision
-//! counters, quota-warning crossings, usage-threshold notices and the audit log.
+//! counters, quota-warning crossings, usage-threshold notices, the usage report's
+//! aggregation and the audit log.
 
 use std::sync::Arc;
 
 use super::Query;
 use crate::audit::{Audit, DecisionRecord};
 use crate::engine::Decision;
+use crate::insights::InsightsSink;
 use crate::metrics::DecisionMetrics;
 use crate::notices::{Crossing, UsageNotifier};
 use crate::time::Timestamp;
@@ -18,6 +20,8 @@ pub struct Observer {
     pub audit: Option<Arc<Audit>>,
     /// Where usage-threshold crossings go (with notices on).
     pub usage_notices: Option<UsageNotifier>,
+    /// The usage report's aggregation.
+    pub insights: Option<InsightsSink>,
 }
 
 impl Observer {
@@ -47,6 +51,10 @@ impl Observer {
                     reason: d.reason.as_str(),
                 })
             };
+        }
+        if let Some(i) = &self.insights {
+            let plan = d.source.as_ref().and_then(|s| s.plan);
+            i.decided(req.customer, d.feature, plan, d.reason, now);
         }
         if d.warning_crossed {
             crate::metrics::quota_warning(d.feature);
