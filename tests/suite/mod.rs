@@ -18,4 +18,5 @@ mod schema;
 mod server;
 mod support;
 mod usage_notices;
+mod usage_report;
 mod writes;
