@@ -205,3 +205,28 @@ pub(super) fn upgrades<'a>(ctx: UpgradeCtx<'a>) -> Vec<&'a str> {
         .map(|(plan, _)| &*snap.bundle(*plan).name)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(list: &[&str]) -> NotifyAt {
+        NotifyAt::parse(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn a_step_crosses_the_thresholds_between_before_and_after() {
+        let n = at(&["100%", "80%"]);
+        assert_eq!(crossed(n, 10, 6, 7, 0, 1), None);
+        let c = crossed(n, 10, 7, 8, 0, 1).unwrap();
+        assert_eq!(c.thresholds().collect::<Vec<_>>(), [8_000]);
+        assert_eq!(crossed(n, 10, 8, 9, 0, 1), None, "past 80% already");
+        let both = crossed(n, 10, 0, 12, 0, 1).unwrap();
+        assert_eq!(both.thresholds().collect::<Vec<_>>(), [8_000, 10_000]);
+        assert_eq!(crossed(NotifyAt::NONE, 10, 0, 10, 0, 1), None);
+        assert_eq!(crossed(n, 0, 0, 1, 0, 1), None, "a zero limit has no thresholds");
+        // Exact integers: 7% of 100 is 7.
+        let c = crossed(at(&["7%"]), 100, 6, 7, 0, 1).unwrap();
+        assert_eq!(c.used, 7);
+    }
+}

@@ -1,5 +1,5 @@
-//! A HyperLogLog sketch of distinct customers: 1,024 one-byte registers (1 KiB,
-//! about 3% standard error), exact enough for small counts through linear counting.
+//! A HyperLogLog sketch of distinct customers: exact up to 128 of them, then 1,024
+//! one-byte registers (1 KiB, about 3% standard error).
 //! Distinct counts over any run of days are the merge of the days' sketches, so the
 //! report's memory does not grow with the number of customers.
 
@@ -8,50 +8,75 @@ use serde::{Deserialize, Serialize};
 const P: u32 = 10;
 const M: usize = 1 << P;
 
-/// Distinct 64-bit hashes, estimated. Empty (no allocation) until the first add.
+/// Distinct 64-bit hashes: exact (the hashes themselves) up to [`SPARSE`] of them,
+/// estimated past that. Empty (no allocation) until the first add.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hll(Vec<u8>);
+pub struct Hll {
+    /// Sorted distinct hashes, while there are at most [`SPARSE`].
+    sparse: Vec<u64>,
+    /// The registers, once there are more (then `sparse` is empty).
+    dense: Vec<u8>,
+}
+
+/// Hashes kept exactly: 128 × 8 bytes, the size of the registers.
+pub const SPARSE: usize = 128;
 
 impl Hll {
-    /// Bytes of registers once anything is added.
+    /// Bytes of one sketch at most.
     pub const BYTES: usize = M;
 
     pub fn add(&mut self, hash: u64) {
-        if self.0.is_empty() {
-            self.0 = vec![0; M];
+        if self.dense.is_empty() {
+            if let Err(i) = self.sparse.binary_search(&hash) {
+                self.sparse.insert(i, hash);
+                if self.sparse.len() > SPARSE {
+                    self.densify();
+                }
+            }
+            return;
         }
         let idx = (hash >> (64 - P)) as usize;
         let rest = (hash << P) | (1 << (P - 1));
         let rank = rest.leading_zeros() as u8 + 1;
-        if let Some(r) = self.0.get_mut(idx)
+        if let Some(r) = self.dense.get_mut(idx)
             && *r < rank
         {
             *r = rank;
         }
     }
 
+    fn densify(&mut self) {
+        let hashes = std::mem::take(&mut self.sparse);
+        self.dense = vec![0; M];
+        for h in hashes {
+            self.add(h);
+        }
+    }
+
     pub fn merge(&mut self, other: &Hll) {
-        if other.0.len() != M {
+        if other.dense.is_empty() {
+            for &h in &other.sparse {
+                self.add(h);
+            }
             return;
         }
-        if self.0.len() != M {
-            self.0 = other.0.clone();
-            return;
+        if self.dense.is_empty() {
+            self.densify();
         }
-        for (a, b) in self.0.iter_mut().zip(&other.0) {
+        for (a, b) in self.dense.iter_mut().zip(&other.dense) {
             *a = (*a).max(*b);
         }
     }
 
-    /// The estimated number of distinct hashes added.
+    /// The number of distinct hashes added: exact up to [`SPARSE`], estimated past it.
     pub fn count(&self) -> u64 {
-        if self.0.len() != M {
-            return 0;
+        if self.dense.len() != M {
+            return self.sparse.len() as u64;
         }
         let m = M as f64;
         let mut sum = 0.0;
         let mut zeros = 0usize;
-        for &r in &self.0 {
+        for &r in &self.dense {
             sum += 2f64.powi(-i32::from(r));
             if r == 0 {
                 zeros += 1;
@@ -64,7 +89,7 @@ impl Hll {
         } else {
             raw
         };
-        est.round() as u64
+        (est.round() as u64).max(SPARSE as u64 + 1)
     }
 }
 

@@ -136,3 +136,44 @@ pub fn plan_usage(
     }
     (events, marks)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crossing(window_start: i64, thresholds: Vec<u16>) -> Crossing {
+        Crossing {
+            customer: "acme".into(),
+            feature: "api.calls".into(),
+            plan: Some("pro".into()),
+            thresholds,
+            limit: 10,
+            used: 10,
+            window_start,
+            window_end: window_start + 1_000,
+            at: Timestamp(window_start + 5),
+            snapshot: "v1".into(),
+        }
+    }
+
+    #[test]
+    fn one_event_per_threshold_and_window_and_none_for_what_was_sent() {
+        let c = crossing(0, vec![8_000, 10_000]);
+        let (events, marks) = plan_usage(&[c.clone(), c.clone()], |_| false);
+        assert_eq!(events.len(), 2, "a threshold reached twice in a batch is one notice");
+        assert_eq!(marks.len(), 2);
+        assert!(marks.iter().all(|(_, end)| *end == 1_000));
+        let e: serde_json::Value = serde_json::from_slice(&events[0].1).unwrap();
+        assert_eq!(e["type"], USAGE_EVENT_TYPE);
+        assert_eq!(e["data"]["threshold"], 8);
+        assert_eq!(e["data"]["threshold_percent"], 80.0);
+        let sent = usage_notice_id(&c, 8_000);
+        let (events, _) = plan_usage(&[c.clone()], |id| id == sent);
+        assert_eq!(events.len(), 1, "only the 100% one is left");
+        let next = crossing(1_000, vec![8_000]);
+        assert_ne!(usage_notice_id(&next, 8_000), sent, "a new window, a new id");
+        let mut bigger = c.clone();
+        bigger.limit = 100;
+        assert_ne!(usage_notice_id(&bigger, 8_000), sent, "a new limit, a new id");
+    }
+}
