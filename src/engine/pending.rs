@@ -224,7 +224,11 @@ mod tests {
         let both = crossed(n, 10, 0, 12, 0, 1).unwrap();
         assert_eq!(both.thresholds().collect::<Vec<_>>(), [8_000, 10_000]);
         assert_eq!(crossed(NotifyAt::NONE, 10, 0, 10, 0, 1), None);
-        assert_eq!(crossed(n, 0, 0, 1, 0, 1), None, "a zero limit has no thresholds");
+        assert_eq!(
+            crossed(n, 0, 0, 1, 0, 1),
+            None,
+            "a zero limit has no thresholds"
+        );
         // Exact integers: 7% of 100 is 7.
         let c = crossed(at(&["7%"]), 100, 6, 7, 0, 1).unwrap();
         assert_eq!(c.used, 7);

@@ -101,6 +101,11 @@ pub struct Aggregate {
     /// Day number (days since 1970-01-01, UTC) → that day.
     days: BTreeMap<i64, Day>,
     recent: HashMap<Box<str>, RecentOf>,
+    /// Customers of `recent` in the order they were last denied (an entry whose `seq`
+    /// is not the customer's any more is stale and skipped): the least recently
+    /// denied is found without a scan. Rebuilt from `recent` after a load.
+    #[serde(skip)]
+    order: VecDeque<(u64, Box<str>)>,
     seq: u64,
 }
 
@@ -191,16 +196,13 @@ impl Aggregate {
 
     fn remember_denial(&mut self, e: &Event, feature: u16) {
         self.seq += 1;
-        if !self.recent.contains_key(&*e.customer) && self.recent.len() >= RECENT_CUSTOMERS {
-            // The least recently denied customer is forgotten (a scan of the bounded
-            // map, on the aggregation thread, only when a new customer comes in).
-            if let Some(oldest) = self
-                .recent
-                .iter()
-                .min_by_key(|(_, r)| r.seq)
-                .map(|(k, _)| k.clone())
-            {
-                self.recent.remove(&oldest);
+        while !self.recent.contains_key(&*e.customer) && self.recent.len() >= RECENT_CUSTOMERS {
+            // The least recently denied customer is forgotten.
+            let Some((seq, id)) = self.order.pop_front() else {
+                break;
+            };
+            if self.recent.get(&id).is_some_and(|r| r.seq == seq) {
+                self.recent.remove(&id);
             }
         }
         let r = self.recent.entry(e.customer.clone()).or_default();
@@ -213,6 +215,21 @@ impl Aggregate {
         while r.list.len() > RECENT_PER_CUSTOMER {
             r.list.pop_front();
         }
+        self.order.push_back((self.seq, e.customer.clone()));
+        if self.order.len() > 4 * RECENT_CUSTOMERS.max(self.recent.len()) {
+            self.rebuild_order();
+        }
+    }
+
+    /// `order` without stale entries, from `recent`.
+    fn rebuild_order(&mut self) {
+        let mut v: Vec<(u64, Box<str>)> = self
+            .recent
+            .iter()
+            .map(|(k, r)| (r.seq, k.clone()))
+            .collect();
+        v.sort_unstable();
+        self.order = v.into();
     }
 
     /// The first day kept, if any.
@@ -341,6 +358,7 @@ impl Aggregate {
             .enumerate()
             .map(|(i, n)| (n.clone(), i as u16))
             .collect();
+        a.rebuild_order();
         Ok(Some(a))
     }
 }
@@ -429,6 +447,25 @@ mod tests {
         assert_eq!(a.days.len(), RETAIN_DAYS as usize);
         assert_eq!(a.recent("a").len(), RECENT_PER_CUSTOMER);
         assert_eq!(a.first_day(), Some(Timestamp((200 - RETAIN_DAYS) * DAY)));
+        for i in 0..RECENT_CUSTOMERS + 5 {
+            a.add(&ev(
+                300,
+                &format!("c{i}"),
+                "api",
+                None,
+                Reason::QuotaExhausted,
+            ));
+        }
+        a.add(&ev(300, "c5", "api", None, Reason::QuotaExhausted));
+        a.add(&ev(300, "new", "api", None, Reason::QuotaExhausted));
+        assert_eq!(a.recent.len(), RECENT_CUSTOMERS);
+        assert!(a.recent("c5").len() == 2, "denied again: kept");
+        assert!(
+            a.recent("c6").is_empty(),
+            "the least recently denied is forgotten"
+        );
+        assert_eq!(a.recent("new").len(), 1);
+        assert!(a.order.len() <= 4 * RECENT_CUSTOMERS + 1);
     }
 
     #[test]

@@ -160,7 +160,11 @@ mod tests {
     fn one_event_per_threshold_and_window_and_none_for_what_was_sent() {
         let c = crossing(0, vec![8_000, 10_000]);
         let (events, marks) = plan_usage(&[c.clone(), c.clone()], |_| false);
-        assert_eq!(events.len(), 2, "a threshold reached twice in a batch is one notice");
+        assert_eq!(
+            events.len(),
+            2,
+            "a threshold reached twice in a batch is one notice"
+        );
         assert_eq!(marks.len(), 2);
         assert!(marks.iter().all(|(_, end)| *end == 1_000));
         let e: serde_json::Value = serde_json::from_slice(&events[0].1).unwrap();
@@ -171,9 +175,17 @@ mod tests {
         let (events, _) = plan_usage(&[c.clone()], |id| id == sent);
         assert_eq!(events.len(), 1, "only the 100% one is left");
         let next = crossing(1_000, vec![8_000]);
-        assert_ne!(usage_notice_id(&next, 8_000), sent, "a new window, a new id");
+        assert_ne!(
+            usage_notice_id(&next, 8_000),
+            sent,
+            "a new window, a new id"
+        );
         let mut bigger = c.clone();
         bigger.limit = 100;
-        assert_ne!(usage_notice_id(&bigger, 8_000), sent, "a new limit, a new id");
+        assert_ne!(
+            usage_notice_id(&bigger, 8_000),
+            sent,
+            "a new limit, a new id"
+        );
     }
 }

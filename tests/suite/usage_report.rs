@@ -81,7 +81,10 @@ fn the_usage_report_counts_limits_unused_overrides_and_denials() {
     decide(&s, "/v1/consume", "c", "api.calls", 1);
     decide(&s, "/v1/check", "c", "sso", 2);
     assert_eq!(decide(&s, "/v1/check", "a", "exports", 1), ["not_entitled"]);
-    assert_eq!(decide(&s, "/v1/check", "zz", "sso", 1), ["unknown_customer"]);
+    assert_eq!(
+        decide(&s, "/v1/check", "zz", "sso", 1),
+        ["unknown_customer"]
+    );
 
     let r = report(&s, "");
     assert_eq!(r["since"], Value::Null);
@@ -142,7 +145,10 @@ fn the_usage_report_counts_limits_unused_overrides_and_denials() {
         r2["limits_hit"],
         json!([{"feature": "api.calls", "plan": "basic", "denials": 1, "customers": 1}])
     );
-    assert_eq!(r2["denials"], json!([{"reason": "quota_exhausted", "count": 1}]));
+    assert_eq!(
+        r2["denials"],
+        json!([{"reason": "quota_exhausted", "count": 1}])
+    );
     let bad = s.get("/v1/reports/usage?since=yesterday");
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert_eq!(bad.json()["error"]["field"], "since", "{}", bad.text());
