@@ -172,7 +172,7 @@ mod tests {
         assert_eq!(e["data"]["threshold"], 8);
         assert_eq!(e["data"]["threshold_percent"], 80.0);
         let sent = usage_notice_id(&c, 8_000);
-        let (events, _) = plan_usage(&[c.clone()], |id| id == sent);
+        let (events, _) = plan_usage(std::slice::from_ref(&c), |id| id == sent);
         assert_eq!(events.len(), 1, "only the 100% one is left");
         let next = crossing(1_000, vec![8_000]);
         assert_ne!(
