@@ -12,6 +12,7 @@ pub mod decide;
 pub mod engine;
 pub mod files;
 pub mod ids;
+pub mod insights;
 pub mod live;
 pub mod metrics;
 pub mod notices;

@@ -54,6 +54,9 @@ pub const NOTICES: &str = "entitled_notices_total";
 pub const NOTICES_DELIVERED: &str = "entitled_notices_delivered_total";
 pub const NOTICES_FAILED: &str = "entitled_notices_failed_total";
 pub const NOTICES_DROPPED: &str = "entitled_notices_dropped_total";
+pub const USAGE_NOTICES: &str = "entitled_usage_notices_total";
+pub const USAGE_NOTICES_DROPPED: &str = "entitled_usage_notices_dropped_total";
+pub const INSIGHTS_DROPPED: &str = "entitled_insights_dropped_total";
 pub const GATEWAY: &str = "entitled_gateway_requests_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
@@ -230,15 +233,27 @@ fn describe() {
     );
     describe_counter!(
         NOTICES_DELIVERED,
-        "Renewal notices the webhook accepted (2xx)."
+        "Notices (renewal and usage-threshold) the webhook accepted (2xx)."
     );
     describe_counter!(
         NOTICES_FAILED,
-        "Renewal notices the webhook refused (4xx other than 429) or that ran out of attempts."
+        "Notices (renewal and usage-threshold) the webhook refused (4xx other than 429) or that ran out of attempts."
     );
     describe_counter!(
         NOTICES_DROPPED,
-        "Renewal notices not sent to the webhook because its queue was full."
+        "Notices (renewal and usage-threshold) not sent to the webhook because its queue was full."
+    );
+    describe_counter!(
+        USAGE_NOTICES,
+        "Usage-threshold notices emitted to the notice event log (one per customer, feature, window, limit and threshold)."
+    );
+    describe_counter!(
+        USAGE_NOTICES_DROPPED,
+        "Usage thresholds reached on the request path but not noticed because the queue to the notices thread was full."
+    );
+    describe_counter!(
+        INSIGHTS_DROPPED,
+        "Decisions left out of the usage report's aggregation because its queue was full."
     );
     describe_counter!(
         GATEWAY,
@@ -258,6 +273,9 @@ fn start_at_zero() {
         NOTICES_DELIVERED,
         NOTICES_FAILED,
         NOTICES_DROPPED,
+        USAGE_NOTICES,
+        USAGE_NOTICES_DROPPED,
+        INSIGHTS_DROPPED,
         STORE_ERRORS,
         JOURNAL_ERRORS,
         JOURNAL_REFUSED,
@@ -593,4 +611,16 @@ pub fn notice_failed() {
 
 pub fn notice_dropped() {
     counter!(NOTICES_DROPPED).increment(1);
+}
+
+pub fn usage_notices_emitted(n: u64) {
+    counter!(USAGE_NOTICES).increment(n);
+}
+
+pub fn insights_dropped() {
+    counter!(INSIGHTS_DROPPED).increment(1);
+}
+
+pub fn usage_notice_dropped() {
+    counter!(USAGE_NOTICES_DROPPED).increment(1);
 }

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::policy::{Kind, Limit, Override, ValueRepr};
+use crate::policy::{Kind, Limit, NotifyAt, Override, ValueRepr};
 use crate::time::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -180,6 +180,36 @@ pub struct Decision<'a> {
     /// This consume crossed `warn_at` (count it once as an upsell signal).
     #[serde(skip)]
     pub warning_crossed: bool,
+    /// The usage-notice thresholds this consume or reserve reached (rare: set only
+    /// when one was).
+    #[serde(skip)]
+    pub crossed: Option<Crossed>,
+}
+
+/// Usage-notice thresholds a quota step reached: which of the quota's `notify_at`,
+/// and the window they were reached in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crossed {
+    pub notify: NotifyAt,
+    /// Bit `i` set: `notify.basis_points()[i]` was reached by this step.
+    pub mask: u8,
+    pub limit: u64,
+    /// Usage after the step.
+    pub used: u64,
+    pub window_start: i64,
+    pub window_end: i64,
+}
+
+impl Crossed {
+    /// The thresholds reached, in basis points, lowest first.
+    pub fn thresholds(&self) -> impl Iterator<Item = u16> + '_ {
+        self.notify
+            .basis_points()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.mask & (1 << i) != 0)
+            .map(|(_, &bp)| bp)
+    }
 }
 
 impl<'a> Decision<'a> {
@@ -213,6 +243,7 @@ impl<'a> Decision<'a> {
             snapshot,
             idempotent_replay: false,
             warning_crossed: false,
+            crossed: None,
         }
     }
 

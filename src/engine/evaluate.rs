@@ -13,7 +13,8 @@ use super::pending::{Pending, UpgradeCtx, upgrades};
 use super::window::window;
 use super::{Op, Request, RequestError};
 use crate::policy::{
-    CustomerView, Feature, FeatureId, GrantValue, Limit, Overage, QuotaGrant, RateGrant, Snapshot,
+    CustomerView, Feature, FeatureId, GrantValue, Limit, NotifyAt, Overage, QuotaGrant, RateGrant,
+    Snapshot,
 };
 use crate::time::Timestamp;
 
@@ -141,6 +142,7 @@ fn release_seat<'a>(
     Pending {
         op,
         warn_units: None,
+        notify: NotifyAt::NONE,
         now: s.now,
         ctx: s.ctx,
     }
@@ -236,6 +238,7 @@ fn quota<'a>(
     Pending {
         op,
         warn_units,
+        notify: q.notify_at,
         now: t,
         ctx: s.ctx,
     }
@@ -261,6 +264,7 @@ fn rate<'a>(s: Step<'_, 'a>, r: &RateGrant, d: &mut Decision<'a>) -> Option<Pend
     Some(Pending {
         op,
         warn_units: None,
+        notify: NotifyAt::NONE,
         now: s.now,
         ctx: s.ctx,
     })
@@ -289,6 +293,7 @@ fn seats<'a>(s: Step<'_, 'a>, limit: Option<Limit>, d: &mut Decision<'a>) -> Opt
     Some(Pending {
         op,
         warn_units: None,
+        notify: NotifyAt::NONE,
         now: s.now,
         ctx: s.ctx,
     })

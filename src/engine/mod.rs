@@ -20,7 +20,7 @@ mod pending;
 pub mod report;
 pub mod window;
 
-pub use decision::{Decision, Reason, Settlement, Source, SourceType};
+pub use decision::{Crossed, Decision, Reason, Settlement, Source, SourceType};
 pub use evaluate::evaluate;
 pub use explain::{ExplainedGrant, Explanation, describe, explain};
 pub use grants::{Candidate, Origin, Rule, Status};

@@ -4,9 +4,9 @@
 //! [`UsageOp`] to run, and [`Pending::finish`] writes the outcome (used, remaining,
 //! overage, warnings, denial and upgrade suggestions) into the decision.
 
-use super::decision::{Decision, Reason};
+use super::decision::{Crossed, Decision, Reason};
 use super::ops::{QuotaMode, UsageOp, UsageOutcome};
-use crate::policy::{FeatureId, GrantValue, Limit, Snapshot};
+use crate::policy::{FeatureId, GrantValue, Limit, NotifyAt, Snapshot};
 use crate::time::{SECOND, Timestamp};
 
 /// A decision waiting for its usage step: run [`Pending::op`] against a store, then
@@ -15,6 +15,8 @@ use crate::time::{SECOND, Timestamp};
 pub struct Pending<'a> {
     pub op: UsageOp<'a>,
     pub(super) warn_units: Option<u64>,
+    /// The quota's usage-notice thresholds (none for rates and seats).
+    pub(super) notify: NotifyAt,
     pub(super) now: Timestamp,
     pub(super) ctx: UpgradeCtx<'a>,
 }
@@ -39,6 +41,7 @@ impl<'a> Pending<'a> {
         let Pending {
             op,
             warn_units,
+            notify,
             now,
             ctx,
         } = self;
@@ -78,6 +81,19 @@ impl<'a> Pending<'a> {
                     d.warning = Some("soft_limit");
                     d.warning_crossed = used_before < w && used > used_before;
                 }
+                if let (
+                    Some(Limit::Finite(l)),
+                    UsageOp::Quota {
+                        window_start,
+                        window_end,
+                        mode: QuotaMode::Consume | QuotaMode::Reserve,
+                        ..
+                    },
+                ) = (limit, op)
+                    && used > used_before
+                {
+                    d.crossed = crossed(notify, l, used_before, used, window_start.0, window_end.0);
+                }
                 if !admitted {
                     d.deny(Reason::QuotaExhausted);
                 }
@@ -115,6 +131,33 @@ impl<'a> Pending<'a> {
             d.upgrade = upgrades(ctx);
         }
     }
+}
+
+/// The usage-notice thresholds of `notify` that a step from `before` to `used` units of
+/// `limit` reached, if any.
+fn crossed(
+    notify: NotifyAt,
+    limit: u64,
+    before: u64,
+    used: u64,
+    window_start: i64,
+    window_end: i64,
+) -> Option<Crossed> {
+    let mut mask = 0u8;
+    for (i, &bp) in notify.basis_points().iter().enumerate() {
+        let at = NotifyAt::units(limit, bp);
+        if at > 0 && before < at && used >= at {
+            mask |= 1 << i;
+        }
+    }
+    (mask != 0).then_some(Crossed {
+        notify,
+        mask,
+        limit,
+        used,
+        window_start,
+        window_end,
+    })
 }
 
 fn remaining(limit: Limit, used: u64) -> Limit {
@@ -161,4 +204,33 @@ pub(super) fn upgrades<'a>(ctx: UpgradeCtx<'a>) -> Vec<&'a str> {
         })
         .map(|(plan, _)| &*snap.bundle(*plan).name)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(list: &[&str]) -> NotifyAt {
+        NotifyAt::parse(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn a_step_crosses_the_thresholds_between_before_and_after() {
+        let n = at(&["100%", "80%"]);
+        assert_eq!(crossed(n, 10, 6, 7, 0, 1), None);
+        let c = crossed(n, 10, 7, 8, 0, 1).unwrap();
+        assert_eq!(c.thresholds().collect::<Vec<_>>(), [8_000]);
+        assert_eq!(crossed(n, 10, 8, 9, 0, 1), None, "past 80% already");
+        let both = crossed(n, 10, 0, 12, 0, 1).unwrap();
+        assert_eq!(both.thresholds().collect::<Vec<_>>(), [8_000, 10_000]);
+        assert_eq!(crossed(NotifyAt::NONE, 10, 0, 10, 0, 1), None);
+        assert_eq!(
+            crossed(n, 0, 0, 1, 0, 1),
+            None,
+            "a zero limit has no thresholds"
+        );
+        // Exact integers: 7% of 100 is 7.
+        let c = crossed(at(&["7%"]), 100, 6, 7, 0, 1).unwrap();
+        assert_eq!(c.used, 7);
+    }
 }

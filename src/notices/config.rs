@@ -20,6 +20,9 @@ pub struct NoticeConfig {
     /// Event log files kept (the oldest are deleted).
     pub keep: usize,
     pub webhook: Option<WebhookConfig>,
+    /// Usage-threshold crossings waiting for the notices thread, at most (more are
+    /// dropped and counted).
+    pub usage_queue: usize,
 }
 
 impl NoticeConfig {
@@ -31,6 +34,7 @@ impl NoticeConfig {
             segment_bytes: 64 << 20,
             keep: 20,
             webhook: None,
+            usage_queue: 10_000,
         }
     }
 }

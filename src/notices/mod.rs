@@ -30,15 +30,18 @@ mod scanner;
 mod sent;
 #[cfg(test)]
 mod tests;
+mod usage;
 
 pub use config::{NoticeConfig, WebhookConfig, parse_thresholds};
 pub use delivery::{Outcome, Verdict, retry_after, verdict};
 pub use rule::{Due, ItemKey, due, notice_id};
 pub use scanner::plan;
 pub use sent::Sent;
+pub use usage::{Crossing, USAGE_EVENT_TYPE, UsageNotifier, plan_usage, usage_notice_id};
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Sender};
 
 use serde::Serialize;
@@ -74,6 +77,7 @@ enum Msg {
         id: String,
         result: &'static str,
     },
+    Usage(Box<usage::Crossing>),
     Stop,
 }
 
@@ -87,6 +91,7 @@ impl std::fmt::Debug for Msg {
             Msg::Scan(_) => "Scan",
             Msg::Customers(_) => "Customers",
             Msg::Outcome { .. } => "Outcome",
+            Msg::Usage(_) => "Usage",
             Msg::Stop => "Stop",
         })
     }
@@ -121,6 +126,7 @@ pub struct Claim {
     lock: DirLock,
     tx: Sender<Msg>,
     rx: mpsc::Receiver<Msg>,
+    usage_in_flight: Arc<AtomicUsize>,
 }
 
 impl Notices {
@@ -134,7 +140,13 @@ impl Notices {
             ))
         })?;
         let (tx, rx) = mpsc::channel();
-        Ok(Claim { cfg, lock, tx, rx })
+        Ok(Claim {
+            cfg,
+            lock,
+            tx,
+            rx,
+            usage_in_flight: Arc::default(),
+        })
     }
 
     /// [`Notices::claim`] and [`Claim::start`] at once.
@@ -154,6 +166,16 @@ impl Claim {
         Trigger(self.tx.clone())
     }
 
+    /// A handle that hands usage-threshold crossings to the notices thread, for the
+    /// decision path. Crossings sent before [`Claim::start`] wait for it.
+    pub fn usage_notifier(&self) -> UsageNotifier {
+        UsageNotifier {
+            tx: self.tx.clone(),
+            in_flight: self.usage_in_flight.clone(),
+            cap: self.cfg.usage_queue.max(1),
+        }
+    }
+
     /// Opens the files of the notices directory, starts the scanner thread and, with
     /// a webhook, the delivery task on `runtime` (queueing what the outbox still
     /// holds). The first scan runs at once (and finds nothing until a snapshot is
@@ -169,6 +191,7 @@ impl Claim {
             mut lock,
             tx,
             rx,
+            usage_in_flight,
         } = self;
         // Read before any file is made: a bad CA file fails start-up with nothing written.
         let tls = cfg
@@ -210,6 +233,7 @@ impl Claim {
             sent,
             log,
             delivery,
+            usage_in_flight,
         };
         let thread = std::thread::Builder::new()
             .name("entitled-notices".into())

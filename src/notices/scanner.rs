@@ -3,6 +3,7 @@
 //! queues them for the webhook.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use bytes::Bytes;
 use super::outbox::Outbox;
 use super::rule::{ItemKey, due, notice_id};
 use super::sent::Sent;
+use super::usage::{Crossing, plan_usage};
 use super::{EVENT_SOURCE, EVENT_TYPE, Msg, ScanReport};
 use crate::engine::report;
 use crate::policy::Snapshot;
@@ -51,14 +53,21 @@ pub(super) struct Scanner {
     pub(super) sent: Sent,
     pub(super) log: Segments,
     pub(super) delivery: Option<Delivery>,
+    /// Usage crossings sent to this thread and not yet taken (see `UsageNotifier`).
+    pub(super) usage_in_flight: Arc<AtomicUsize>,
 }
 
 impl Scanner {
     pub(super) fn run(&mut self, rx: &Receiver<Msg>) {
         let mut replies = Vec::new();
+        let mut usage: Vec<Crossing> = Vec::new();
         let mut scan = true;
         let mut changed: std::collections::BTreeSet<String> = Default::default();
         loop {
+            if !usage.is_empty() {
+                self.usage(&usage);
+                usage.clear();
+            }
             if scan {
                 let report = self.scan(None);
                 for r in replies.drain(..) {
@@ -93,7 +102,16 @@ impl Scanner {
                             tracing::error!(error = %e, "writing the notice outbox failed");
                         }
                     }
-                    Msg::Stop => return,
+                    Msg::Usage(c) => {
+                        self.usage_in_flight.fetch_sub(1, Ordering::AcqRel);
+                        usage.push(*c);
+                    }
+                    Msg::Stop => {
+                        if !usage.is_empty() {
+                            self.usage(&usage);
+                        }
+                        return;
+                    }
                 }
             }
         }
@@ -120,11 +138,34 @@ impl Scanner {
                 plan_of(&snap, customers, now, &self.thresholds, sent)
             }
         };
+        if self.write(&events, &marks) {
+            report.emitted = events.len();
+            crate::metrics::notices_emitted(events.len() as u64);
+            if !events.is_empty() {
+                tracing::info!(notices = events.len(), "renewal notices emitted");
+            }
+        }
+        report
+    }
+
+    /// Makes the usage-threshold notices of `crossings` not made before.
+    fn usage(&mut self, crossings: &[Crossing]) {
+        let (events, marks) = plan_usage(crossings, |id| self.sent.contains(id));
+        if self.write(&events, &marks) && !events.is_empty() {
+            crate::metrics::usage_notices_emitted(events.len() as u64);
+            tracing::info!(notices = events.len(), "usage-threshold notices emitted");
+        }
+    }
+
+    /// Writes `events` to the event log (synced), the outbox and the delivery queue,
+    /// then remembers `marks`. `false` if the event log could not be written (nothing
+    /// is remembered: a renewal notice is tried again on the next scan).
+    fn write(&mut self, events: &[(String, Bytes)], marks: &[(String, i64)]) -> bool {
         if marks.is_empty() {
-            return report;
+            return true;
         }
         let mut buf = Vec::new();
-        for (_, body) in &events {
+        for (_, body) in events {
             buf.extend_from_slice(body);
             buf.push(b'\n');
         }
@@ -133,28 +174,23 @@ impl Scanner {
         if !buf.is_empty()
             && let Err(e) = self.log.append(&buf).and_then(|()| self.log.sync())
         {
-            tracing::error!(error = %e, "writing the notice event log failed; will retry on the next scan");
-            return report;
+            tracing::error!(error = %e, "writing the notice event log failed");
+            return false;
         }
         if let Some(d) = &mut self.delivery
             && !events.is_empty()
         {
-            if let Err(e) = d.outbox.add(&events) {
+            if let Err(e) = d.outbox.add(events) {
                 tracing::error!(error = %e, "writing the notice outbox failed");
             }
-            for (id, body) in &events {
+            for (id, body) in events {
                 d.enqueue(id.clone(), body.clone());
             }
         }
-        if let Err(e) = self.sent.record(&marks) {
+        if let Err(e) = self.sent.record(marks) {
             tracing::error!(error = %e, "remembering notices failed; they may repeat after a restart");
         }
-        report.emitted = events.len();
-        crate::metrics::notices_emitted(events.len() as u64);
-        if !events.is_empty() {
-            tracing::info!(notices = events.len(), "renewal notices emitted");
-        }
-        report
+        true
     }
 }
 

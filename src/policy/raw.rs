@@ -102,6 +102,9 @@ pub struct Feature {
     pub prefer: Option<Prefer>,
     /// For `type: string` values: the values from least to most generous.
     pub order: Option<Vec<String>>,
+    /// For quotas: the shares of the limit whose crossing sends a usage notice
+    /// (`[80%, 100%]` when not written).
+    pub notify_at: Option<Vec<String>>,
 }
 
 /// A plan or a group: both bundle grants and may include other bundles.
@@ -135,6 +138,7 @@ pub struct GrantFields {
     pub per: Option<String>,
     pub reset: Option<Reset>,
     pub warn_at: Option<String>,
+    pub notify_at: Option<Vec<String>>,
     pub overage: Option<Overage>,
     pub burst: Option<u64>,
 }
@@ -203,6 +207,7 @@ pub struct CustomerGrant {
     pub per: Option<String>,
     pub reset: Option<Reset>,
     pub warn_at: Option<String>,
+    pub notify_at: Option<Vec<String>>,
     pub overage: Option<Overage>,
     pub burst: Option<u64>,
     pub starts: Option<String>,

@@ -34,6 +34,74 @@ pub struct Feature {
     pub order: Option<Box<[Box<str>]>>,
     pub description: Option<Box<str>>,
     pub unit: Option<Box<str>>,
+    /// For quotas: where usage notices are sent, unless a grant says otherwise.
+    pub notify_at: NotifyAt,
+}
+
+/// The shares of a quota's limit whose crossing by a consume sends a usage-threshold
+/// notice: up to [`NotifyAt::MAX`] of them, in basis points (1/100 of a percent),
+/// ascending, without repeats. Inline and `Copy`, so a grant carries its own without an
+/// allocation and the decision path copies it into the pending step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotifyAt {
+    bp: [u16; NotifyAt::MAX],
+    len: u8,
+}
+
+impl NotifyAt {
+    /// At most this many thresholds per quota.
+    pub const MAX: usize = 6;
+    /// `[80%, 100%]`: what a quota notifies at unless its feature or grant says.
+    pub const DEFAULT: NotifyAt = NotifyAt {
+        bp: [8_000, 10_000, 0, 0, 0, 0],
+        len: 2,
+    };
+    /// `notify_at: []`: no usage notices.
+    pub const NONE: NotifyAt = NotifyAt {
+        bp: [0; NotifyAt::MAX],
+        len: 0,
+    };
+
+    /// Parses `[80%, 100%]` (percentages in `(0%, 100%]`, any order; repeats are one
+    /// threshold). The error names the entry.
+    pub fn parse(list: &[String]) -> Result<NotifyAt, String> {
+        let mut bp = Vec::with_capacity(list.len());
+        for s in list {
+            let p = super::units::parse_percent(s)?;
+            bp.push((p * 10_000.0).round() as u16);
+        }
+        bp.sort_unstable();
+        bp.dedup();
+        if bp.len() > NotifyAt::MAX {
+            return Err(format!(
+                "at most {} thresholds, found {}",
+                NotifyAt::MAX,
+                bp.len()
+            ));
+        }
+        let mut out = NotifyAt::NONE;
+        for (slot, v) in out.bp.iter_mut().zip(&bp) {
+            *slot = *v;
+        }
+        out.len = bp.len() as u8;
+        Ok(out)
+    }
+
+    /// The thresholds in basis points, lowest first.
+    pub fn basis_points(&self) -> &[u16] {
+        &self.bp[..usize::from(self.len).min(NotifyAt::MAX)]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The usage at which threshold `bp` of `limit` is reached: exact integers, rounded
+    /// up, as `warn_at` is (80% of 10 is 8).
+    pub fn units(limit: u64, bp: u16) -> u64 {
+        let units = (u128::from(limit) * u128::from(bp)).div_ceil(10_000);
+        u64::try_from(units).unwrap_or(u64::MAX)
+    }
 }
 
 /// How long a quota window lasts.
@@ -71,6 +139,8 @@ pub struct QuotaGrant {
     /// Share of the limit at which `warning: soft_limit` starts, in basis points
     /// (1/100 of a percent): integers, so 7% of 100 is 7, not 8.
     pub warn_at: Option<u32>,
+    /// Where usage-threshold notices are sent (the grant's own, else its feature's).
+    pub notify_at: NotifyAt,
     pub overage: Overage,
 }
 

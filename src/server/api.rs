@@ -87,6 +87,7 @@ fn route_label(path: &str) -> &'static str {
         "/v1/seats/acquire" => "seat_acquire",
         "/v1/seats/release" => "seat_release",
         "/v1/expiring" => "expiring",
+        "/v1/reports/usage" => "reports",
         "/v1/status" => "status",
         "/healthz" | "/readyz" => "health",
         "/metrics" => "metrics",
@@ -155,16 +156,20 @@ async fn route<S: UsageStore>(
         "/readyz" if get => Ok(readyz(app)),
         "/v1/status" if get => Ok(status(app)),
         "/v1/expiring" if get => expiring(app, req.uri().query()),
+        "/v1/reports/usage" if get => usage_report(app, req.uri().query()).await,
         "/metrics" if get => Ok(metrics(app)),
         p if super::customers::is_route(method, p) => {
             super::customers::route(app, method, p, req).await
         }
+        p if p.starts_with("/v1/customers/") && p.ends_with("/denials") && get => {
+            let raw = &p["/v1/customers/".len()..p.len() - "/denials".len()];
+            denials(app, raw).await
+        }
         p if p.starts_with("/v1/customers/") && get => {
             customer(app, &p["/v1/customers/".len()..], req.uri().query()).await
         }
-        "/healthz" | "/readyz" | "/v1/status" | "/v1/expiring" | "/metrics" => {
-            Err(allow("GET, HEAD"))
-        }
+        "/healthz" | "/readyz" | "/v1/status" | "/v1/expiring" | "/v1/reports/usage"
+        | "/metrics" => Err(allow("GET, HEAD")),
         p if p.starts_with("/v1/customers/") => Err(allow("GET, HEAD, PUT, DELETE")),
         _ => Err(ApiError::NotFound {
             path: path.to_string(),
@@ -463,6 +468,57 @@ fn expiring<S>(app: &App<S>, query: Option<&str>) -> Result<Resp, ApiError> {
     Ok(json_value(
         StatusCode::OK,
         &serde_json::json!({ "now": now, "within": within, "snapshot": &*snap.version, "items": items }),
+    ))
+}
+
+/// The "monitor and optimize" report: limits hit, entitlements unused, overrides and
+/// denials since `?since=` (a date or RFC 3339 time; all the days kept without it),
+/// up to now. Answers once every decision made before the request is counted.
+async fn usage_report<S>(app: &App<S>, query: Option<&str>) -> Result<Resp, ApiError> {
+    let mut since = None;
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "since" => {
+                since = Some(
+                    Timestamp::parse(&v)
+                        .map_err(|e| ApiError::field("since", format!("`since`: {e}")))?,
+                );
+            }
+            other => {
+                return Err(ApiError::field(
+                    other,
+                    format!("unknown parameter `{other}`; expected `since`"),
+                ));
+            }
+        }
+    }
+    let insights = app.insights.clone().ok_or(ApiError::NotReady)?;
+    insights.sync().await;
+    let (totals, denials) = {
+        let agg = insights.read();
+        (agg.totals(since), agg.denials(since))
+    };
+    let snap = app.decider.snapshot.load_full();
+    let until = app.decider.clock.now();
+    // Joining with a snapshot of a million customers takes a while: off the workers.
+    let report = tokio::task::spawn_blocking(move || {
+        crate::insights::build(&totals, &denials, snap.as_deref(), since, until)
+    })
+    .await
+    .map_err(|_| ApiError::NotReady)?;
+    Ok(json_value(StatusCode::OK, &report))
+}
+
+/// A customer's recent denials, newest first (the last
+/// [`crate::insights::RECENT_PER_CUSTOMER`], for customers denied recently).
+async fn denials<S>(app: &App<S>, raw_id: &str) -> Result<Resp, ApiError> {
+    let id: Cow<str> = percent_encoding::percent_decode_str(raw_id).decode_utf8_lossy();
+    let insights = app.insights.clone().ok_or(ApiError::NotReady)?;
+    insights.sync().await;
+    let list = insights.read().recent(&id);
+    Ok(json_value(
+        StatusCode::OK,
+        &serde_json::json!({ "customer": &*id, "denials": list }),
     ))
 }
 

@@ -79,6 +79,8 @@ pub struct App<S> {
     pub test_clock: Option<Arc<crate::time::ManualClock>>,
     /// Renewal notices: a test-clock move scans at once and waits for the scan.
     pub notices: Option<Arc<crate::notices::Notices>>,
+    /// The usage report's aggregation and each customer's recent denials.
+    pub insights: Option<Arc<crate::insights::Insights>>,
     /// Gateway admission of a request no route matches (`--unmatched`).
     pub unmatched: Unmatched,
     /// Customer records written through the API, and who may write them.

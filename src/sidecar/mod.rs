@@ -28,6 +28,7 @@ pub use config::{Config, ConfigError, LiveConfig};
 
 use crate::audit::Audit;
 use crate::decide::{Decider, Observer};
+use crate::insights::Insights;
 use crate::live::{AdminTokens, Live, Publisher, Writes};
 use crate::metrics::DecisionMetrics;
 use crate::notices::{self, Notices};
@@ -131,6 +132,8 @@ struct Parts {
     test_clock: Option<Arc<ManualClock>>,
     audit: Option<Arc<Audit>>,
     notices: Option<Arc<Notices>>,
+    usage_notices: Option<notices::UsageNotifier>,
+    insights: Arc<Insights>,
     reload: Arc<ReloadState>,
     live: Arc<Live>,
 }
@@ -153,6 +156,7 @@ impl Sidecar {
         let cell = SnapshotCell::new();
         let state = Arc::new(ReloadState::default());
         let trigger = notices.as_ref().map(notices::Claim::trigger);
+        let usage_notices = notices.as_ref().map(notices::Claim::usage_notifier);
         let live = Arc::new(live(&config, &cell, trigger.clone())?);
         let reloader = reload::start(
             reload_config(&config, audit.clone(), trigger),
@@ -167,12 +171,18 @@ impl Sidecar {
         let reload = state.clone();
         let store = open_store(&config, local).await?;
         let notices = start_files(&config, audit.as_deref(), notices, &cell, &clock)?;
+        let insights = Arc::new(
+            Insights::start(config.durable.as_ref().map(|d| d.dir.as_path()))
+                .map_err(SidecarError::Io)?,
+        );
         let parts = Parts {
             snapshot: cell,
             clock,
             test_clock,
             audit,
             notices,
+            usage_notices,
+            insights,
             reload: state,
             live,
         };
@@ -237,10 +247,13 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
             observer: Observer {
                 metrics: DecisionMetrics::new(),
                 audit: parts.audit,
+                usage_notices: parts.usage_notices,
+                insights: Some(parts.insights.sink()),
             },
         },
         test_clock: parts.test_clock,
         notices: parts.notices,
+        insights: Some(parts.insights),
         live: parts.live,
         reload: parts.reload,
         prometheus: config.prometheus.clone(),
@@ -572,6 +585,9 @@ impl<S: Flush> Assembly<S> {
         }
         // Last deltas counted here go to the shared store before the state is closed.
         app.decider.store.drain(app.decider.clock.now()).await;
+        if let Some(i) = &app.insights {
+            i.save().await;
+        }
         // The loops hold the app (and with it the store): stop them before the state
         // directory closes.
         upkeep.abort();

@@ -17,4 +17,6 @@ mod reload_incremental;
 mod schema;
 mod server;
 mod support;
+mod usage_notices;
+mod usage_report;
 mod writes;

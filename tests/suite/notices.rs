@@ -21,15 +21,15 @@ const DELIVERY: Duration = Duration::from_secs(10);
 
 /// One POST the receiver got, and the status it answered.
 #[derive(Debug, Clone)]
-struct Received {
-    content_type: Option<String>,
-    body: Value,
-    status: u16,
+pub(super) struct Received {
+    pub(super) content_type: Option<String>,
+    pub(super) body: Value,
+    pub(super) status: u16,
 }
 
 /// A webhook receiver: answers the n-th request (from 0) with `respond(n)`, records
 /// every one. The accept thread is detached; it dies with the test process.
-struct Hook {
+pub(super) struct Hook {
     addr: SocketAddr,
     got: Arc<Mutex<Vec<Received>>>,
     scheme: &'static str,
@@ -39,7 +39,7 @@ trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 impl Hook {
-    fn start(respond: impl Fn(usize) -> u16 + Send + 'static) -> Hook {
+    pub(super) fn start(respond: impl Fn(usize) -> u16 + Send + 'static) -> Hook {
         Hook::serve(None, respond)
     }
 
@@ -112,16 +112,16 @@ impl Hook {
         Hook { addr, got, scheme }
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("{}://{}/hooks/renewals", self.scheme, self.addr)
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(super) fn received(&self) -> Vec<Received> {
         self.got.lock().unwrap().clone()
     }
 
     /// How many POSTs carried notice `id`, and how many of them were answered 2xx.
-    fn count(&self, id: &str) -> (usize, usize) {
+    pub(super) fn count(&self, id: &str) -> (usize, usize) {
         let r = self.received();
         let of: Vec<&Received> = r.iter().filter(|x| x.body["id"] == id).collect();
         let ok = of.iter().filter(|x| (200..300).contains(&x.status)).count();
@@ -164,7 +164,7 @@ fn read_request(s: &mut dyn ReadWrite) -> Option<(Option<String>, Value)> {
 }
 
 /// Every event of the notice log, in order.
-fn events(dir: &Path) -> Vec<Value> {
+pub(super) fn events(dir: &Path) -> Vec<Value> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -194,7 +194,7 @@ fn set_clock(s: &Server, t: &str) -> u64 {
         .unwrap_or_else(|| panic!("no notices count in {v}"))
 }
 
-fn metric(s: &Server, name: &str) -> f64 {
+pub(super) fn metric(s: &Server, name: &str) -> f64 {
     let text = s.get("/metrics").text();
     metric_value(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }

@@ -460,6 +460,7 @@ impl<'a> CustomerCompiler<'a> {
             per: g.per.clone(),
             reset: g.reset,
             warn_at: g.warn_at.clone(),
+            notify_at: g.notify_at.clone(),
             overage: g.overage,
             burst: g.burst,
         };

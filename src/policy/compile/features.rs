@@ -103,6 +103,28 @@ fn compile_feature(
             }
         }
     }
+    let notify_at = match (&f.notify_at, f.kind) {
+        (None, _) => NotifyAt::DEFAULT,
+        (Some(list), Kind::Quota) => match NotifyAt::parse(list) {
+            Ok(n) => n,
+            Err(e) => {
+                issues.push(at("notify_at"), e);
+                ok = false;
+                NotifyAt::NONE
+            }
+        },
+        (Some(_), kind) => {
+            issues.push(
+                at("notify_at"),
+                format!(
+                    "`notify_at` applies to quota features, not to a {} feature",
+                    kind.as_str()
+                ),
+            );
+            ok = false;
+            NotifyAt::NONE
+        }
+    };
     if f.order.is_some() && f.value_type != Some(ValueType::String) && f.kind == Kind::Value {
         issues.push(at("order"), "`order` applies to string values");
         ok = false;
@@ -119,5 +141,6 @@ fn compile_feature(
             .map(|o| o.iter().map(|s| s.as_str().into()).collect()),
         description: f.description.as_deref().map(Into::into),
         unit: f.unit.as_deref().map(Into::into),
+        notify_at,
     })
 }

@@ -32,9 +32,10 @@ pub fn compile_grant(feature: &Feature, g: &Grant) -> Result<GrantValue, GrantEr
                 period: Period::Never,
                 reset: Reset::Anniversary,
                 warn_at: None,
+                notify_at: NotifyAt::NONE,
                 overage: Overage::Deny,
             })),
-            Grant::Map(m) => quota(name, m),
+            Grant::Map(m) => quota(feature, m),
             Grant::Int(_) | Grant::Float(_) => Err((
                 None,
                 format!(
@@ -73,11 +74,12 @@ pub fn compile_grant(feature: &Feature, g: &Grant) -> Result<GrantValue, GrantEr
 
 /// Refuses fields of a grant mapping that the kind does not use.
 fn only(m: &GrantFields, kind: &str, allowed: &[&str]) -> Result<(), GrantError> {
-    let present: [(&'static str, bool); 6] = [
+    let present: [(&'static str, bool); 7] = [
         ("limit", m.limit.is_some()),
         ("per", m.per.is_some()),
         ("reset", m.reset.is_some()),
         ("warn_at", m.warn_at.is_some()),
+        ("notify_at", m.notify_at.is_some()),
         ("overage", m.overage.is_some()),
         ("burst", m.burst.is_some()),
     ];
@@ -92,8 +94,13 @@ fn only(m: &GrantFields, kind: &str, allowed: &[&str]) -> Result<(), GrantError>
     Ok(())
 }
 
-fn quota(name: &str, m: &GrantFields) -> Result<GrantValue, GrantError> {
-    only(m, "quota", &["limit", "per", "reset", "warn_at", "overage"])?;
+fn quota(feature: &Feature, m: &GrantFields) -> Result<GrantValue, GrantError> {
+    let name = &feature.name;
+    only(
+        m,
+        "quota",
+        &["limit", "per", "reset", "warn_at", "notify_at", "overage"],
+    )?;
     let limit = m
         .limit
         .ok_or((None, format!("`{name}` is a quota: `limit` is required")))?;
@@ -115,11 +122,16 @@ fn quota(name: &str, m: &GrantFields) -> Result<GrantValue, GrantError> {
         }
         None => None,
     };
+    let notify_at = match &m.notify_at {
+        Some(list) => NotifyAt::parse(list).map_err(|e| (Some("notify_at"), e))?,
+        None => feature.notify_at,
+    };
     Ok(GrantValue::Quota(QuotaGrant {
         limit,
         period,
         reset: m.reset.unwrap_or(Reset::Anniversary),
         warn_at,
+        notify_at,
         overage: m.overage.unwrap_or(Overage::Deny),
     }))
 }
