@@ -28,6 +28,7 @@ pub use config::{Config, ConfigError, LiveConfig};
 
 use crate::audit::Audit;
 use crate::decide::{Decider, Observer};
+use crate::live::replica::{Replica, ReplicaConfig};
 use crate::live::{AdminTokens, Live, Publisher, Writes};
 use crate::metrics::DecisionMetrics;
 use crate::notices::{self, Notices};
@@ -105,6 +106,18 @@ pub struct Sidecar {
     /// Watches the policy directory until the sidecar has stopped.
     _reloader: Reloader,
     reload: Arc<ReloadState>,
+    /// Follows the shared customer stream until the sidecar is dropped.
+    _replication: Option<Following>,
+}
+
+/// The task following the shared customer stream, stopped when dropped.
+#[derive(Debug)]
+struct Following(tokio::task::JoinHandle<()>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The app is generic over its store (no dynamic dispatch on the request path), so
@@ -153,7 +166,11 @@ impl Sidecar {
         let cell = SnapshotCell::new();
         let state = Arc::new(ReloadState::default());
         let trigger = notices.as_ref().map(notices::Claim::trigger);
-        let live = Arc::new(live(&config, &cell)?);
+        let live = Arc::new(live(&config, &cell, &clock)?);
+        let replication = live
+            .replica
+            .clone()
+            .map(|r| Following(tokio::spawn(r.run())));
         let reloader = reload::start(
             reload_config(&config, audit.clone(), trigger),
             live.publisher.clone(),
@@ -187,6 +204,7 @@ impl Sidecar {
             state_dir,
             _reloader: reloader,
             reload,
+            _replication: replication,
         })
     }
 
@@ -251,10 +269,44 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
 
 /// The write API: the publisher (with the customer journal read back when there is
 /// a state directory) and whether writes are allowed.
-fn live(config: &Config, cell: &SnapshotCell) -> Result<Live, SidecarError> {
-    let publisher = match &config.live.journal_dir {
+fn live(
+    config: &Config,
+    cell: &SnapshotCell,
+    clock: &Arc<dyn Clock>,
+) -> Result<Live, SidecarError> {
+    let publisher = Arc::new(match &config.live.journal_dir {
         Some(dir) => Publisher::open(cell.clone(), dir).map_err(SidecarError::Journal)?,
         None => Publisher::new(cell.clone()),
+    });
+    let replica = match (&config.store, &config.live.journal_dir) {
+        (Some(store), Some(dir)) => {
+            let cfg = ReplicaConfig {
+                url: store.url.clone(),
+                ca_file: store.ca_file.clone(),
+                cluster: store.cluster,
+                prefix: store.prefix.clone(),
+                timeout: store.timeout,
+                block: Duration::from_secs(1),
+                keep: store.stream_keep,
+                write_wait: Duration::from_secs(1),
+            };
+            tracing::info!(
+                "customer records: written through the shared Redis stream and applied from it by every replica"
+            );
+            Some(Arc::new(Replica::new(
+                publisher.clone(),
+                cfg,
+                clock.clone(),
+                dir,
+            )))
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "customer records: --durability memory keeps no state directory, so this replica does not follow the shared customer stream (it serves the policy files only)"
+            );
+            None
+        }
+        _ => None,
     };
     let writes = match (&config.live.journal_dir, &config.live.admin_token_file) {
         (None, _) => Writes::Disabled(
@@ -264,9 +316,11 @@ fn live(config: &Config, cell: &SnapshotCell) -> Result<Live, SidecarError> {
         (Some(_), Some(path)) => Writes::Enabled(AdminTokens::new(path)),
     };
     Ok(Live {
-        publisher: Arc::new(publisher),
+        publisher,
         writes,
         policies: config.policies.clone(),
+        replica,
+        revision_wait: config.live.revision_wait,
     })
 }
 
