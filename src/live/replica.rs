@@ -315,6 +315,16 @@ impl Replica {
         p
     }
 
+    /// Ready to serve: it has applied the whole stream once, or it restarted with
+    /// records applied before (served while it catches up). A new replica is not
+    /// ready before it has the fleet's records: it would answer `unknown_customer`.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.lock().caught_up_at.is_some() || self.publisher.revision() > 0 {
+            return Ok(());
+        }
+        Err("customer records not loaded from the shared stream yet".into())
+    }
+
     fn report(&self) {
         crate::metrics::customers_replication(&self.progress());
     }
@@ -329,7 +339,8 @@ impl Replica {
             self.cfg.ca_file.as_deref(),
             self.cfg.cluster,
             self.cfg.timeout.max(Duration::from_secs(1)),
-            self.cfg.timeout,
+            // Not the usage steps' budget: a snapshot page may take longer than 50 ms.
+            self.cfg.timeout.max(Duration::from_secs(1)),
         )
         .await
         .map_err(Fault::Redis)?;
@@ -401,6 +412,31 @@ impl Replica {
         let mut rx = self.publisher.watch_revision();
         let _ = tokio::time::timeout(self.cfg.write_wait, rx.wait_for(|r| *r >= revision)).await;
         Ok(revision)
+    }
+
+    /// At start-up, before serving: one round trip for the epoch and head (bounded by
+    /// a second), so that a replica with nothing to load is ready at once. Faults are
+    /// left to [`Replica::run`], which reports and retries them.
+    pub async fn first_contact(&self) {
+        let within = self.cfg.timeout.max(Duration::from_secs(1));
+        let contact = async {
+            let mut conn = self.conn().await?;
+            self.check_epoch(&mut conn).await
+        };
+        match tokio::time::timeout(within, contact).await {
+            Ok(Ok(head)) => {
+                let now = self.clock.now();
+                let mut p = self.lock();
+                p.head = head;
+                if head <= self.publisher.revision() {
+                    p.caught_up_at = Some(now);
+                }
+            }
+            Ok(Err(Fault::Redis(e) | Fault::OtherHistory(e) | Fault::Local(e))) => {
+                tracing::warn!("customer stream at start-up: {e}");
+            }
+            Err(_) => tracing::warn!("customer stream at start-up: no answer within {within:?}"),
+        }
     }
 
     /// Follows the stream until the task is dropped: faults are reported and retried.

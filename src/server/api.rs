@@ -378,7 +378,8 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
 }
 
 fn readyz<S: UsageStore>(app: &App<S>) -> Resp {
-    if let Err(reason) = app.decider.store.ready() {
+    let replica = app.live.replica.as_ref().map_or(Ok(()), |r| r.ready());
+    if let Err(reason) = app.decider.store.ready().and(replica) {
         return json_value(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({ "ready": false, "reason": reason }),

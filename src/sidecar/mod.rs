@@ -167,6 +167,9 @@ impl Sidecar {
         let state = Arc::new(ReloadState::default());
         let trigger = notices.as_ref().map(notices::Claim::trigger);
         let live = Arc::new(live(&config, &cell, &clock)?);
+        if let Some(r) = &live.replica {
+            r.first_contact().await;
+        }
         let replication = live
             .replica
             .clone()
@@ -462,7 +465,11 @@ async fn open_store(config: &Config, local: MemoryStore) -> Result<Store, Sideca
     };
     let url = crate::redact::url(&cfg.url);
     let (mode, on_error, every) = (cfg.mode, cfg.on_error, cfg.flush_interval);
-    let shared = RedisStore::open(cfg, local)?;
+    let shared = if cfg.cluster {
+        RedisStore::open_cluster(cfg, local).await?
+    } else {
+        RedisStore::open(cfg, local)?
+    };
     shared.connect(Duration::from_secs(1)).await;
     tracing::info!(
         store = %url,

@@ -272,6 +272,30 @@ fn kill9_during_a_write_burst_loses_nothing_and_a_late_replica_has_everything() 
     let redis = Redis::start();
     let fleet = Fleet::new(&["--store", &redis.url()]);
     kill9_during_a_burst_then_a_late_replica(&fleet);
+    // Strict usage counters on the cluster: each customer's keys in its own slot, on
+    // whichever node owns it; A's consumes are seen by B.
+    let a = fleet.replica("a", &[]);
+    let b = fleet.replica("b", &[]);
+    for i in 0..12 {
+        let id = format!("c{i}");
+        let body = json!({ "customer": id, "feature": "api.calls", "amount": 1 });
+        let first = a.decide("/v1/consume", &body);
+        let second = b.decide("/v1/consume", &body);
+        let (r1, r2) = (
+            first["remaining"].as_i64().expect("remaining"),
+            second["remaining"].as_i64().expect("remaining"),
+        );
+        assert_eq!(
+            r2,
+            r1 - 1,
+            "{id}: B did not see A's consume ({first} then {second})"
+        );
+    }
+    let metrics = b.get("/metrics").text();
+    assert!(
+        metrics.contains("entitled_store_errors_total 0"),
+        "Redis errors on the cluster: {metrics}"
+    );
 }
 
 #[test]
