@@ -186,4 +186,7 @@ for name, p in (("B", pb), ("C", pc)):
 PY
 
 replica d
-curl -fs "http://127.0.0.1:$PORT_d/v1/status" | python3 -c 'import json,sys; r=json.load(sys.stdin)["customers_api"]; print(f"replica d: {r[\"api_records\"]} records, revision {r[\"revision\"]}")'
+curl -fs "http://127.0.0.1:$PORT_d/v1/status" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["customers_api"]
+print("replica d:", r["api_records"], "records, revision", r["revision"])'
