@@ -682,6 +682,7 @@ impl Publisher {
             .log
             .as_ref()
             .ok_or_else(|| WriteError::Disabled("no state directory".into()))?;
+        let started = std::time::Instant::now();
         let mut inner = self.lock();
         self.settle(&mut inner);
         let mut refused = 0;
@@ -720,8 +721,15 @@ impl Publisher {
                 }
             },
         };
+        let compiled = started.elapsed();
         let refs: Vec<&Entry> = kept.iter().collect();
         log.compact(&refs)?;
+        tracing::info!(
+            records = kept.len(),
+            compile_ms = compiled.as_millis() as u64,
+            journal_ms = (started.elapsed() - compiled).as_millis() as u64,
+            "customer records replaced"
+        );
         let mut counts = Counts {
             revision,
             ..Counts::default()

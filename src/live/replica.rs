@@ -651,6 +651,7 @@ impl Replica {
     /// revision (each record keeps the newest of what the hash and the stream say).
     async fn resync(&self, conn: &mut Conn) -> Result<(), Fault> {
         for _ in 0..5 {
+            let started = std::time::Instant::now();
             let (epoch, start): (Option<String>, Option<u64>) = redis::cmd("HMGET")
                 .arg(&self.keys[2])
                 .arg("epoch")
@@ -709,6 +710,7 @@ impl Replica {
             let mut entries: Vec<Entry> = latest.into_values().collect();
             entries.sort_by_key(|e| e.revision);
             let records = entries.len();
+            let read = started.elapsed();
             let publisher = self.publisher.clone();
             let left_out = tokio::task::spawn_blocking(move || {
                 publisher.replace_replicated(entries, revision)
@@ -730,6 +732,8 @@ impl Replica {
                 records,
                 revision,
                 left_out,
+                read_ms = read.as_millis() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
                 "customer records reloaded from the shared snapshot"
             );
             return Ok(());
