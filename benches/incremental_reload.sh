@@ -79,14 +79,8 @@ print(f"load: {json.dumps(st['last_load'])}")
 print(f"RSS steady {steady} MB, after {rss('VmRSS')} MB, peak during the reload {rss('VmHWM')} MB")
 PY
   wait "$CHECKER" || true
-  python3 -c '
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r["stream"] == "checks":
-        print(f"paced checks around the change: {r[\"ok\"]} ok, {r[\"errors\"]} errors at {r[\"rate\"]:.0f}/s: "
-              f"p50 {r[\"p50_ms\"]} ms, p99 {r[\"p99_ms\"]} ms, p99.9 {r[\"p999_ms\"]} ms, max {r[\"max_ms\"]} ms")
-' "$WORK/checks"
+  printf "paced around the change: "
+  python3 benches/common/latency.py checks <"$WORK/checks"
   grep -o 'policy directory loaded.*' "$WORK/log" | tail -1 | sed 's/^/log: /'
   kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
 done

@@ -60,13 +60,7 @@ case "$CHECKS" in
 esac
 
 target/release/examples/write_client "$PORT" "$(cut -d: -f2 "$WORK/tokens")" "$RATE" "$DURATION" "$WRITERS" "$CUSTOMERS" "${PACED[@]}" \
-  | python3 -c '
-import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    print(f"{r[\"stream\"]}: {r[\"ok\"]} ok, {r[\"errors\"]} errors at {r[\"rate\"]:.0f}/s: p50 {r[\"p50_ms\"]} ms, p99 {r[\"p99_ms\"]} ms, "
-          f"p99.9 {r[\"p999_ms\"]} ms, max {r[\"max_ms\"]} ms (each from when it was due)")
-'
+  | python3 benches/common/latency.py
 if [ -n "$WRK" ]; then
   wait "$WRK" || true
   echo "checks beside them (wrk -t1 -c16, as fast as they are answered):"

@@ -58,6 +58,14 @@ pub const USAGE_NOTICES: &str = "entitled_usage_notices_total";
 pub const USAGE_NOTICES_DROPPED: &str = "entitled_usage_notices_dropped_total";
 pub const INSIGHTS_DROPPED: &str = "entitled_insights_dropped_total";
 pub const GATEWAY: &str = "entitled_gateway_requests_total";
+pub const CUSTOMERS_REVISION: &str = "entitled_customers_revision";
+pub const CUSTOMERS_STREAM_HEAD: &str = "entitled_customers_stream_head";
+pub const CUSTOMERS_LAG_REVISIONS: &str = "entitled_customers_lag_revisions";
+pub const CUSTOMERS_LAG_SECONDS: &str = "entitled_customers_lag_seconds";
+pub const CUSTOMERS_LAST_READ: &str = "entitled_customers_last_read_timestamp_seconds";
+pub const CUSTOMERS_FOLLOWING: &str = "entitled_customers_following";
+pub const CUSTOMERS_RESYNCS: &str = "entitled_customers_resyncs_total";
+pub const CUSTOMERS_LEFT_OUT: &str = "entitled_customers_left_out_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
 pub const EXPIRING_WINDOWS: [i64; 3] = [30, 60, 90];
@@ -259,6 +267,40 @@ fn describe() {
         GATEWAY,
         "Gateway admissions (forward-auth, ext_authz, rate limit service), by api, status and reason."
     );
+    describe_gauge!(
+        CUSTOMERS_REVISION,
+        "The revision of customer records this replica serves (the stream's, with --store)."
+    );
+    describe_gauge!(
+        CUSTOMERS_STREAM_HEAD,
+        "The last revision in the shared customer stream, as last read from Redis."
+    );
+    describe_gauge!(
+        CUSTOMERS_LAG_REVISIONS,
+        "Revisions in the shared customer stream this replica has not applied yet."
+    );
+    describe_gauge!(
+        CUSTOMERS_LAG_SECONDS,
+        Unit::Seconds,
+        "Seconds since this replica last had every revision of the shared customer stream applied (0 when it has)."
+    );
+    describe_gauge!(
+        CUSTOMERS_LAST_READ,
+        Unit::Seconds,
+        "When this replica last read the shared customer stream successfully (Unix seconds)."
+    );
+    describe_gauge!(
+        CUSTOMERS_FOLLOWING,
+        "1 while this replica follows the shared customer stream; 0 while Redis is unreachable or holds another history (the replica serves what it applied)."
+    );
+    describe_counter!(
+        CUSTOMERS_RESYNCS,
+        "Reloads of every customer record from the shared snapshot (a new replica, or the stream trimmed past this one's position)."
+    );
+    describe_counter!(
+        CUSTOMERS_LEFT_OUT,
+        "Customer records from the shared stream left out because they do not compile against this replica's policy files."
+    );
     start_at_zero();
 }
 
@@ -282,6 +324,8 @@ fn start_at_zero() {
         STATE_DAMAGED,
         AUDIT_DROPPED,
         IDEMPOTENT_REPLAYS,
+        CUSTOMERS_RESYNCS,
+        CUSTOMERS_LEFT_OUT,
     ] {
         counter!(name).increment(0);
     }
@@ -623,4 +667,24 @@ pub fn insights_dropped() {
 
 pub fn usage_notice_dropped() {
     counter!(USAGE_NOTICES_DROPPED).increment(1);
+}
+
+/// Where this replica stands in the shared customer stream.
+pub fn customers_replication(p: &crate::live::replica::Progress) {
+    gauge!(CUSTOMERS_REVISION).set(p.applied as f64);
+    gauge!(CUSTOMERS_STREAM_HEAD).set(p.head as f64);
+    gauge!(CUSTOMERS_LAG_REVISIONS).set(p.head.saturating_sub(p.applied) as f64);
+    gauge!(CUSTOMERS_LAG_SECONDS).set(p.lag_seconds);
+    if let Some(t) = p.last_read {
+        gauge!(CUSTOMERS_LAST_READ).set(t.as_secs_f64());
+    }
+    gauge!(CUSTOMERS_FOLLOWING).set(if p.following { 1.0 } else { 0.0 });
+}
+
+pub fn customers_resynced() {
+    counter!(CUSTOMERS_RESYNCS).increment(1);
+}
+
+pub fn customers_left_out(n: usize) {
+    counter!(CUSTOMERS_LEFT_OUT).increment(n as u64);
 }

@@ -51,11 +51,11 @@ pub struct Entry {
     pub at: Timestamp,
 }
 
-fn ser_time<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn ser_time<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
     t.serialize(s)
 }
 
-fn de_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+pub(super) fn de_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
     let s = String::deserialize(d)?;
     Timestamp::parse(&s).map_err(serde::de::Error::custom)
 }
@@ -143,7 +143,9 @@ impl RecordLog {
         Ok((log, replayed))
     }
 
-    /// Rewrites the journal as `entries` (atomically), when nothing is pending.
+    /// Rewrites the journal as `entries` (atomically), when nothing is pending; the
+    /// journal then stands at the last of them (which may be behind what it held: a
+    /// replica reloading from the shared snapshot).
     pub fn compact(&self, entries: &[&Entry]) -> Result<(), JournalError> {
         let path = &self.path;
         let mut file = self
@@ -159,6 +161,12 @@ impl RecordLog {
         })
         .map_err(io_err(path))?;
         *file = files::open_append(path).map_err(io_err(path))?;
+        drop(file);
+        let last = entries.last().map_or(0, |e| e.revision);
+        let mut s = self.lock()?;
+        s.pending.clear();
+        s.appended = last;
+        s.durable = last;
         Ok(())
     }
 

@@ -6,6 +6,8 @@
 //! - [`publisher`]: the overlay of written records and the one place snapshots are
 //!   published, so reloads and writes never interleave;
 //! - [`record`]: a record's JSON read into the policy's raw model, problems by field;
+//! - [`replica`]: with `--store redis://…`, every write through a Redis Stream that
+//!   every replica applies;
 //! - [`tokens`]: who may write (`--admin-token-file`).
 //!
 //! Precedence: an API record replaces the record the files define for the same id;
@@ -15,6 +17,7 @@
 pub mod journal;
 pub mod publisher;
 pub mod record;
+pub mod replica;
 pub mod tokens;
 
 use std::io::BufRead;
@@ -42,6 +45,10 @@ pub struct Live {
     pub writes: Writes,
     /// The policy directory, to read a file-defined record back.
     pub policies: PathBuf,
+    /// With `--store`: the shared stream every write goes through.
+    pub replica: Option<Arc<replica::Replica>>,
+    /// How long a decision with `min_revision` waits for it.
+    pub revision_wait: std::time::Duration,
 }
 
 /// The journal's directory in a state directory.

@@ -162,6 +162,8 @@ pub struct Publisher {
     /// `None`: writes are disabled (no state directory).
     log: Option<RecordLog>,
     inner: Mutex<Inner>,
+    /// The revision decisions see, for requests waiting on `min_revision`.
+    applied: tokio::sync::watch::Sender<u64>,
     on_served: Option<OnServed>,
 }
 
@@ -169,6 +171,7 @@ impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
             .field("log", &self.log)
+            .field("applied", &self.applied)
             .field("watched", &self.on_served.is_some())
             .finish_non_exhaustive()
     }
@@ -193,6 +196,7 @@ impl Publisher {
                 next_revision: 1,
                 ..Inner::default()
             }),
+            applied: tokio::sync::watch::Sender::new(0),
             on_served: None,
         }
     }
@@ -252,10 +256,12 @@ impl Publisher {
                 .collect();
             log.compact(&keep)?;
         }
+        let applied = tokio::sync::watch::Sender::new(inner.counts.revision);
         Ok(Publisher {
             cell,
             log: Some(log),
             inner: Mutex::new(inner),
+            applied,
             on_served: None,
         })
     }
@@ -282,6 +288,12 @@ impl Publisher {
 
     pub fn counts(&self) -> Counts {
         self.lock().counts
+    }
+
+    /// The applied revision, watched (it only grows, except when a replica reloads
+    /// from a shared snapshot of another history).
+    pub fn watch_revision(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// What the API wrote for `id`, or the files snapshot to look in.
@@ -316,6 +328,7 @@ impl Publisher {
         inner.files = Some(files);
         inner.head = Some(composed.clone());
         store(&composed);
+        self.applied.send_replace(composed.revision);
         Ok(composed)
     }
 
@@ -445,6 +458,7 @@ impl Publisher {
         if let Some(s) = last {
             inner.counts.revision = s.revision;
             self.cell.store(s.snapshot);
+            self.applied.send_replace(s.revision);
         }
         if let Some(f) = &self.on_served
             && !ids.is_empty()
@@ -569,4 +583,283 @@ fn problems(issues: &[Issue]) -> Vec<Problem> {
         .iter()
         .map(|i| Problem::new(path_to_string(&i.at.path), i.message.clone()))
         .collect()
+}
+
+/// The change an overlay entry makes.
+fn change_of<'a>(id: &'a str, w: &'a Written) -> Change<'a> {
+    match &w.record {
+        Some(r) => Change::Set {
+            record: r,
+            file: 0,
+            origin: Origin::Line { line: 0 },
+        },
+        None => Change::Remove(id),
+    }
+}
+
+/// The change an applied stream entry makes: a forget serves the files' record again.
+fn entry_change<'a>(e: &'a Entry, w: &'a Written, files: Option<&'a Snapshot>) -> Change<'a> {
+    match (e.op, files) {
+        (Op::Forget, Some(f)) => Change::Restore {
+            id: &e.id,
+            from: &f.customers,
+        },
+        (Op::Forget, None) => Change::Remove(&e.id),
+        _ => change_of(&e.id, w),
+    }
+}
+
+/// Replicated mode (`--store redis://…`): the shared stream orders the writes, and
+/// this replica applies what it reads from it, its own writes included. The local
+/// journal then holds what this replica applied, under the stream's revisions; its
+/// last revision is where reading resumes after a restart.
+impl Publisher {
+    /// Checks `w` against the latest snapshot (a bad record is refused and changes
+    /// nothing) and returns it as a journal entry for the stream, which gives it its
+    /// revision (0 here).
+    pub fn prepare(&self, w: Write, by: &str, at: Timestamp) -> Result<Entry, WriteError> {
+        if self.log.is_none() {
+            return Err(WriteError::Disabled("no state directory".into()));
+        }
+        let (head, files) = {
+            let inner = self.lock();
+            (inner.head.clone(), inner.files.clone())
+        };
+        let (Some(head), Some(files)) = (head, files) else {
+            return Err(WriteError::NotReady);
+        };
+        let change = match &w {
+            Write::Put { record, .. } => Change::Set {
+                record,
+                file: 0,
+                origin: Origin::Line { line: 0 },
+            },
+            Write::Delete { id } => Change::Remove(id),
+            Write::Forget { id } => Change::Restore {
+                id,
+                from: &files.customers,
+            },
+        };
+        update_customers(&head.catalog, &head.customers, &[change])
+            .map_err(|issues| WriteError::Invalid(problems(&issues)))?;
+        let id = w.id().to_string();
+        let (op, record) = match w {
+            Write::Put { json, .. } => (Op::Put, Some(json)),
+            Write::Delete { .. } => (Op::Delete, None),
+            Write::Forget { .. } => (Op::Forget, None),
+        };
+        Ok(Entry {
+            revision: 0,
+            op,
+            id,
+            record,
+            by: by.to_string(),
+            at,
+        })
+    }
+
+    /// Applies entries read from the stream, in revision order: compiled on top of
+    /// the latest snapshot, journaled and synced, then served. Entries at or below
+    /// the applied revision are skipped (read twice); an entry that does not compile
+    /// against this replica's policy files is left out and counted in the result.
+    /// Returns how many were left out.
+    pub fn apply_replicated(&self, entries: Vec<Entry>) -> Result<usize, WriteError> {
+        let log = self
+            .log
+            .as_ref()
+            .ok_or_else(|| WriteError::Disabled("no state directory".into()))?;
+        let mut inner = self.lock();
+        self.settle(&mut inner);
+        let Some(last) = entries.last().map(|e| e.revision) else {
+            return Ok(0);
+        };
+        if last <= inner.counts.revision {
+            return Ok(0);
+        }
+        let applied = inner.counts.revision;
+        let mut accepted: Vec<(Entry, Written)> = Vec::with_capacity(entries.len());
+        let mut refused = 0;
+        for e in entries.into_iter().filter(|e| e.revision > applied) {
+            match replayed_entry(&e) {
+                Ok(w) => accepted.push((e, w)),
+                Err(why) => {
+                    refused += 1;
+                    tracing::error!(revision = e.revision, customer = %e.id, "customer record from the stream left out: {why}");
+                }
+            }
+        }
+        let files = inner.files.clone();
+        let head = inner.head.clone();
+        let customers = match &head {
+            None => None,
+            Some(head) => {
+                let changes: Vec<Change<'_>> = accepted
+                    .iter()
+                    .map(|(e, w)| entry_change(e, w, files.as_deref()))
+                    .collect();
+                match update_customers(&head.catalog, &head.customers, &changes) {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        // Which records: one by one (the failing path only).
+                        let mut table = head.customers.clone();
+                        let mut kept = Vec::with_capacity(accepted.len());
+                        for (e, w) in accepted.drain(..) {
+                            let change = entry_change(&e, &w, files.as_deref());
+                            match update_customers(&head.catalog, &table, &[change]) {
+                                Ok(t) => {
+                                    table = t;
+                                    kept.push((e, w));
+                                }
+                                Err(issues) => {
+                                    refused += 1;
+                                    let what = problems(&issues)
+                                        .iter()
+                                        .map(|p| format!("{}: {}", p.field, p.message))
+                                        .collect::<Vec<_>>()
+                                        .join("; ");
+                                    tracing::error!(revision = e.revision, customer = %e.id, "customer record from the stream does not compile against this replica's policy files, left out: {what}");
+                                }
+                            }
+                        }
+                        accepted = kept;
+                        Some(table)
+                    }
+                }
+            }
+        };
+        for (e, _) in &accepted {
+            log.append(e)?;
+        }
+        if let Some((e, _)) = accepted.last() {
+            log.wait_durable(e.revision)?;
+        }
+        let mut ids = Vec::with_capacity(accepted.len());
+        for (e, w) in accepted {
+            let in_files = files
+                .as_ref()
+                .is_some_and(|f| f.customers.get(&e.id).is_some());
+            let old = if e.op == Op::Forget {
+                inner.overlay.remove(&e.id)
+            } else {
+                inner.counts.count(&w, in_files, true);
+                inner.overlay.insert(e.id.clone(), w)
+            };
+            if let Some(old) = old {
+                inner.counts.count(&old, in_files, false);
+            }
+            ids.push(e.id);
+        }
+        inner.counts.revision = last;
+        inner.next_revision = last + 1;
+        if let (Some(head), Some(customers)) = (head, customers) {
+            let snapshot = Arc::new(Snapshot {
+                version: tagged(&head.version, last),
+                customers,
+                revision: last,
+                ..(*head).clone()
+            });
+            inner.head = Some(snapshot.clone());
+            self.cell.store(snapshot);
+        }
+        self.applied.send_replace(last);
+        if let Some(f) = &self.on_served
+            && !ids.is_empty()
+        {
+            f(ids);
+        }
+        Ok(refused)
+    }
+
+    /// Replaces every API record with `entries` (the shared snapshot, in revision
+    /// order) standing at `revision`: the journal is rewritten to hold them, and the
+    /// snapshot is served. Returns how many records were left out (they do not
+    /// compile against this replica's policy files).
+    pub fn replace_replicated(
+        &self,
+        entries: Vec<Entry>,
+        revision: u64,
+    ) -> Result<usize, WriteError> {
+        let log = self
+            .log
+            .as_ref()
+            .ok_or_else(|| WriteError::Disabled("no state directory".into()))?;
+        let started = std::time::Instant::now();
+        let mut inner = self.lock();
+        self.settle(&mut inner);
+        let mut refused = 0;
+        let mut overlay: HashMap<String, Written> = HashMap::with_capacity(entries.len());
+        let mut kept: Vec<Entry> = Vec::with_capacity(entries.len());
+        for e in entries {
+            // A forget leaves the shared snapshot, but may come in the stream's tail.
+            if e.op == Op::Forget {
+                overlay.remove(&e.id);
+                kept.retain(|k| k.id != e.id);
+                continue;
+            }
+            match replayed_entry(&e) {
+                Ok(w) => {
+                    overlay.insert(e.id.clone(), w);
+                    kept.push(e);
+                }
+                Err(why) => {
+                    refused += 1;
+                    tracing::error!(revision = e.revision, customer = %e.id, "customer record from the shared snapshot left out: {why}");
+                }
+            }
+        }
+        let files = inner.files.clone();
+        let composed = match &files {
+            None => None,
+            Some(files) => match compose(files, &overlay, revision) {
+                Ok(s) => Some(s),
+                Err(problems) => {
+                    for p in &problems {
+                        tracing::error!("{p}; left out");
+                    }
+                    overlay.retain(|id, w| {
+                        let ok =
+                            update_customers(&files.catalog, &files.customers, &[change_of(id, w)])
+                                .is_ok();
+                        refused += usize::from(!ok);
+                        ok
+                    });
+                    kept.retain(|e| overlay.contains_key(&e.id));
+                    compose(files, &overlay, revision).ok()
+                }
+            },
+        };
+        let compiled = started.elapsed();
+        let refs: Vec<&Entry> = kept.iter().collect();
+        log.compact(&refs)?;
+        tracing::info!(
+            records = kept.len(),
+            compile_ms = compiled.as_millis() as u64,
+            journal_ms = (started.elapsed() - compiled).as_millis() as u64,
+            "customer records replaced"
+        );
+        let mut counts = Counts {
+            revision,
+            ..Counts::default()
+        };
+        for (id, w) in &overlay {
+            let in_files = files
+                .as_ref()
+                .is_some_and(|f| f.customers.get(id).is_some());
+            counts.count(w, in_files, true);
+        }
+        inner.counts = counts;
+        inner.overlay = overlay;
+        inner.next_revision = revision + 1;
+        if let Some(s) = composed {
+            inner.head = Some(s.clone());
+            self.cell.store(s);
+        }
+        self.applied.send_replace(revision);
+        Ok(refused)
+    }
+
+    /// The applied revision.
+    pub fn revision(&self) -> u64 {
+        self.lock().counts.revision
+    }
 }

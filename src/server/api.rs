@@ -251,7 +251,7 @@ async fn single<S: UsageStore>(
         Err(_) => return Err(request::refused(parsed.err(), body)),
     };
     let wanted = request::take_min_revision(&mut v)?;
-    fresh(app, wanted)?;
+    fresh(app, wanted).await?;
     let p = request::parse_request(&v, shape)?;
     let ctx = context(&p);
     let q = query(&p, &ctx);
@@ -285,10 +285,15 @@ async fn single<S: UsageStore>(
 
 /// Answers `stale` when this node has not applied the write `wanted` names (the
 /// applied revision only grows, so a decision made after this check sees it).
-fn fresh<S>(app: &App<S>, wanted: Option<u64>) -> Result<(), ApiError> {
-    if wanted.is_none() {
+async fn fresh<S>(app: &App<S>, wanted: Option<u64>) -> Result<(), ApiError> {
+    let Some(w) = wanted else {
+        return Ok(());
+    };
+    let applied = app.decider.snapshot.with(|s| s.map(|s| s.revision));
+    if applied.is_some_and(|a| a >= w) {
         return Ok(());
     }
+    super::customers::wait_for(&app.live, w).await;
     let applied = app.decider.snapshot.with(|s| s.map(|s| s.revision));
     super::customers::fresh(applied, wanted)
 }
@@ -329,6 +334,7 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
             ),
         ));
     }
+    fresh(app, wanted).await?;
     let decider = &app.decider;
     let snap = decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
     super::customers::fresh(Some(snap.revision), wanted)?;
@@ -377,7 +383,8 @@ async fn batch<S: UsageStore>(app: &App<S>, body: &mut [u8]) -> Result<Resp, Api
 }
 
 fn readyz<S: UsageStore>(app: &App<S>) -> Resp {
-    if let Err(reason) = app.decider.store.ready() {
+    let replica = app.live.replica.as_ref().map_or(Ok(()), |r| r.ready());
+    if let Err(reason) = app.decider.store.ready().and(replica) {
         return json_value(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({ "ready": false, "reason": reason }),

@@ -19,6 +19,7 @@ use super::App;
 use super::api::{Resp, json_value, read_body};
 use super::error::ApiError;
 use crate::live::record::{self, Problem};
+use crate::live::replica::AppendError;
 use crate::live::{AuthError, Base, Found, Live, Write, WriteError, Writes, Written};
 
 /// Whether `method path` is one of this module's routes.
@@ -242,8 +243,36 @@ async fn apply<S>(
     let at = app.decider.clock.now();
     let publisher = app.live.publisher.clone();
     let who = by.to_string();
-    let result = blocking(move || publisher.write(w, base, &who, at)).await?;
-    let revision = result.map_err(|e| write_error(e, &id))?;
+    let revision = match &app.live.replica {
+        None => {
+            let result = blocking(move || publisher.write(w, base, &who, at)).await?;
+            result.map_err(|e| write_error(e, &id))?
+        }
+        // Checked here, ordered and kept by the shared stream, applied from it.
+        Some(replica) => {
+            // A forget needs an API record, and that record must still be the one
+            // the stream holds when it is appended.
+            let base = match (&w, base) {
+                (Write::Forget { .. }, None) => match publisher.find(&id) {
+                    Found::Api(found) => Some(Base::Api(found.revision)),
+                    Found::Files(_) => return Err(ApiError::NoApiRecord(id)),
+                },
+                (_, base) => base,
+            };
+            let entry = publisher
+                .prepare(w, &who, at)
+                .map_err(|e| write_error(e, &id))?;
+            replica.append(&entry, base).await.map_err(|e| match e {
+                AppendError::Changed => ApiError::Conflict(format!(
+                    "customer `{id}` changed while this write was prepared; try again"
+                )),
+                AppendError::Unavailable(why) => {
+                    tracing::error!("customer write refused: {why}");
+                    ApiError::Unavailable(why)
+                }
+            })?
+        }
+    };
     let snapshot = app
         .decider
         .snapshot
@@ -330,7 +359,17 @@ pub fn status(live: &Arc<Live>) -> Value {
         Writes::Enabled(_) => "enabled".into(),
         Writes::Disabled(why) => format!("disabled: {why}").into(),
     };
+    if let Some(r) = &live.replica {
+        v["replication"] = serde_json::to_value(r.progress()).unwrap_or_default();
+    }
     v
+}
+
+/// Waits (up to `--revision-wait`) for this replica to apply `wanted`; the applied
+/// revision only grows, so a decision made after this sees it.
+pub async fn wait_for(live: &Live, wanted: u64) {
+    let mut rx = live.publisher.watch_revision();
+    let _ = tokio::time::timeout(live.revision_wait, rx.wait_for(|r| *r >= wanted)).await;
 }
 
 /// The applied revision is at least `wanted`, or the request is answered `stale`.

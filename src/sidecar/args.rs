@@ -176,6 +176,17 @@ pub struct ServeArgs {
     /// reconciliation after an outage).
     #[arg(long, env = "ENTITLED_STORE_FLUSH_INTERVAL", default_value = "100ms", value_parser = duration)]
     pub store_flush_interval: Duration,
+    /// `--store` names a node of a Redis Cluster (the other nodes are found from it).
+    #[arg(long, env = "ENTITLED_STORE_CLUSTER")]
+    pub store_cluster: bool,
+    /// Entries of the shared customer stream kept in Redis (approximately); a replica
+    /// further behind reloads from the shared snapshot.
+    #[arg(long, env = "ENTITLED_STORE_STREAM_KEEP", default_value_t = 100_000)]
+    pub store_stream_keep: u64,
+    /// How long a decision with `min_revision` waits for this replica to apply that
+    /// revision before answering 503 `stale`.
+    #[arg(long, env = "ENTITLED_REVISION_WAIT", default_value = "250ms", value_parser = duration)]
+    pub revision_wait: Duration,
     /// For tests and staging: serve time from a clock that starts here (RFC 3339) and
     /// moves only through `POST /v1/test-clock`.
     #[arg(long, env = "ENTITLED_TEST_CLOCK")]
@@ -373,6 +384,7 @@ impl ServeArgs {
             journal_dir: (self.durability != DurabilityMode::Memory)
                 .then(|| crate::live::journal_dir(&self.state_dir)),
             admin_token_file: self.admin_token_file.clone(),
+            revision_wait: self.revision_wait,
         }
     }
 
@@ -412,6 +424,8 @@ impl ServeArgs {
         cfg.prefix = self.store_prefix.clone();
         cfg.flush_interval = self.store_flush_interval;
         cfg.ca_file = self.store_ca_file.clone();
+        cfg.cluster = self.store_cluster;
+        cfg.stream_keep = self.store_stream_keep;
         Some(cfg)
     }
 }

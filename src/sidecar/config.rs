@@ -68,13 +68,25 @@ pub struct Config {
 }
 
 /// Customer writes through the API.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LiveConfig {
     /// Where written records are journaled; `None` (no state directory) disables
     /// writes.
     pub journal_dir: Option<PathBuf>,
     /// The admin tokens; `None` disables writes.
     pub admin_token_file: Option<PathBuf>,
+    /// How long a decision with `min_revision` waits for it to be applied.
+    pub revision_wait: Duration,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            journal_dir: None,
+            admin_token_file: None,
+            revision_wait: Duration::from_millis(250),
+        }
+    }
 }
 
 /// A flag value that does not make a configuration.

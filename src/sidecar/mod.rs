@@ -29,6 +29,7 @@ pub use config::{Config, ConfigError, LiveConfig};
 use crate::audit::Audit;
 use crate::decide::{Decider, Observer};
 use crate::insights::Insights;
+use crate::live::replica::{Replica, ReplicaConfig};
 use crate::live::{AdminTokens, Live, Publisher, Writes};
 use crate::metrics::DecisionMetrics;
 use crate::notices::{self, Notices};
@@ -106,6 +107,18 @@ pub struct Sidecar {
     /// Watches the policy directory until the sidecar has stopped.
     _reloader: Reloader,
     reload: Arc<ReloadState>,
+    /// Follows the shared customer stream until the sidecar is dropped.
+    _replication: Option<Following>,
+}
+
+/// The task following the shared customer stream, stopped when dropped.
+#[derive(Debug)]
+struct Following(tokio::task::JoinHandle<()>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The app is generic over its store (no dynamic dispatch on the request path), so
@@ -157,7 +170,14 @@ impl Sidecar {
         let state = Arc::new(ReloadState::default());
         let trigger = notices.as_ref().map(notices::Claim::trigger);
         let usage_notices = notices.as_ref().map(notices::Claim::usage_notifier);
-        let live = Arc::new(live(&config, &cell, trigger.clone())?);
+        let live = Arc::new(live(&config, &cell, &clock, trigger.clone())?);
+        if let Some(r) = &live.replica {
+            r.first_contact().await;
+        }
+        let replication = live
+            .replica
+            .clone()
+            .map(|r| Following(tokio::spawn(r.run())));
         let reloader = reload::start(
             reload_config(&config, audit.clone(), trigger),
             live.publisher.clone(),
@@ -197,6 +217,7 @@ impl Sidecar {
             state_dir,
             _reloader: reloader,
             reload,
+            _replication: replication,
         })
     }
 
@@ -263,11 +284,12 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
 }
 
 /// The write API: the publisher (with the customer journal read back when there is
-/// a state directory, and the notice scanner told of each write) and whether writes
-/// are allowed.
+/// a state directory, and the notice scanner told of each write), whether writes
+/// are allowed, and with a Redis store the replica that follows the shared stream.
 fn live(
     config: &Config,
     cell: &SnapshotCell,
+    clock: &Arc<dyn Clock>,
     notices: Option<notices::Trigger>,
 ) -> Result<Live, SidecarError> {
     let mut publisher = match &config.live.journal_dir {
@@ -279,6 +301,37 @@ fn live(
     if let Some(t) = notices {
         publisher = publisher.on_served(Box::new(move |ids| t.customers_changed(ids)));
     }
+    let publisher = Arc::new(publisher);
+    let replica = match (&config.store, &config.live.journal_dir) {
+        (Some(store), Some(dir)) => {
+            let cfg = ReplicaConfig {
+                url: store.url.clone(),
+                ca_file: store.ca_file.clone(),
+                cluster: store.cluster,
+                prefix: store.prefix.clone(),
+                timeout: store.timeout,
+                block: Duration::from_secs(1),
+                keep: store.stream_keep,
+                write_wait: Duration::from_secs(1),
+            };
+            tracing::info!(
+                "customer records: written through the shared Redis stream and applied from it by every replica"
+            );
+            Some(Arc::new(Replica::new(
+                publisher.clone(),
+                cfg,
+                clock.clone(),
+                dir,
+            )))
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "customer records: --durability memory keeps no state directory, so this replica does not follow the shared customer stream (it serves the policy files only)"
+            );
+            None
+        }
+        _ => None,
+    };
     let writes = match (&config.live.journal_dir, &config.live.admin_token_file) {
         (None, _) => Writes::Disabled(
             "--durability memory keeps no state directory, and a customer write is acknowledged only once it is on disk there".into(),
@@ -287,9 +340,11 @@ fn live(
         (Some(_), Some(path)) => Writes::Enabled(AdminTokens::new(path)),
     };
     Ok(Live {
-        publisher: Arc::new(publisher),
+        publisher,
         writes,
         policies: config.policies.clone(),
+        replica,
+        revision_wait: config.live.revision_wait,
     })
 }
 
@@ -431,7 +486,11 @@ async fn open_store(config: &Config, local: MemoryStore) -> Result<Store, Sideca
     };
     let url = crate::redact::url(&cfg.url);
     let (mode, on_error, every) = (cfg.mode, cfg.on_error, cfg.flush_interval);
-    let shared = RedisStore::open(cfg, local)?;
+    let shared = if cfg.cluster {
+        RedisStore::open_cluster(cfg, local).await?
+    } else {
+        RedisStore::open(cfg, local)?
+    };
     shared.connect(Duration::from_secs(1)).await;
     tracing::info!(
         store = %url,

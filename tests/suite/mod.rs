@@ -14,6 +14,7 @@ mod props;
 pub mod redis;
 mod reload;
 mod reload_incremental;
+mod replicas;
 mod schema;
 mod server;
 mod support;

@@ -36,6 +36,10 @@ pub struct RedisConfig {
     pub max_pending: usize,
     /// `rediss://`: trust this CA (PEM) instead of the system's roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// `url` names a node of a Redis Cluster.
+    pub cluster: bool,
+    /// Entries of the shared customer stream kept (approximately).
+    pub stream_keep: u64,
 }
 
 impl RedisConfig {
@@ -51,6 +55,8 @@ impl RedisConfig {
             breaker_cooldown: Duration::from_millis(500),
             max_pending: 100_000,
             ca_file: None,
+            cluster: false,
+            stream_keep: 100_000,
         }
     }
 }

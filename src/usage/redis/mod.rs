@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::live::replica::Conn;
 
 use self::breaker::Breaker;
 pub use self::config::{OnError, RedisConfig, StoreMode};
@@ -40,7 +40,7 @@ use crate::usage::durable::record::Settled;
 
 /// The Redis store. See the module docs.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     quota: redis::Script,
     settle: redis::Script,
     seat: redis::Script,
@@ -101,10 +101,33 @@ impl RedisStore {
             .set_response_timeout(Some(cfg.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, mc)
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, mc)
             .map_err(|e| StoreError::Fatal(format!("--store: {e}")))?;
+        Ok(Self::with_conn(cfg, local, Conn::Single(conn)))
+    }
+
+    /// With `--store-cluster`: a cluster client, which follows `MOVED` to the node
+    /// owning each customer's slot. The cluster must answer at start-up (its slot map
+    /// is read then); afterwards its faults are handled as a single node's.
+    pub async fn open_cluster(
+        cfg: RedisConfig,
+        local: MemoryStore,
+    ) -> Result<RedisStore, StoreError> {
+        let conn = crate::live::replica::connect(
+            &cfg.url,
+            cfg.ca_file.as_deref(),
+            true,
+            cfg.timeout.max(Duration::from_secs(1)),
+            cfg.timeout,
+        )
+        .await
+        .map_err(StoreError::Fatal)?;
+        Ok(Self::with_conn(cfg, local, conn))
+    }
+
+    fn with_conn(cfg: RedisConfig, local: MemoryStore, conn: Conn) -> RedisStore {
         crate::metrics::store_degraded(false);
-        Ok(RedisStore {
+        RedisStore {
             breaker: Breaker::new(&cfg),
             conn,
             quota: redis::Script::new(&[scripts::REMEMBERED, scripts::QUOTA].concat()),
@@ -120,7 +143,7 @@ impl RedisStore {
             inflight: Mutex::new(None),
             apply_many: redis::Script::new(scripts::APPLY_MANY),
             dropped: AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn local(&self) -> &MemoryStore {
