@@ -482,7 +482,7 @@ async fn bulk<S: UsageStore>(
 /// snapshot version, every result and its usage figures, so the tag changes with the
 /// policy, the customer's record, the request context and usage alike, and an
 /// unchanged tag means an unchanged answer.
-fn etag(body: &[u8]) -> String {
+pub fn etag(body: &[u8]) -> String {
     let hash = blake3::hash(body);
     let mut s = String::with_capacity(34);
     s.push('"');
@@ -526,7 +526,7 @@ fn matches(header: &str, tag: &str) -> bool {
 ///
 /// The variant is the decision's reason (`granted`, `not_entitled`, …). Metadata
 /// values are strings, numbers and booleans only: OpenFeature providers drop others.
-fn write_flag(out: &mut Vec<u8>, key: &str, d: &Decision<'_>) {
+pub fn write_flag(out: &mut Vec<u8>, key: &str, d: &Decision<'_>) {
     out.extend_from_slice(b"{\"key\":");
     write_str(out, key);
     let valued = d.kind == Some(Kind::Value);

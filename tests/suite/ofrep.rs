@@ -636,6 +636,7 @@ fn python_sdk_with_the_ofrep_provider() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("python_client.py: {}", text.trim());
     assert!(out.status.success(), "python_client.py failed:\n{text}");
     assert!(text.contains("ok"), "{text}");
 }
@@ -672,6 +673,7 @@ fn web_provider_bulk_304_and_refresh_on_node() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("bulk_refresh.mjs: {}", text.trim());
     assert!(out.status.success(), "bulk_refresh.mjs failed:\n{text}");
     assert!(text.contains("ok:"), "{text}");
 }
