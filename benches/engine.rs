@@ -207,23 +207,27 @@ fn ofrep_bulk(c: &mut Criterion) {
     let clock = CoarseClock::start(Duration::from_millis(1)).unwrap();
     let features = snap.catalog.features.len();
     let mut out = Vec::with_capacity(8192);
-    c.bench_function(&format!("ofrep bulk, {features} features, one customer"), |b| {
-        b.iter(|| {
-            out.clear();
-            let now = clock.now();
-            out.extend_from_slice(b"{\"flags\":[");
-            for (i, f) in snap.catalog.features.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
+    c.bench_function(
+        &format!("ofrep bulk, {features} features, one customer"),
+        |b| {
+            b.iter(|| {
+                out.clear();
+                let now = clock.now();
+                out.extend_from_slice(b"{\"flags\":[");
+                for (i, f) in snap.catalog.features.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let req = Request::new("acme", &f.name);
+                    let d =
+                        entitled::decide::in_memory(&snap, &store, Op::Check, &req, now).unwrap();
+                    write_flag(&mut out, &f.name, &d);
                 }
-                let req = Request::new("acme", &f.name);
-                let d = entitled::decide::in_memory(&snap, &store, Op::Check, &req, now).unwrap();
-                write_flag(&mut out, &f.name, &d);
-            }
-            out.extend_from_slice(b"]}");
-            black_box(etag(&out))
-        })
-    });
+                out.extend_from_slice(b"]}");
+                black_box(etag(&out))
+            })
+        },
+    );
 }
 
 fn compile(c: &mut Criterion) {
