@@ -197,11 +197,9 @@ pub async fn handle<S: UsageStore>(
     let started = std::time::Instant::now();
     let path = req.uri().path().to_string();
     let evaluation = req.method() == Method::POST && path.starts_with(FLAGS);
-    let key = path.strip_prefix(FLAG).map(|k| {
-        percent_encoding::percent_decode_str(k)
-            .decode_utf8_lossy()
-            .into_owned()
-    });
+    let key = path
+        .strip_prefix(FLAG)
+        .map(|k| percent_encoding::percent_decode_str(k).decode_utf8_lossy());
     let result = route(app, &path, key.as_deref(), req, stop).await;
     if evaluation {
         app.decider
@@ -342,7 +340,7 @@ fn parse_context<'a>(v: &Value<'a>) -> Result<EvalContext<'a>, OfrepError> {
         )));
     }
     let mut customer = None;
-    let mut scope = Vec::with_capacity(ctx.len());
+    let mut scope = Vec::new();
     for (k, val) in ctx.iter() {
         let field = || format!("context.{k}");
         if k == "at" {
