@@ -435,7 +435,7 @@ async fn bulk<S: UsageStore>(
     let mut out = Vec::with_capacity(64 + snap.catalog.features.len() * 320);
     let mut ack = Ack::default();
     out.extend_from_slice(b"{\"flags\":[");
-    for (i, f) in (&snap.catalog.features).into_iter().enumerate() {
+    for (i, f) in snap.catalog.features.as_slice().iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
