@@ -196,6 +196,40 @@ fn decisions(c: &mut Criterion) {
     }
 }
 
+/// An OFREP bulk answer as the server makes one, minus HTTP: every feature of the
+/// bundled example policies (20) decided for one customer on one snapshot, each
+/// encoded as an OFREP flag, and the answer's ETag hashed.
+fn ofrep_bulk(c: &mut Criterion) {
+    use entitled::server::ofrep::{etag, write_flag};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let snap = policy::load_dir(&dir, &Limits::default()).unwrap();
+    let store = MemoryStore::new();
+    let clock = CoarseClock::start(Duration::from_millis(1)).unwrap();
+    let features = snap.catalog.features.len();
+    let mut out = Vec::with_capacity(8192);
+    c.bench_function(
+        &format!("ofrep bulk, {features} features, one customer"),
+        |b| {
+            b.iter(|| {
+                out.clear();
+                let now = clock.now();
+                out.extend_from_slice(b"{\"flags\":[");
+                for (i, f) in snap.catalog.features.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let req = Request::new("acme", &f.name);
+                    let d =
+                        entitled::decide::in_memory(&snap, &store, Op::Check, &req, now).unwrap();
+                    write_flag(&mut out, &f.name, &d);
+                }
+                out.extend_from_slice(b"]}");
+                black_box(etag(&out))
+            })
+        },
+    );
+}
+
 fn compile(c: &mut Criterion) {
     let mut g = c.benchmark_group("compile");
     g.sample_size(10);
@@ -219,5 +253,5 @@ fn compile(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decisions, compile);
+criterion_group!(benches, decisions, ofrep_bulk, compile);
 criterion_main!(benches);

@@ -9,12 +9,16 @@
 #    (reads the body, answers a constant) measured in the same run: the ratio is the
 #    cost of everything entitled adds. Both get one worker thread; wrk gets the other
 #    core. Each request asks for a random customer of a 100k-customer policy set.
-# 2. p50/p99/p99.9 latency of the same run.
+# 2. p50/p99/p99.9 latency of the same run; beside it, the same question asked
+#    through OpenFeature (POST /ofrep/v1/evaluate/flags/{key}, targetingKey = the
+#    customer), alternated with /v1/check twice so both see the same machine load.
 # 3. POST /v1/batch of 100 checks: server time per batch, from the server's own
 #    entitled_decision_duration_seconds histogram (sum/count).
 # 4. Reloads of the 100k-customer set every 100 ms for 30 s under load: errors and
 #    p99.9 (reads never wait for a reload).
 # 5. A one-file change to the bundled example set: time until it is served.
+# 6. OFREP bulk evaluation of the bundled example set's 20 features for one
+#    customer: server time per bulk answer, from the same histogram as 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -82,6 +86,23 @@ done = function(summary, latency, requests)
 end
 LUA
 
+cat > "$WORK/ofrep.lua" <<LUA
+local n = $CUSTOMERS
+math.randomseed(7)
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local id = string.format("cust-%07d", math.random(0, n - 1))
+  return wrk.format(nil, "/ofrep/v1/evaluate/flags/analytics.advanced", nil, '{"context":{"targetingKey":"' .. id .. '"}}')
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT rps=%.0f p50_us=%d p99_us=%d p999_us=%d non2xx=%d errors=%d\n",
+    summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(99),
+    latency:percentile(99.9), e.status, e.connect + e.read + e.write + e.timeout))
+end
+LUA
+
 batch_body=$(python3 -c "
 import json
 print(json.dumps({'requests': [{'op': 'check', 'customer': 'cust-%07d' % (i * 997 % $CUSTOMERS), 'feature': 'analytics.advanced'} for i in range(100)]}))")
@@ -108,12 +129,22 @@ kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 "$BIN" serve --policies "$WORK/policies" --listen "127.0.0.1:$PORT" --grpc-listen off --workers 1 --reload-debounce 20ms --log warn >/dev/null & PIDS+=($!)
 wait_ready "http://127.0.0.1:$PORT/readyz"
 check=$(run_wrk "$PORT" "$WORK/check.lua" "$DURATION")
+ofrep=$(run_wrk "$PORT" "$WORK/ofrep.lua" "$DURATION")
+check2=$(run_wrk "$PORT" "$WORK/check.lua" "$DURATION")
+ofrep2=$(run_wrk "$PORT" "$WORK/ofrep.lua" "$DURATION")
 
 echo
 echo "== POST /v1/check, 32 connections, 1 server worker, ${DURATION}s, random customer of $CUSTOMERS"
 echo "bare hyper:  $bare"
 echo "entitled:    $check"
 python3 -c "print('ratio entitled/bare = %.2f' % ($(field "$check" rps) / $(field "$bare" rps)))"
+echo
+echo "== the same question through OFREP, alternated with /v1/check"
+echo "check:       $check"
+echo "ofrep:       $ofrep"
+echo "check again: $check2"
+echo "ofrep again: $ofrep2"
+python3 -c "print('ratio check/ofrep throughput = %.3f' % (($(field "$check" rps) + $(field "$check2" rps)) / ($(field "$ofrep" rps) + $(field "$ofrep2" rps))))"
 
 hist() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk -v m="entitled_decision_duration_seconds_$1" '$1 == m { print $2 }'; }
 s0=$(hist sum); c0=$(hist count)
@@ -161,3 +192,17 @@ while version() == before:
     time.sleep(0.005)
 print("served %.0f ms after the write (default debounce 100 ms)" % ((time.monotonic() - t0) * 1000))
 PY
+
+echo
+echo "== OFREP bulk evaluation: every feature of the bundled set for one customer, 8 connections"
+features=$(curl -fs "http://127.0.0.1:$PORT/v1/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["snapshot"]["features"])')
+cat > "$WORK/bulk.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"context":{"targetingKey":"acme"}}'
+LUA
+s0=$(hist sum); c0=$(hist count)
+wrk -t1 -c8 -d"$DURATION"s -s "$WORK/bulk.lua" "http://127.0.0.1:$PORT/ofrep/v1/evaluate/flags" >"$WORK/bulk.out"
+s1=$(hist sum); c1=$(hist count)
+grep -E "Requests/sec|Latency" "$WORK/bulk.out" | sed 's/^ *//'
+python3 -c "print('server time per bulk answer of $features features: %.1f us (histogram sum/count over %d answers)' % (($s1 - $s0) / ($c1 - $c0) * 1e6, $c1 - $c0))"

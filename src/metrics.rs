@@ -66,6 +66,7 @@ pub const CUSTOMERS_LAST_READ: &str = "entitled_customers_last_read_timestamp_se
 pub const CUSTOMERS_FOLLOWING: &str = "entitled_customers_following";
 pub const CUSTOMERS_RESYNCS: &str = "entitled_customers_resyncs_total";
 pub const CUSTOMERS_LEFT_OUT: &str = "entitled_customers_left_out_total";
+pub const OFREP_EVALUATIONS: &str = "entitled_ofrep_evaluations_total";
 
 /// The thresholds reported by `entitled_subscriptions_expiring{within}`, in days.
 pub const EXPIRING_WINDOWS: [i64; 3] = [30, 60, 90];
@@ -113,6 +114,10 @@ fn describe() {
     describe_counter!(
         DECISIONS,
         "Decisions made, by operation, feature kind, outcome and reason."
+    );
+    describe_counter!(
+        OFREP_EVALUATIONS,
+        "OpenFeature (OFREP) flag evaluations, by mode (single or bulk), feature kind and reason; each is also a check in entitled_decisions_total."
     );
     describe_histogram!(
         DECISION_DURATION,
@@ -433,6 +438,8 @@ const KINDS: [Option<Kind>; 6] = [
 #[derive(Debug)]
 pub struct DecisionMetrics {
     counters: Vec<OnceLock<Counter>>,
+    /// OFREP evaluations by mode (single, bulk), kind and reason.
+    ofrep: Vec<OnceLock<Counter>>,
     duration: Histogram,
 }
 
@@ -446,6 +453,9 @@ impl DecisionMetrics {
     pub fn new() -> Self {
         DecisionMetrics {
             counters: (0..Op::ALL.len() * KINDS.len() * Reason::ALL.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            ofrep: (0..2 * KINDS.len() * Reason::ALL.len())
                 .map(|_| OnceLock::new())
                 .collect(),
             duration: histogram!(DECISION_DURATION),
@@ -463,6 +473,23 @@ impl DecisionMetrics {
         };
         slot.get_or_init(|| decision_counter(op, kind, reason))
             .increment(1);
+    }
+
+    /// Counts one OFREP evaluation (`bulk`: one flag of a bulk evaluation).
+    #[inline]
+    pub fn ofrep(&self, bulk: bool, kind: Option<Kind>, reason: Reason) {
+        let k = KINDS.iter().position(|x| *x == kind).unwrap_or(0);
+        let r = Reason::ALL.iter().position(|x| *x == reason).unwrap_or(0);
+        let i = (usize::from(bulk) * KINDS.len() + k) * Reason::ALL.len() + r;
+        let Some(slot) = self.ofrep.get(i) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            let mode = if bulk { "bulk" } else { "single" };
+            let kind = kind.map_or("none", Kind::as_str);
+            counter!(OFREP_EVALUATIONS, "mode" => mode, "kind" => kind, "reason" => reason.as_str())
+        })
+        .increment(1);
     }
 
     pub fn duration(&self, seconds: f64) {

@@ -262,7 +262,7 @@ fn serialize_reservation<S: serde::Serializer>(id: &Option<u128>, s: S) -> Resul
 
 /// Appends `s` as a JSON string. Names from policies and requests almost never need
 /// escaping, so the common case is one scan and one copy.
-fn write_str(out: &mut Vec<u8>, s: &str) {
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -272,11 +272,13 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-fn write_u64(out: &mut Vec<u8>, n: u64) {
+/// Appends `n` as a JSON number.
+pub fn write_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-fn write_limit(out: &mut Vec<u8>, l: Limit) {
+/// Appends a limit: its number, or `"unlimited"`.
+pub fn write_limit(out: &mut Vec<u8>, l: Limit) {
     match l {
         Limit::Finite(n) => write_u64(out, n),
         Limit::Unlimited => out.extend_from_slice(b"\"unlimited\""),
@@ -285,7 +287,7 @@ fn write_limit(out: &mut Vec<u8>, l: Limit) {
 
 /// RFC 3339 in UTC, whole seconds without a fraction (as `Timestamp`'s `Display`),
 /// without going through a formatter.
-fn write_time(out: &mut Vec<u8>, t: Timestamp) {
+pub fn write_time(out: &mut Vec<u8>, t: Timestamp) {
     let Some(ts) = t.to_jiff() else {
         let _ = serde_json::to_writer(&mut *out, &t.to_string());
         return;

@@ -1,9 +1,10 @@
-//! Admin tokens for customer writes, from `--admin-token-file`: one per line,
-//! `name:token` or a bare token (named `token-<line>`); blank lines and `#` comments
-//! are skipped.
+//! Token files: the admin tokens for customer writes (`--admin-token-file`) and the
+//! OFREP client tokens (`--ofrep-token-file`). One per line, `name:token` or a bare
+//! token (named `token-<line>`); blank lines and `#` comments are skipped.
 //!
 //! The file is read again when its size, modification time or inode changes (looked
-//! at on each write, which is cheap next to the write's sync), so rotating a token is
+//! at on each use: one `stat`, cheap next to a write's sync and small next to an
+//! HTTP exchange), so rotating a token is
 //! editing or replacing the file. Tokens are kept as BLAKE3 hashes and compared in
 //! constant time ([`subtle`]): neither a token's length nor how much of it matched
 //! shows in the answer's timing.
@@ -57,6 +58,15 @@ impl AdminTokens {
             })
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
+        self.check_token(token)
+    }
+
+    /// The name of `token` (a bearer token or an API key as given), if it is one.
+    pub fn check_token(&self, token: &str) -> Result<String, AuthError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let unreadable =
             |e: std::io::Error| AuthError::Unreadable(format!("{}: {e}", self.path.display()));

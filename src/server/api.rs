@@ -255,32 +255,49 @@ async fn single<S: UsageStore>(
     let p = request::parse_request(&v, shape)?;
     let ctx = context(&p);
     let q = query(&p, &ctx);
+    let mut out = Vec::with_capacity(512);
+    let replayed = decide_with(app, &q, |d| {
+        d.write_json(&mut out);
+        d.idempotent_replay
+    })
+    .await?;
+    Ok(mark_replay(json(StatusCode::OK, out), replayed))
+}
+
+/// Decides `q` and hands the decision to `f` (which encodes it): within one
+/// synchronous step on the thread's cached snapshot when the store can answer at
+/// once, else awaiting the store with an owned snapshot. Returns once the answer is
+/// acknowledged by the store.
+pub(super) async fn decide_with<S: UsageStore, R>(
+    app: &App<S>,
+    q: &Query<'_>,
+    mut f: impl FnMut(&Decision<'_>) -> R,
+) -> Result<R, ApiError> {
     let decider = &app.decider;
     let now = decider.clock.now();
-    let mut out = Vec::with_capacity(512);
     let mut ack = Ack::default();
-    let mut replayed = false;
-    let decided = decider.snapshot.with(|snap| {
+    let mut answer = None;
+    decider.snapshot.with(|snap| {
         let snap = snap.ok_or(DecideError::NotReady)?;
         let mut d = Decision::blank(q.req.feature);
-        let decided = decider.decide_now(snap, &q, now, &mut d, &mut ack)?;
-        if decided {
-            d.write_json(&mut out);
-            replayed = d.idempotent_replay;
+        if decider.decide_now(snap, q, now, &mut d, &mut ack)? {
+            answer = Some(f(&d));
         }
-        Ok::<_, DecideError>(decided)
+        Ok::<_, DecideError>(())
     })?;
-    if !decided {
-        let snap = decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
-        let mut d = Decision::blank(q.req.feature);
-        decider.decide(&snap, &q, now, &mut d, &mut ack).await?;
-        d.write_json(&mut out);
-        replayed = d.idempotent_replay;
-    }
+    let answer = match answer {
+        Some(a) => a,
+        None => {
+            let snap = decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
+            let mut d = Decision::blank(q.req.feature);
+            decider.decide(&snap, q, now, &mut d, &mut ack).await?;
+            f(&d)
+        }
+    };
     if ack.0.is_some() {
         decider.store.ack(ack).await?;
     }
-    Ok(mark_replay(json(StatusCode::OK, out), replayed))
+    Ok(answer)
 }
 
 /// Answers `stale` when this node has not applied the write `wanted` names (the

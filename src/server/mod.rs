@@ -10,6 +10,7 @@ mod customers;
 pub mod error;
 pub mod grpc;
 mod json_text;
+pub mod ofrep;
 pub mod request;
 
 use std::convert::Infallible;
@@ -17,6 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -85,6 +87,8 @@ pub struct App<S> {
     pub unmatched: Unmatched,
     /// Customer records written through the API, and who may write them.
     pub live: Arc<crate::live::Live>,
+    /// Who may use the OFREP routes (`--ofrep-token-file`); `None`: anyone.
+    pub ofrep_tokens: Option<crate::live::AdminTokens>,
 }
 
 impl<S> std::fmt::Debug for App<S> {
@@ -115,6 +119,9 @@ pub async fn run<S: UsageStore + 'static>(
         .keep_alive_timeout(app.limits.h2_keepalive)
         .max_concurrent_streams(256);
     let graceful = GracefulShutdown::new();
+    // Tells long-lived responses (OFREP event streams) to end, so that graceful
+    // shutdown does not wait on them.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let permits = Arc::new(Semaphore::new(app.limits.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -141,15 +148,24 @@ pub async fn run<S: UsageStore + 'static>(
         let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
             // hyper's header read timeout starts only once it knows the protocol; a
             // client that sends nothing (or half an HTTP/2 preface) would hold its
             // connection slot for ever. Wait for enough bytes to tell, with a deadline.
             let timeout = app.limits.header_read_timeout;
             if sniff(&stream, timeout).await.is_ok() {
-                let service = service_fn(move |req| {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(api::handle(&app, req).await) }
+                    let stop = stop.clone();
+                    async move {
+                        let r = if ofrep::is_route(req.uri().path()) {
+                            ofrep::handle(&app, req, stop).await
+                        } else {
+                            api::handle(&app, req).await.map(Either::Left)
+                        };
+                        Ok::<_, Infallible>(r)
+                    }
                 });
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), service)
@@ -161,6 +177,7 @@ pub async fn run<S: UsageStore + 'static>(
     }
     drop(listener);
     drop(builder);
+    let _ = stop_tx.send(true);
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(app.limits.shutdown_timeout) => {

@@ -231,7 +231,8 @@ fn string<'a>(v: &Value<'a>, field: &str) -> Result<Cow<'a, str>, ApiError> {
     }
 }
 
-fn type_name(v: &Value<'_>) -> &'static str {
+/// How an error message names the JSON type of `v`.
+pub(super) fn type_name(v: &Value<'_>) -> &'static str {
     match v.value_type() {
         ValueType::Null => "null",
         ValueType::Bool => "a boolean",

@@ -200,6 +200,12 @@ pub struct ServeArgs {
     /// the write routes answer 403 `writes_disabled`.
     #[arg(long, env = "ENTITLED_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Tokens the OpenFeature (OFREP) routes require, as `Authorization: Bearer
+    /// <token>` or `X-API-Key: <token>`; same format as --admin-token-file, read again
+    /// when it changes. Without it the OFREP routes are open, like the rest of the
+    /// read API.
+    #[arg(long, env = "ENTITLED_OFREP_TOKEN_FILE")]
+    pub ofrep_token_file: Option<PathBuf>,
     /// Which decisions the audit log records: none, denials, all, or sample:F.
     #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
     pub audit_decisions: crate::audit::Decisions,
@@ -281,6 +287,7 @@ impl ServeArgs {
         Ok(Config {
             audit: self.audit()?,
             live: self.live(),
+            ofrep_token_file: self.ofrep_token_file.clone(),
             notices: self.notices()?,
             usage: self.usage(),
             durable: self.durable(),

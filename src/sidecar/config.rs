@@ -58,6 +58,9 @@ pub struct Config {
     pub usage: StoreConfig,
     /// Customer records written through the API.
     pub live: LiveConfig,
+    /// Tokens the OFREP routes require (`Authorization: Bearer` or `X-API-Key`);
+    /// `None` leaves them open, like the rest of the read API.
+    pub ofrep_token_file: Option<PathBuf>,
     /// Where usage is made durable; `None` keeps it in memory only.
     pub durable: Option<DurableConfig>,
     /// Share usage with other replicas through Redis.

@@ -280,6 +280,7 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
         prometheus: config.prometheus.clone(),
         limits: config.limits.clone(),
         unmatched: config.unmatched,
+        ofrep_tokens: config.ofrep_token_file.as_ref().map(AdminTokens::new),
     })
 }
 
