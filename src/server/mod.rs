@@ -6,10 +6,13 @@
 
 mod api;
 mod authz;
+mod console;
 mod customers;
 pub mod error;
 pub mod grpc;
+mod html;
 mod json_text;
+mod portal;
 pub mod request;
 
 use std::convert::Infallible;
@@ -29,6 +32,8 @@ use crate::admission::Unmatched;
 use crate::decide::Decider;
 use crate::reload::ReloadState;
 use crate::usage::UsageStore;
+
+pub use portal::Web;
 
 /// Server limits. Every one is on by default: a sidecar in front of every request
 /// must not be held open by slow or abusive clients.
@@ -83,6 +88,8 @@ pub struct App<S> {
     pub unmatched: Unmatched,
     /// Customer records written through the API, and who may write them.
     pub live: Arc<crate::live::Live>,
+    /// The customer portal's key and the console's admins.
+    pub web: Web,
 }
 
 impl<S> std::fmt::Debug for App<S> {

@@ -189,6 +189,11 @@ pub struct ServeArgs {
     /// the write routes answer 403 `writes_disabled`.
     #[arg(long, env = "ENTITLED_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The key that signs customer portal tokens (`/portal`, `entitled portal-token`):
+    /// at least 32 bytes, e.g. `head -c 48 /dev/urandom | base64`. Without it the portal
+    /// is off.
+    #[arg(long, env = "ENTITLED_PORTAL_KEY_FILE")]
+    pub portal_key_file: Option<PathBuf>,
     /// Which decisions the audit log records: none, denials, all, or sample:F.
     #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
     pub audit_decisions: crate::audit::Decisions,
@@ -270,6 +275,7 @@ impl ServeArgs {
         Ok(Config {
             audit: self.audit()?,
             live: self.live(),
+            portal_key_file: self.portal_key_file.clone(),
             notices: self.notices()?,
             usage: self.usage(),
             durable: self.durable(),

@@ -58,6 +58,9 @@ pub struct Config {
     pub usage: StoreConfig,
     /// Customer records written through the API.
     pub live: LiveConfig,
+    /// The key signing portal tokens (`/portal`); `None` turns the portal off. The
+    /// console is on when `live.admin_token_file` is set.
+    pub portal_key_file: Option<PathBuf>,
     /// Where usage is made durable; `None` keeps it in memory only.
     pub durable: Option<DurableConfig>,
     /// Share usage with other replicas through Redis.

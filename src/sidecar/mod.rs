@@ -64,6 +64,8 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    PortalKey(crate::portal::KeyError),
     #[error("opening the customer journal")]
     Journal(#[source] crate::live::journal::JournalError),
     #[error("opening state directory {}", dir.display())]
@@ -133,6 +135,7 @@ struct Parts {
     notices: Option<Arc<Notices>>,
     reload: Arc<ReloadState>,
     live: Arc<Live>,
+    web: crate::server::Web,
 }
 
 impl Sidecar {
@@ -146,6 +149,7 @@ impl Sidecar {
     /// removed again when start-up fails.
     pub async fn start(config: Config) -> Result<Sidecar, SidecarError> {
         let (clock, test_clock) = clock(&config)?;
+        let web = web(&config)?;
         let listeners = Listeners::bind(&config).await?;
         let (state_dir, local) = open_usage(&config, clock.clone())?;
         let (audit, notices) = claim_files(&config)?;
@@ -175,6 +179,7 @@ impl Sidecar {
             notices,
             reload: state,
             live,
+            web,
         };
         let serving = Serving::assemble(&config, parts, store, listeners);
         let (addr, grpc_addr, metrics_addr) = serving.addrs()?;
@@ -242,6 +247,7 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
         test_clock: parts.test_clock,
         notices: parts.notices,
         live: parts.live,
+        web: parts.web,
         reload: parts.reload,
         prometheus: config.prometheus.clone(),
         limits: config.limits.clone(),
@@ -268,6 +274,17 @@ fn live(config: &Config, cell: &SnapshotCell) -> Result<Live, SidecarError> {
         writes,
         policies: config.policies.clone(),
     })
+}
+
+/// The portal's key (read once, at start) and the console's admins.
+fn web(config: &Config) -> Result<crate::server::Web, SidecarError> {
+    let mut web = crate::server::Web::off();
+    if let Some(path) = &config.portal_key_file {
+        web.portal_key =
+            Some(crate::portal::Key::from_file(path).map_err(SidecarError::PortalKey)?);
+    }
+    web.admins = config.live.admin_token_file.as_ref().map(AdminTokens::new);
+    Ok(web)
 }
 
 /// The one place the reloader's configuration is put together: a new snapshot is
