@@ -211,7 +211,7 @@ fn login_page(status: StatusCode, error: Option<&str>) -> Resp {
     body.push_str(
         "<form method=\"post\" action=\"/console/login\"><label>Admin token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\" required></label> <button type=\"submit\" id=\"sign-in\">Sign in</button></form></section>",
     );
-    html::page(
+    html::console_page(
         status,
         html::document(
             "entitled console · sign in",
@@ -374,7 +374,7 @@ fn overview<S: UsageStore>(app: &App<S>, who: &str, query: Option<&str>) -> Resp
     // The report.
     s.push_str(&report_section(usage_report(app).as_ref()));
 
-    html::page(
+    html::console_page(
         StatusCode::OK,
         html::document("entitled console", &top(who), &s),
     )
@@ -481,7 +481,7 @@ async fn customer<S: UsageStore>(app: &App<S>, who: &str, query: Option<&str>) -
                 "<section class=\"card notice\" id=\"notice\"><h1>No customer “{}”</h1><p><a href=\"/console\">Back</a></p></section>",
                 esc(&id)
             );
-            return html::page(
+            return html::console_page(
                 StatusCode::NOT_FOUND,
                 html::document("entitled console", &top(who), &body),
             );
@@ -503,7 +503,7 @@ async fn customer<S: UsageStore>(app: &App<S>, who: &str, query: Option<&str>) -
     s.push_str(&sources(&full));
     s.push_str(&overrides(&full));
     s.push_str(&denials_section(recent_denials(app, &id).as_ref()));
-    html::page(
+    html::console_page(
         StatusCode::OK,
         html::document(&format!("entitled console · {id}"), &top(who), &s),
     )

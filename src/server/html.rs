@@ -40,6 +40,21 @@ const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'
 /// An HTML answer with the headers every page carries: not cached (it shows one
 /// customer's data), no referrer (a portal link carries its token), no framing.
 pub fn page(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    with_referrer(status, body, "no-referrer")
+}
+
+/// As [`page`], sending the referrer to this server only: the console's forms need
+/// browsers to send their `Origin` (under `no-referrer` Chromium sends `null`), and
+/// its URLs carry no secret.
+pub fn console_page(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    with_referrer(status, body, "same-origin")
+}
+
+fn with_referrer(
+    status: StatusCode,
+    body: String,
+    referrer: &'static str,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -48,7 +63,7 @@ pub fn page(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     };
     set(h, header::CONTENT_TYPE, "text/html; charset=utf-8");
     set(h, header::CACHE_CONTROL, "no-store");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(h, header::REFERRER_POLICY, referrer);
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
     set(h, header::CONTENT_SECURITY_POLICY, CSP);
@@ -104,7 +119,6 @@ pub fn document(title: &str, top: &str, body: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <meta name=\"referrer\" content=\"no-referrer\">\
          <title>{}</title><style>{STYLE}</style></head>\
          <body><header class=\"top\">{top}</header><main>{body}</main></body></html>\n",
         esc(title)

@@ -10,6 +10,7 @@ mod examples;
 mod gateway;
 mod incremental;
 mod notices;
+mod portal;
 mod props;
 pub mod redis;
 mod reload;
