@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::support::{PolicyDir, Resp, Server, output_within, request};
+use super::support::{PolicyDir, Resp, Server, output_within, request, wait_until};
 
 const FEATURES: &str = "features:
   reports: { kind: flag, description: Scheduled reports }
@@ -400,6 +400,41 @@ fn the_console_needs_an_admin_and_signs_in_with_a_strict_cookie() {
     assert_eq!(r.status, 200);
     let r = bearer(&s, "GET", "/console", ADMIN, b"");
     assert_eq!(r.status, 401);
+}
+
+/// The console keeps a failed reload in its history, with the file:line:col of each
+/// error, after the status has forgotten it (a later good load clears `last_error`).
+#[test]
+fn the_console_lists_a_broken_reload_with_its_position_and_keeps_it() {
+    let setup = Setup::new();
+    let s = setup.start();
+    let console = || bearer(&s, "GET", "/console", ADMIN, b"").text();
+    assert!(console().contains("No failed load since start."));
+    setup.policies.write(
+        "features.yaml",
+        &format!("{FEATURES}  broken: {{ kind: nonsense }}\n"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !s.status()["last_error"]
+            .is_null()),
+        "the reload did not fail"
+    );
+    let d = &s.status()["last_error"]["diagnostics"][0];
+    let at = format!("features.yaml:{}:{}", d["line"], d["column"]);
+    assert!(d["line"].as_u64().is_some_and(|l| l > 0), "{d}");
+    let html = console();
+    assert!(html.contains("The last load failed"), "{html}");
+    assert!(html.contains(&at), "{at} not in {html}");
+    setup.policies.write("features.yaml", FEATURES);
+    assert!(
+        wait_until(Duration::from_secs(20), || s.status()["last_error"]
+            .is_null()),
+        "the fixed file did not load"
+    );
+    let html = console();
+    assert!(html.contains("has been fixed since"), "{html}");
+    assert!(html.contains(&at), "the history keeps {at}: {html}");
+    assert!(html.contains("data-outcome=\"failed\""));
 }
 
 /// `entitled portal-token` mints, offline, a token the server accepts.
