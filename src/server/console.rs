@@ -226,9 +226,17 @@ fn top(who: &str) -> String {
         "<h1><a href=\"/console\" style=\"color:inherit;text-decoration:none\">entitled console</a></h1>\
          <form method=\"get\" action=\"/console\" role=\"search\"><input type=\"search\" name=\"q\" placeholder=\"customer id or name\" aria-label=\"Search customers\"> <button type=\"submit\">Search</button></form>\
          <span class=\"sub\">signed in as <strong id=\"admin-name\">{}</strong></span>\
-         <form method=\"post\" action=\"/console/logout\"><button class=\"link\" type=\"submit\">Sign out</button></form>",
+         <form class=\"out\" method=\"post\" action=\"/console/logout\"><button class=\"link\" type=\"submit\">Sign out</button></form>",
         esc(who)
     )
+}
+
+/// An instant as an operator reads it: to the second, in UTC.
+fn when(t: Timestamp) -> String {
+    match t.to_jiff() {
+        Some(j) => j.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        None => t.to_string(),
+    }
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -294,7 +302,8 @@ fn overview<S: UsageStore>(app: &App<S>, who: &str, query: Option<&str>) -> Resp
         let _ = write!(
             s,
             "<p class=\"muted\">Loaded at {}; server time {}.</p>",
-            t, now
+            when(t),
+            when(now)
         );
     }
     if let Some(h) = &st.held {
@@ -318,7 +327,7 @@ fn overview<S: UsageStore>(app: &App<S>, who: &str, query: Option<&str>) -> Resp
             let _ = write!(
                 s,
                 "<p class=\"error\"><strong>The last load failed</strong> at {} and the previous snapshot is still served. Errors:</p><ul class=\"plain\" id=\"last-error\">",
-                e.at
+                when(e.at)
             );
             for line in &e.errors {
                 let _ = write!(s, "<li class=\"diag mono\">{}</li>", esc(line));
@@ -329,7 +338,7 @@ fn overview<S: UsageStore>(app: &App<S>, who: &str, query: Option<&str>) -> Resp
             let _ = write!(
                 s,
                 "<p>The last failed load ({}) has been fixed since. Its first error: <code class=\"diag\">{}</code></p>",
-                a.at,
+                when(a.at),
                 esc(a.errors.first().map(String::as_str).unwrap_or(""))
             );
         }
@@ -351,7 +360,7 @@ fn overview<S: UsageStore>(app: &App<S>, who: &str, query: Option<&str>) -> Resp
         let _ = write!(
             s,
             "<tr data-outcome=\"{o}\"><td data-label=\"When\">{}</td><td data-label=\"Outcome\">{o}</td><td data-label=\"Version\" class=\"mono\">{}</td><td data-label=\"Errors\">{errs}</td></tr>",
-            a.at,
+            when(a.at),
             esc(a.version.as_deref().unwrap_or("")),
             o = a.outcome,
         );
@@ -514,7 +523,14 @@ fn sources(full: &Value) -> String {
     let mut s = String::from(
         "<section class=\"card\" id=\"sources\"><h2>Sources</h2><table class=\"wide\"><thead><tr><th>Feature</th><th>Answer</th><th>Source</th><th>Via</th></tr></thead><tbody>",
     );
-    for e in full["entitlements"].as_array().into_iter().flatten() {
+    // Features the customer never had (listed for their upgrades) have no source.
+    let had = |e: &&Value| !e["source"].is_null() || e["reason"] != "not_entitled";
+    for e in full["entitlements"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(had)
+    {
         let src = &e["source"];
         let source = match str_of(&src["type"]) {
             "" => "—".to_string(),

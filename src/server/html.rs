@@ -77,7 +77,9 @@ body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu S
 header.top{background:#1d2330;color:#fff;padding:12px 20px;display:flex;flex-wrap:wrap;gap:8px 20px;align-items:baseline}
 header.top h1{font-size:18px;margin:0}
 header.top .sub{color:#c9cfdb;font-size:13px}
-header.top form{margin-left:auto}
+header.top form{display:flex;gap:6px;align-items:center}
+header.top form.out{margin-left:auto}
+header.top input[type=search]{width:min(220px,60vw)}
 main{max-width:1080px;margin:0 auto;padding:16px}
 section.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;margin:0 0 16px}
 section.card h2{font-size:16px;margin:0 0 10px}
