@@ -173,9 +173,17 @@ async fn mint<S: UsageStore>(app: &App<S>, req: Request<Incoming>) -> Result<Res
 /// The customer a request's portal token names, or why there is none.
 fn claims<S>(app: &App<S>, token: Option<&str>) -> Result<portal::Claims, PortalRefusal> {
     let key = app.web.portal_key.as_ref().ok_or(PortalRefusal::Off)?;
-    let token = token.ok_or(PortalRefusal::Token(TokenError::Missing))?;
-    key.verify_portal(token, app.decider.clock.now())
-        .map_err(PortalRefusal::Token)
+    let verified = match token {
+        Some(t) => key.verify_portal(t, app.decider.clock.now()),
+        None => Err(TokenError::Missing),
+    };
+    crate::metrics::portal_access(match &verified {
+        Ok(_) => "ok",
+        Err(TokenError::Missing) => "missing",
+        Err(TokenError::Forged) => "forged",
+        Err(TokenError::Expired(_)) => "expired",
+    });
+    verified.map_err(PortalRefusal::Token)
 }
 
 enum PortalRefusal {

@@ -536,4 +536,22 @@ fn the_portal_and_the_console_in_a_real_browser() {
     );
     assert!(stdout.contains("all browser checks passed"), "{stdout}");
     eprintln!("{stdout}");
+    // The refusals the browser met are counted, by result and never by customer.
+    let metrics = s.get("/metrics").text();
+    for result in ["ok", "forged", "expired", "missing"] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "entitled_portal_access_total{{result=\"{result}\"}}"
+                ))
+            })
+            .unwrap_or_else(|| panic!("no {result} series in:\n{metrics}"));
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(n >= 1.0, "{line}");
+    }
 }
