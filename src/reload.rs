@@ -788,6 +788,25 @@ mod tests {
     use super::*;
     use notify::event::{AccessKind, CreateKind, ModifyKind, RenameMode};
 
+    /// The console's reload history keeps the last [`HISTORY`] attempts, newest first.
+    #[test]
+    fn the_history_is_bounded_and_newest_first() {
+        let state = ReloadState::default();
+        for i in 0..(HISTORY as i64 + 8) {
+            state.remember(Attempt {
+                at: Timestamp(i),
+                outcome: if i % 2 == 0 { "loaded" } else { "failed" },
+                version: None,
+                errors: Vec::new(),
+                error_count: 0,
+            });
+        }
+        let h = state.history();
+        assert_eq!(h.len(), HISTORY);
+        assert_eq!(h[0].at, Timestamp(HISTORY as i64 + 7));
+        assert_eq!(h[HISTORY - 1].at, Timestamp(8));
+    }
+
     fn ev(kind: EventKind, path: &str) -> notify::Event {
         notify::Event::new(kind).add_path(PathBuf::from(path))
     }
