@@ -32,6 +32,9 @@ const PLANS: &str = "plans:
       audit.export: true
       api.calls: { limit: 1000, per: month }
       seats: { limit: 50 }
+  '<script>alert(3)</script>':
+    grants:
+      reports: true
 ";
 
 const CUSTOMERS: &str = r#"customers:
@@ -53,6 +56,7 @@ const CUSTOMERS: &str = r#"customers:
     name: "<img src=x onerror=alert(2)>"
     subscriptions:
       - { plan: starter, starts: 2026-01-01 }
+      - { plan: "<script>alert(3)</script>", starts: 2026-01-01, ends: 2026-06-01 }
 "#;
 
 const CLOCK: &str = "2026-01-10T00:00:00Z";
