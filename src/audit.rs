@@ -103,6 +103,7 @@ enum Event {
     },
     Decision(DecisionRecord),
     CustomerWrite(CustomerWrite),
+    PortalToken(PortalToken),
 }
 
 /// A customer record written or deleted through the API.
@@ -117,6 +118,17 @@ pub struct CustomerWrite {
     pub by: String,
     /// The snapshot version serving it.
     pub snapshot: String,
+}
+
+/// A portal token minted through the API (`POST /v1/portal/tokens`). The token
+/// itself is not recorded: the log would become a list of working links.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortalToken {
+    pub time: Timestamp,
+    pub customer: String,
+    /// The admin token's name.
+    pub by: String,
+    pub expires: Timestamp,
 }
 
 /// The audit log's handle.
@@ -196,6 +208,11 @@ impl Audit {
     /// only if the queue is full).
     pub fn customer_written(&self, w: CustomerWrite) -> bool {
         self.send(Event::CustomerWrite(w))
+    }
+
+    /// Records a portal token minted for a customer.
+    pub fn portal_token(&self, t: PortalToken) -> bool {
+        self.send(Event::PortalToken(t))
     }
 
     /// Records a new snapshot and what changed since the one before.

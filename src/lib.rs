@@ -17,6 +17,7 @@ pub mod live;
 pub mod metrics;
 pub mod notices;
 pub mod policy;
+pub mod portal;
 pub mod redact;
 pub mod reload;
 pub mod rotating_log;

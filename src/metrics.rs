@@ -20,6 +20,7 @@ use crate::time::{DAY, Timestamp};
 pub const DECISIONS: &str = "entitled_decisions_total";
 pub const DECISION_DURATION: &str = "entitled_decision_duration_seconds";
 pub const RELOADS: &str = "entitled_policy_reloads_total";
+pub const PORTAL_ACCESS: &str = "entitled_portal_access_total";
 pub const LAST_RELOAD_SUCCESS: &str = "entitled_policy_last_reload_success_timestamp_seconds";
 pub const RELOAD_HELD: &str = "entitled_policy_reload_held";
 pub const RELOAD_PATHS: &str = "entitled_policy_loads_total";
@@ -127,6 +128,10 @@ fn describe() {
     describe_counter!(
         RELOADS,
         "Policy reload attempts, by result (success: the directory loaded, whether or not the served version changed; failure; held: a load removing most customers, held back)."
+    );
+    describe_counter!(
+        PORTAL_ACCESS,
+        "Customer portal requests (page and JSON), by result: ok, missing, forged or expired token."
     );
     describe_counter!(
         RELOAD_PATHS,
@@ -334,6 +339,9 @@ fn start_at_zero() {
     ] {
         counter!(name).increment(0);
     }
+    for result in PORTAL_RESULTS {
+        counter!(PORTAL_ACCESS, "result" => result).increment(0);
+    }
     for result in ["success", "failure"] {
         counter!(RELOADS, "result" => result).increment(0);
         counter!(CHECKPOINTS, "result" => result).increment(0);
@@ -509,6 +517,15 @@ fn decision_counter(op: Op, kind: Option<Kind>, reason: Reason) -> Counter {
 
 pub fn quota_warning(feature: &str) {
     counter!(QUOTA_WARNINGS, "feature" => feature.to_string()).increment(1);
+}
+
+/// The results [`portal_access`] counts.
+pub const PORTAL_RESULTS: [&str; 4] = ["ok", "missing", "forged", "expired"];
+
+/// Counts a customer portal request by how its token fared (no customer id: the
+/// label set stays four values).
+pub fn portal_access(result: &'static str) {
+    counter!(PORTAL_ACCESS, "result" => result).increment(1);
 }
 
 pub fn reload(result: &'static str) {

@@ -146,10 +146,32 @@ pub struct LastError {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+/// How many load attempts [`ReloadState::history`] keeps.
+pub const HISTORY: usize = 32;
+/// How many of a failed load's errors its history entry keeps.
+const HISTORY_ERRORS: usize = 20;
+
+/// One load attempt as the operator console lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attempt {
+    pub at: Timestamp,
+    /// `loaded` (a new snapshot served), `unchanged`, `failed` or `held`.
+    pub outcome: &'static str,
+    /// The version served or held.
+    pub version: Option<String>,
+    /// A failed load's errors (`file:line:col: message`), the first few.
+    pub errors: Vec<String>,
+    /// How many errors the load had in all.
+    pub error_count: usize,
+}
+
 /// Shared between the reload thread and the server.
 #[derive(Debug, Default)]
 pub struct ReloadState {
     status: Mutex<Status>,
+    /// The last [`HISTORY`] load attempts, oldest first: the status keeps only the
+    /// last error, and clears it on success.
+    history: Mutex<std::collections::VecDeque<Attempt>>,
     /// Bumped whenever the reloader finishes an attempt (tests and operators can wait
     /// for "the reloader has looked at my change").
     attempts: AtomicU64,
@@ -186,6 +208,23 @@ impl ReloadState {
             && let Some(tx) = &*wake
         {
             let _ = tx.send(());
+        }
+    }
+
+    /// The last load attempts, newest first.
+    pub fn history(&self) -> Vec<Attempt> {
+        self.history
+            .lock()
+            .map(|h| h.iter().rev().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn remember(&self, a: Attempt) {
+        if let Ok(mut h) = self.history.lock() {
+            if h.len() >= HISTORY {
+                h.pop_front();
+            }
+            h.push_back(a);
         }
     }
 
@@ -537,6 +576,13 @@ impl Worker {
             cleared = s.last_error.take().is_some();
             s.held = None;
         });
+        self.state.remember(Attempt {
+            at: now,
+            outcome: "unchanged",
+            version: Some(snap.version.to_string()),
+            errors: Vec::new(),
+            error_count: 0,
+        });
         crate::metrics::reload("success");
         crate::metrics::reload_succeeded(now);
         if released {
@@ -612,6 +658,15 @@ impl Worker {
         self.retry_at = Some(since + self.config.settle);
         crate::metrics::reload("held");
         crate::metrics::reload_held(true);
+        if !same {
+            self.state.remember(Attempt {
+                at: held.since,
+                outcome: "held",
+                version: Some(held.version.clone()),
+                errors: vec![held.reason.clone()],
+                error_count: 0,
+            });
+        }
         self.state.update(|s| {
             s.reloads_held += 1;
             s.held = Some(match s.held.take() {
@@ -662,6 +717,13 @@ impl Worker {
             }
         };
         crate::metrics::reload("success");
+        self.state.remember(Attempt {
+            at: now,
+            outcome: "loaded",
+            version: Some(snap.version.to_string()),
+            errors: Vec::new(),
+            error_count: 0,
+        });
         tracing::info!(version = %snap.version, customers = snap.customers.len(), "policy snapshot loaded");
         let change = SnapshotChange {
             snapshot: &snap,
@@ -692,6 +754,13 @@ impl Worker {
         crate::metrics::reload("failure");
         let errors: Vec<String> = e.diagnostics.iter().map(|d| d.to_string()).collect();
         tracing::warn!(errors = errors.len(), first = %errors.first().map(String::as_str).unwrap_or(""), "policy reload failed; still serving the last good snapshot");
+        self.state.remember(Attempt {
+            at: now,
+            outcome: "failed",
+            version: None,
+            errors: errors.iter().take(HISTORY_ERRORS).cloned().collect(),
+            error_count: errors.len(),
+        });
         self.state.update(|s| {
             s.reloads_failed += 1;
             s.last_error = Some(LastError {
@@ -718,6 +787,25 @@ fn removed_customers(prev: &Snapshot, snap: &Snapshot) -> usize {
 mod tests {
     use super::*;
     use notify::event::{AccessKind, CreateKind, ModifyKind, RenameMode};
+
+    /// The console's reload history keeps the last [`HISTORY`] attempts, newest first.
+    #[test]
+    fn the_history_is_bounded_and_newest_first() {
+        let state = ReloadState::default();
+        for i in 0..(HISTORY as i64 + 8) {
+            state.remember(Attempt {
+                at: Timestamp(i),
+                outcome: if i % 2 == 0 { "loaded" } else { "failed" },
+                version: None,
+                errors: Vec::new(),
+                error_count: 0,
+            });
+        }
+        let h = state.history();
+        assert_eq!(h.len(), HISTORY);
+        assert_eq!(h[0].at, Timestamp(HISTORY as i64 + 7));
+        assert_eq!(h[HISTORY - 1].at, Timestamp(8));
+    }
 
     fn ev(kind: EventKind, path: &str) -> notify::Event {
         notify::Event::new(kind).add_path(PathBuf::from(path))

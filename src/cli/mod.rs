@@ -13,6 +13,7 @@ macro_rules! out {
 
 mod check;
 mod customers;
+mod portal;
 mod report;
 mod serve;
 mod test;
@@ -109,6 +110,8 @@ enum Command {
         #[command(subcommand)]
         command: customers::Command,
     },
+    /// Mint a customer portal token (`/portal?token=…`) with the server's portal key.
+    PortalToken(portal::Args),
     /// Read the usage ledger of a state directory.
     Usage {
         #[command(subcommand)]
@@ -125,6 +128,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Customers { command } => customers::run(command),
         Command::Validate(args) => validate::run(args),
         Command::Check(args) => check::run(args),
+        Command::PortalToken(args) => portal::run(args),
     }
 }
 

@@ -67,6 +67,21 @@ impl AdminTokens {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
+        let loaded = self.current()?;
+        let given = *blake3::hash(token.as_bytes()).as_bytes();
+        let mut found = None;
+        for (name, hash) in &loaded.tokens {
+            if bool::from(hash.ct_eq(&given)) && found.is_none() {
+                found = Some(name.clone());
+            }
+        }
+        found.ok_or(AuthError::Wrong)
+    }
+}
+
+impl AdminTokens {
+    /// The tokens as the file holds them now (read again if it changed).
+    fn current(&self) -> Result<std::sync::MutexGuard<'_, Loaded>, AuthError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let unreadable =
             |e: std::io::Error| AuthError::Unreadable(format!("{}: {e}", self.path.display()));
@@ -76,14 +91,13 @@ impl AdminTokens {
             loaded.tokens = parse(&text);
             loaded.stamp = Some(now);
         }
-        let given = *blake3::hash(token.as_bytes()).as_bytes();
-        let mut found = None;
-        for (name, hash) in &loaded.tokens {
-            if bool::from(hash.ct_eq(&given)) && found.is_none() {
-                found = Some(name.clone());
-            }
-        }
-        found.ok_or(AuthError::Wrong)
+        Ok(loaded)
+    }
+
+    /// Whether a token named `name` is still in the file (a console session ends
+    /// when its token is removed).
+    pub fn has_name(&self, name: &str) -> Result<bool, AuthError> {
+        Ok(self.current()?.tokens.iter().any(|(n, _)| n == name))
     }
 }
 

@@ -91,6 +91,9 @@ fn route_label(path: &str) -> &'static str {
         "/v1/status" => "status",
         "/healthz" | "/readyz" => "health",
         "/metrics" => "metrics",
+        "/portal" | "/v1/portal/customer" => "portal",
+        "/v1/portal/tokens" => "portal_tokens",
+        p if p.starts_with("/console") => "console",
         p if p.starts_with("/v1/customers/") => "customers",
         p if p.starts_with("/v1/reservations/") => "reservations",
         p if is_authz(p) => "authz",
@@ -158,6 +161,8 @@ async fn route<S: UsageStore>(
         "/v1/expiring" if get => expiring(app, req.uri().query()),
         "/v1/reports/usage" if get => usage_report(app, req.uri().query()).await,
         "/metrics" if get => Ok(metrics(app)),
+        p if super::portal::is_route(p) => super::portal::route(app, method, p, req).await,
+        p if super::console::is_route(p) => super::console::route(app, method, p, req).await,
         p if super::customers::is_route(method, p) => {
             super::customers::route(app, method, p, req).await
         }
@@ -516,6 +521,18 @@ async fn usage_report<S>(app: &App<S>, query: Option<&str>) -> Result<Resp, ApiE
             }
         }
     }
+    Ok(json_value(
+        StatusCode::OK,
+        &usage_report_since(app, since).await?,
+    ))
+}
+
+/// The usage report from `since` (all the days kept without it) until now, once
+/// every decision made before the call is counted (the console draws it too).
+pub(super) async fn usage_report_since<S>(
+    app: &App<S>,
+    since: Option<Timestamp>,
+) -> Result<crate::insights::UsageReport, ApiError> {
     let insights = app.insights.clone().ok_or(ApiError::NotReady)?;
     insights.sync().await;
     let (totals, denials) = {
@@ -525,25 +542,30 @@ async fn usage_report<S>(app: &App<S>, query: Option<&str>) -> Result<Resp, ApiE
     let snap = app.decider.snapshot.load_full();
     let until = app.decider.clock.now();
     // Joining with a snapshot of a million customers takes a while: off the workers.
-    let report = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         crate::insights::build(&totals, &denials, snap.as_deref(), since, until)
     })
     .await
-    .map_err(|_| ApiError::NotReady)?;
-    Ok(json_value(StatusCode::OK, &report))
+    .map_err(|_| ApiError::NotReady)
 }
 
 /// A customer's recent denials, newest first (the last
 /// [`crate::insights::RECENT_PER_CUSTOMER`], for customers denied recently).
 async fn denials<S>(app: &App<S>, raw_id: &str) -> Result<Resp, ApiError> {
     let id: Cow<str> = percent_encoding::percent_decode_str(raw_id).decode_utf8_lossy();
+    Ok(json_value(StatusCode::OK, &recent_denials(app, &id).await?))
+}
+
+/// `{"customer", "denials": [...]}`, newest first, once every decision made before
+/// the call is counted (the console shows it too).
+pub(super) async fn recent_denials<S>(
+    app: &App<S>,
+    id: &str,
+) -> Result<serde_json::Value, ApiError> {
     let insights = app.insights.clone().ok_or(ApiError::NotReady)?;
     insights.sync().await;
-    let list = insights.read().recent(&id);
-    Ok(json_value(
-        StatusCode::OK,
-        &serde_json::json!({ "customer": &*id, "denials": list }),
-    ))
+    let list = insights.read().recent(id);
+    Ok(serde_json::json!({ "customer": id, "denials": list }))
 }
 
 /// Every entitlement of a customer now: value or limit, usage, resets, expiry, source.
@@ -574,29 +596,47 @@ async fn customer<S: UsageStore>(
             ctx.push((k, v));
         }
     }
+    fresh(app, wanted).await?;
     let snap = app.decider.snapshot.load_full().ok_or(ApiError::NotReady)?;
-    super::customers::fresh(Some(snap.revision), wanted)?;
-    let now = app.decider.clock.now();
-    let Some(c) = snap.customers.get(&id) else {
-        return Ok(json_value(
+    match customer_view(app, &snap, &id, &ctx, at, false).await? {
+        Some(v) => Ok(json_value(StatusCode::OK, &v)),
+        None => Ok(json_value(
             StatusCode::NOT_FOUND,
             &serde_json::json!({ "error": { "code": "unknown_customer", "message": format!("no customer `{id}`"), "field": "id" } }),
-        ));
+        )),
+    }
+}
+
+/// What `GET /v1/customers/{id}` answers, `None` for a customer `snap` does not
+/// have. Each feature is decided as `/v1/check` decides it (a view: not counted or
+/// audited). With `upgrades`, features the customer does not have but a plan would
+/// give (`upgrade` not empty) are listed too, as the portal shows them.
+pub(super) async fn customer_view<S: UsageStore>(
+    app: &App<S>,
+    snap: &crate::policy::Snapshot,
+    id: &str,
+    ctx: &[(&str, &str)],
+    at: Option<Timestamp>,
+    upgrades: bool,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let now = app.decider.clock.now();
+    let Some(c) = snap.customers.get(id) else {
+        return Ok(None);
     };
     let t = at.unwrap_or(now);
     let mut entitlements = Vec::new();
     let mut ack = Ack::default();
     for f in &snap.catalog.features {
         let req = engine::Request {
-            context: &ctx,
+            context: ctx,
             at,
-            ..engine::Request::new(&id, &f.name)
+            ..engine::Request::new(id, &f.name)
         };
         let mut d = Decision::blank(&f.name);
         // A view, not a decision asked for: not counted or audited.
         let q = Query::new(Op::Check, req);
         app.decider
-            .evaluate(&snap, &q, now, &mut d, &mut ack)
+            .evaluate(snap, &q, now, &mut d, &mut ack)
             .await?;
         // A summary shows what the customer has or had, not every feature there is.
         let relevant = d.source.is_some()
@@ -605,26 +645,23 @@ async fn customer<S: UsageStore>(
                 Reason::Expired | Reason::NotYetActive | Reason::OutOfScope
             );
         // Seats: a check with no holder says whether one more seat fits.
-        if relevant || (f.kind == Kind::Seats && d.allowed) {
+        if relevant || (f.kind == Kind::Seats && d.allowed) || (upgrades && !d.upgrade.is_empty()) {
             entitlements.push(serde_json::to_value(&d).unwrap_or_default());
         }
     }
     if ack.0.is_some() {
         app.decider.store.ack(ack).await?;
     }
-    let (subscriptions, overrides) = engine::report::records(&snap, &c, t);
-    Ok(json_value(
-        StatusCode::OK,
-        &serde_json::json!({
-            "id": c.id,
-            "name": c.name,
-            "at": t,
-            "snapshot": &*snap.version,
-            "subscriptions": subscriptions,
-            "overrides": overrides,
-            "entitlements": entitlements,
-        }),
-    ))
+    let (subscriptions, overrides) = engine::report::records(snap, &c, t);
+    Ok(Some(serde_json::json!({
+        "id": c.id,
+        "name": c.name,
+        "at": t,
+        "snapshot": &*snap.version,
+        "subscriptions": subscriptions,
+        "overrides": overrides,
+        "entitlements": entitlements,
+    })))
 }
 
 fn metrics<S>(app: &App<S>) -> Resp {

@@ -6,11 +6,14 @@
 
 mod api;
 mod authz;
+mod console;
 mod customers;
 pub mod error;
 pub mod grpc;
+mod html;
 mod json_text;
 pub mod ofrep;
+mod portal;
 pub mod request;
 
 use std::convert::Infallible;
@@ -31,6 +34,8 @@ use crate::admission::Unmatched;
 use crate::decide::Decider;
 use crate::reload::ReloadState;
 use crate::usage::UsageStore;
+
+pub use portal::Web;
 
 /// Server limits. Every one is on by default: a sidecar in front of every request
 /// must not be held open by slow or abusive clients.
@@ -89,6 +94,8 @@ pub struct App<S> {
     pub live: Arc<crate::live::Live>,
     /// Who may use the OFREP routes (`--ofrep-token-file`); `None`: anyone.
     pub ofrep_tokens: Option<crate::live::AdminTokens>,
+    /// The customer portal's key and the console's admins.
+    pub web: Web,
 }
 
 impl<S> std::fmt::Debug for App<S> {

@@ -206,6 +206,11 @@ pub struct ServeArgs {
     /// read API.
     #[arg(long, env = "ENTITLED_OFREP_TOKEN_FILE")]
     pub ofrep_token_file: Option<PathBuf>,
+    /// The key that signs customer portal tokens (`/portal`, `entitled portal-token`):
+    /// at least 32 bytes, e.g. `head -c 48 /dev/urandom | base64`. Without it the portal
+    /// is off.
+    #[arg(long, env = "ENTITLED_PORTAL_KEY_FILE")]
+    pub portal_key_file: Option<PathBuf>,
     /// Which decisions the audit log records: none, denials, all, or sample:F.
     #[arg(long, env = "ENTITLED_AUDIT_DECISIONS", default_value = "none")]
     pub audit_decisions: crate::audit::Decisions,
@@ -288,6 +293,7 @@ impl ServeArgs {
             audit: self.audit()?,
             live: self.live(),
             ofrep_token_file: self.ofrep_token_file.clone(),
+            portal_key_file: self.portal_key_file.clone(),
             notices: self.notices()?,
             usage: self.usage(),
             durable: self.durable(),

@@ -61,6 +61,9 @@ pub struct Config {
     /// Tokens the OFREP routes require (`Authorization: Bearer` or `X-API-Key`);
     /// `None` leaves them open, like the rest of the read API.
     pub ofrep_token_file: Option<PathBuf>,
+    /// The key signing portal tokens (`/portal`); `None` turns the portal off. The
+    /// console is on when `live.admin_token_file` is set.
+    pub portal_key_file: Option<PathBuf>,
     /// Where usage is made durable; `None` keeps it in memory only.
     pub durable: Option<DurableConfig>,
     /// Share usage with other replicas through Redis.

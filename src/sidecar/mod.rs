@@ -66,6 +66,8 @@ pub enum SidecarError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    PortalKey(crate::portal::KeyError),
     #[error("opening the customer journal")]
     Journal(#[source] crate::live::journal::JournalError),
     #[error("opening state directory {}", dir.display())]
@@ -149,6 +151,7 @@ struct Parts {
     insights: Arc<Insights>,
     reload: Arc<ReloadState>,
     live: Arc<Live>,
+    web: crate::server::Web,
 }
 
 impl Sidecar {
@@ -162,6 +165,7 @@ impl Sidecar {
     /// removed again when start-up fails.
     pub async fn start(config: Config) -> Result<Sidecar, SidecarError> {
         let (clock, test_clock) = clock(&config)?;
+        let web = web(&config)?;
         let listeners = Listeners::bind(&config).await?;
         let (state_dir, local) = open_usage(&config, clock.clone())?;
         let (audit, notices) = claim_files(&config)?;
@@ -205,6 +209,7 @@ impl Sidecar {
             insights,
             reload: state,
             live,
+            web,
         };
         let serving = Serving::assemble(&config, parts, store, listeners);
         let (addr, grpc_addr, metrics_addr) = serving.addrs()?;
@@ -276,6 +281,7 @@ fn app<S>(config: &Config, parts: Parts, store: S) -> Arc<App<S>> {
         notices: parts.notices,
         insights: Some(parts.insights),
         live: parts.live,
+        web: parts.web,
         reload: parts.reload,
         prometheus: config.prometheus.clone(),
         limits: config.limits.clone(),
@@ -347,6 +353,17 @@ fn live(
         replica,
         revision_wait: config.live.revision_wait,
     })
+}
+
+/// The portal's key (read once, at start) and the console's admins.
+fn web(config: &Config) -> Result<crate::server::Web, SidecarError> {
+    let mut web = crate::server::Web::off();
+    if let Some(path) = &config.portal_key_file {
+        web.portal_key =
+            Some(crate::portal::Key::from_file(path).map_err(SidecarError::PortalKey)?);
+    }
+    web.admins = config.live.admin_token_file.as_ref().map(AdminTokens::new);
+    Ok(web)
 }
 
 /// The one place the reloader's configuration is put together: a new snapshot is

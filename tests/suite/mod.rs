@@ -11,6 +11,7 @@ mod gateway;
 mod incremental;
 mod notices;
 mod ofrep;
+mod portal;
 mod props;
 pub mod redis;
 mod reload;
