@@ -79,7 +79,7 @@ impl Stream {
         .unwrap()
     }
 
-    async fn connection(self, c: u64) -> (Vec<Duration>, u64) {
+    async fn connection(self, c: u64) -> (Vec<(Duration, Duration)>, u64) {
         let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .unwrap();
@@ -97,7 +97,7 @@ impl Stream {
             let ok = res.status().is_success();
             res.into_body().collect().await.unwrap();
             if ok {
-                lat.push(due.elapsed());
+                lat.push((due.elapsed(), due - self.start));
             } else {
                 errors += 1;
             }
@@ -119,12 +119,22 @@ impl Stream {
         lat.sort();
         let ms = |q: f64| {
             lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+                .map_or(0.0, |d| d.0.as_secs_f64() * 1e3)
         };
         let name = match self.kind {
             Kind::Write => "writes",
             Kind::Check => "checks",
         };
+        // Where the tail is: the slowest requests and when (from the start) they were due.
+        if std::env::var_os("SHOW_SLOWEST").is_some() {
+            for (l, at) in lat.iter().rev().take(5) {
+                eprintln!(
+                    "{name}: {:.2} ms, due at {:.3} s",
+                    l.as_secs_f64() * 1e3,
+                    at.as_secs_f64()
+                );
+            }
+        }
         format!(
             r#"{{"stream":"{name}","ok":{},"errors":{errors},"rate":{},"p50_ms":{:.2},"p99_ms":{:.2},"p999_ms":{:.2},"max_ms":{:.2}}}"#,
             lat.len(),
