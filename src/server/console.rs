@@ -625,8 +625,12 @@ fn report_section(report: Option<&Value>) -> String {
     };
     let _ = write!(
         s,
-        "<p class=\"muted\">From {} until {}.</p><div class=\"grid\">",
-        esc(&day(&r["since"])),
+        "<p class=\"muted\">{} until {}.</p><div class=\"grid\">",
+        if r["since"].is_null() {
+            "Every day kept".to_string()
+        } else {
+            format!("From {}", esc(&day(&r["since"])))
+        },
         esc(&day(&r["until"]))
     );
     let rows = |key: &str, label: &dyn Fn(&Value) -> String, value: &dyn Fn(&Value) -> u64| {

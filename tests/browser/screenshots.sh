@@ -26,6 +26,9 @@ post() { curl -sf -XPOST "$base/v1/$1" -d "$2" >/dev/null; }
 post consume '{"customer":"acme","feature":"api.calls","amount":97500}'
 post consume '{"customer":"acme","feature":"storage.gb","amount":42}'
 for _ in $(seq 11); do post consume '{"customer":"acme","feature":"exports"}'; done
+# Denials for the console's report: a feature not in the plan, a quota used up.
+for _ in $(seq 3); do post check '{"customer":"northwind","feature":"analytics.advanced"}'; done
+post consume '{"customer":"acme","feature":"api.calls","amount":40000}' || true
 for u in ana bo cy di ed fay gus hal ivy jo kim lu mo nia; do
   post seats/acquire "{\"customer\":\"acme\",\"feature\":\"seats\",\"holder\":\"$u@acme.example\"}"
 done
