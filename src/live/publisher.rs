@@ -61,6 +61,20 @@ impl Write {
             Write::Delete { id } | Write::Forget { id } => id,
         }
     }
+
+    /// The change to the customer table; a forget restores the record of `files`
+    /// (the table compiled from the policy files alone).
+    fn change<'a>(&'a self, files: &'a crate::policy::customers::Customers) -> Change<'a> {
+        match self {
+            Write::Put { record, .. } => Change::Set {
+                record,
+                file: 0,
+                origin: Origin::Line { line: 0 },
+            },
+            Write::Delete { id } => Change::Remove(id),
+            Write::Forget { id } => Change::Restore { id, from: files },
+        }
+    }
 }
 
 /// Why a write was not applied.
@@ -382,18 +396,7 @@ impl Publisher {
         if matches!(w, Write::Forget { .. }) && now == Base::Files {
             return Err(WriteError::NoApiRecord);
         }
-        let change = match &w {
-            Write::Put { record, .. } => Change::Set {
-                record,
-                file: 0,
-                origin: Origin::Line { line: 0 },
-            },
-            Write::Delete { id } => Change::Remove(id),
-            Write::Forget { id } => Change::Restore {
-                id,
-                from: &files.customers,
-            },
-        };
+        let change = w.change(&files.customers);
         let customers = update_customers(&head.catalog, &head.customers, &[change])
             .map_err(|issues| WriteError::Invalid(problems(&issues)))?;
         let revision = inner.next_revision;
@@ -628,18 +631,7 @@ impl Publisher {
         let (Some(head), Some(files)) = (head, files) else {
             return Err(WriteError::NotReady);
         };
-        let change = match &w {
-            Write::Put { record, .. } => Change::Set {
-                record,
-                file: 0,
-                origin: Origin::Line { line: 0 },
-            },
-            Write::Delete { id } => Change::Remove(id),
-            Write::Forget { id } => Change::Restore {
-                id,
-                from: &files.customers,
-            },
-        };
+        let change = w.change(&files.customers);
         update_customers(&head.catalog, &head.customers, &[change])
             .map_err(|issues| WriteError::Invalid(problems(&issues)))?;
         let id = w.id().to_string();
