@@ -67,3 +67,4 @@ if [ -n "$WRK" ]; then
   grep -E "Requests/sec|99%|99.9%|Latency " "$WORK/wrk" | sed 's/^/  /'
 fi
 curl -fs "http://127.0.0.1:$PORT/v1/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("applied revision:", s.get("revision"))'
+grep -h "start-up memory given back" "$WORK/log" | sed 's/^/server: /' || true

@@ -1,5 +1,6 @@
 //! The `entitled` command: parse the command line, then run the subcommand (`cli/`).
 
+mod allocator;
 mod cli;
 
 use std::process::ExitCode;

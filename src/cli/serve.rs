@@ -32,6 +32,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     rt.block_on(async {
         let sidecar = Sidecar::start(config).await?;
+        crate::allocator::give_back_start_up_memory();
         let stop = shutdown_signal()?;
         confirm_on_hangup(sidecar.reload_state())?;
         // Plain lines on stdout, for scripts and tests that start us on port 0.

@@ -2,10 +2,13 @@
 //! split into [`SHARDS`] shards by a hash of the customer id, each behind an `Arc`.
 //!
 //! Why shards: a snapshot is immutable and readers never lock, so a change to one
-//! customer must publish a new table. Rebuilding one shard (1/256 of the customers:
-//! about 4,000 records at a million) and sharing the other 255 by reference makes that
+//! customer must publish a new table. Rebuilding one shard (1/4096 of the customers:
+//! about 250 records at a million) and sharing the others by reference makes that
 //! change cost microseconds instead of a full recompile, while a lookup stays one hash,
-//! one shard pointer and one probe of a flat `hashbrown::HashTable<u32>`.
+//! one shard pointer and one probe of a flat `hashbrown::HashTable<u32>`. 4,096 rather
+//! than fewer, larger shards: a write allocates and frees a whole shard, and at 1,000
+//! writes a second 256 shards of a million customers meant ~600 MB a second of
+//! allocator churn whose purging stalled writes (`bash benches/write_load.sh`).
 //!
 //! Inside a shard the layout is flat (records, then the subscriptions, grants,
 //! overrides and names they point into by offset), which keeps a customer near 150
@@ -20,12 +23,12 @@ use hashbrown::HashTable;
 use super::snapshot::{CustomerGrant, NONE, Override, Scope, ScopeId, Subscription};
 
 /// log2 of the number of shards.
-const SHARD_BITS: u32 = 8;
+const SHARD_BITS: u32 = 12;
 /// Number of shards; a power of two.
 pub const SHARDS: usize = 1 << SHARD_BITS;
 /// Bits of a customer index that hold its place inside its shard.
-const LOCAL_BITS: u32 = 24;
-/// Most customers one shard holds (16.7M: 4.3 billion in the table).
+const LOCAL_BITS: u32 = 20;
+/// Most customers one shard holds (1M: 4.3 billion in the table).
 pub const MAX_PER_SHARD: usize = 1 << LOCAL_BITS;
 
 /// The rarely-present parts of a customer, kept out of line.
@@ -268,8 +271,19 @@ impl Customers {
             s.shrink_to_fit();
         }
         let len = shards.iter().map(Shard::len).sum();
+        // Small tables leave most shards empty: they share one allocation.
+        let empty = Arc::new(Shard::default());
         Customers {
-            shards: shards.into_iter().map(Arc::new).collect(),
+            shards: shards
+                .into_iter()
+                .map(|s| {
+                    if s.is_empty() {
+                        empty.clone()
+                    } else {
+                        Arc::new(s)
+                    }
+                })
+                .collect(),
             len,
         }
     }
@@ -317,10 +331,11 @@ impl Customers {
     /// shard shared.
     pub(crate) fn with_shards(&self, rebuilt: Vec<(usize, Shard)>) -> Customers {
         let mut shards = self.shards.clone();
+        let mut len = self.len;
         for (i, s) in rebuilt {
+            len = len - shards[i].len() + s.len();
             shards[i] = Arc::new(s);
         }
-        let len = shards.iter().map(|s| s.len()).sum();
         Customers { shards, len }
     }
 
